@@ -1,0 +1,116 @@
+"""Model registry: one entry point, `build_model(name, num_classes, ...)`.
+
+Training models: the ResNet, MobileNet and EfficientNet-B0 builders of torchvision and the
+project's FashionCNN (`custom`). Analysis scripts may also name any other torchvision
+classification model (vgg16, alexnet, ...).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+from models.fashion_cnn import FashionCNN
+from models.norm import NORM_TYPES, norm_layer_class
+from utils.preprocess import InputError
+
+TORCHVISION_NAMES = (
+    "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
+    "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0",
+)
+MODEL_NAMES = ("custom",) + TORCHVISION_NAMES
+SMALL_INPUT_MAX = 64  # at or below this --img_size, "auto" uses the stride-1 stem
+
+
+def list_models() -> list[str]:
+    return list(MODEL_NAMES)
+
+
+def torchvision_classifiers() -> list[str]:
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def resolve_small_input(small_input: str | bool, img_size: int) -> bool:
+    if isinstance(small_input, bool):
+        return small_input
+    return {"auto": img_size <= SMALL_INPUT_MAX, "on": True, "off": False}[small_input]
+
+
+def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def replace_head(model: nn.Module, num_classes: int) -> None:
+    """Swap the last Linear layer for a fresh one with `num_classes` outputs."""
+    name, last = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
+    if last.out_features != num_classes:
+        _replace_module(model, name, nn.Linear(last.in_features, num_classes))
+
+
+def _adapt_first_conv(model: nn.Module, in_channels: int, small_input: bool, family: str) -> None:
+    name, conv = next((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d))
+    if small_input and family == "resnet":
+        # CIFAR-style stem: 3x3 stride-1 conv and no max-pool keep 28-32 px inputs from collapsing.
+        conv = nn.Conv2d(in_channels, conv.out_channels, 3, 1, 1, bias=False)
+        _replace_module(model, name, conv)
+        model.maxpool = nn.Identity()
+        return
+    if small_input:
+        conv.stride = (1, 1)
+    if in_channels != conv.in_channels:
+        _replace_module(model, name, nn.Conv2d(in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                                               conv.padding, conv.dilation, conv.groups, conv.bias is not None))
+
+
+def pretrained_state_dict(name: str) -> dict:
+    """ImageNet weights through torchvision's weights enum and TORCH_HOME cache; one clear error offline."""
+    weights = torchvision.models.get_model_weights(name).DEFAULT
+    cache_file = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+    try:
+        return weights.get_state_dict(progress=True, check_hash=True, weights_only=True)
+    except Exception as e:  # URLError, HTTPError, socket errors: all mean the file is not there
+        raise InputError(f"cannot load ImageNet weights for {name} ({type(e).__name__}: {e}): download "
+                         f"{weights.url} and put it at {cache_file}") from None
+
+
+def build_model(name: str, num_classes: int, pretrained: bool = False, norm_type: str = "BN",
+                img_size: int = 224, in_channels: int = 3, small_input: str | bool = False,
+                freeze_backbone: bool = False) -> nn.Module:
+    """Build a registry model (or any torchvision classifier) for `num_classes` outputs."""
+    if norm_type not in NORM_TYPES:
+        raise InputError(f"unknown --norm_type {norm_type!r}: choose from {', '.join(NORM_TYPES)}")
+    small = resolve_small_input(small_input, img_size)
+    if name == "custom":
+        if pretrained:
+            raise InputError("--pretrained: there are no ImageNet weights for the custom FashionCNN; drop the flag")
+        return FashionCNN(num_classes, img_size, in_channels, norm_type)
+    if name not in torchvision_classifiers():
+        raise InputError(f"unknown model {name!r}: choose from {', '.join(MODEL_NAMES)} "
+                         "(analysis scripts also take any torchvision classifier, e.g. vgg16)")
+    if pretrained and norm_type != "BN":
+        raise InputError("--pretrained weights were trained with BatchNorm: use --norm_type BN with --pretrained")
+    kwargs = {} if norm_type == "BN" or name not in TORCHVISION_NAMES else {"norm_layer": norm_layer_class(norm_type)}
+    model = torchvision.models.get_model(name, weights=None, num_classes=1000 if pretrained else num_classes, **kwargs)
+    if pretrained:
+        model.load_state_dict(pretrained_state_dict(name))
+        replace_head(model, num_classes)
+    family = "resnet" if name.startswith("resnet") else "other"
+    if small or in_channels != 3:
+        _adapt_first_conv(model, in_channels, small, family)
+    if freeze_backbone:
+        head = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
+        for pname, p in model.named_parameters():
+            p.requires_grad = pname.startswith(head + ".")
+    return model
+
+
+def model_kwargs(img_size: int, norm_type: str = "BN", in_channels: int = 3, small_input: str | bool = "auto") -> dict:
+    """The keyword arguments saved in a checkpoint so `build_model` can rebuild the same network."""
+    return {"img_size": img_size, "norm_type": norm_type, "in_channels": in_channels,
+            "small_input": resolve_small_input(small_input, img_size)}

@@ -1,0 +1,67 @@
+"""CLI pieces shared by the scripts: common flags, device choice, and the one-line error exit."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from utils.preprocess import InputError
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Show defaults in --help and keep the description's line breaks."""
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+
+
+def add_device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where to run: auto = CUDA when available, else CPU")
+
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", default=None, metavar="PATH",
+                   help="image-folder dataset with train/ and val/ (or test/) holding one folder per class; "
+                        "default: Fashion-MNIST")
+    p.add_argument("--data_root", default="data",
+                   help="where Fashion-MNIST lives (<data_root>/FashionMNIST/raw/) or is downloaded to")
+    p.add_argument("--batch_size", type=int, default=64, help="images per batch (per process under torchrun)")
+    p.add_argument("--num_workers", type=int, default=2, help="DataLoader worker processes (0 = load in the main process)")
+
+
+def resolve_device(choice: str, require_cuda: bool = False):
+    """'auto' picks CUDA when present; asking for CUDA on a machine without it is an input error."""
+    import torch
+
+    if require_cuda or choice == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError("CUDA was requested (--cuda / --device cuda) but torch sees no GPU: use --device cpu")
+        return torch.device("cuda")
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device("cpu")
+
+
+def positive(kind=int) -> Callable[[str], int | float]:
+    def check(text: str):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    return check
+
+
+def run(main: Callable[[], int | None]) -> None:
+    """Run a script's main(): bad input exits 2 with one line on stderr and no traceback."""
+    try:
+        code = main()
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code or 0)

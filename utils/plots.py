@@ -1,0 +1,88 @@
+"""Headless plots (matplotlib Agg): training curves and confusion matrices, written atomically as PNG."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def plot_results(rows: list[dict], path: str | Path) -> Path:
+    """Ultralytics-style results.png: loss, acc@1, acc@5 and LR per epoch, train and val."""
+    epochs = [r["epoch"] for r in rows]
+
+    def series(key):
+        pts = [(r["epoch"], r[key]) for r in rows if r.get(key) not in (None, "")]
+        return [p[0] for p in pts], [float(p[1]) for p in pts]
+
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
+    for ax, title, keys in (
+        (axes[0], "loss", ("train_loss", "val_loss")),
+        (axes[1], "acc@1", ("train_acc1", "val_acc1")),
+        (axes[2], "acc@5", ("val_acc5",)),
+        (axes[3], "learning rate", ("lr",)),
+    ):
+        for key in keys:
+            x, y = series(key)
+            if x:
+                ax.plot(x, y, marker="o", markersize=3, label=key)
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        if epochs:
+            ax.set_xlim(min(epochs) - 0.2, max(epochs) + 0.2)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_confusion_matrix(cm: np.ndarray, classes: list[str], path: str | Path, title: str = "") -> Path:
+    """Counts on the left, row-normalised (recall per true class) on the right."""
+    cm = np.asarray(cm)
+    norm = cm / np.clip(cm.sum(1, keepdims=True), 1, None)
+    n = len(classes)
+    size = max(5.0, 0.45 * n + 2)
+    fig, axes = plt.subplots(1, 2, figsize=(2 * size + 1, size))
+    for ax, data, fmt, name in ((axes[0], cm, "d", "counts"), (axes[1], norm, ".2f", "normalised by true class")):
+        ax.imshow(data, cmap="Blues")
+        ax.set_title(f"{title} {name}".strip())
+        ax.set_xticks(range(n), classes, rotation=90, fontsize=7)
+        ax.set_yticks(range(n), classes, fontsize=7)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        if n <= 30:
+            peak = data.max() if data.size else 1
+            for i in range(n):
+                for j in range(n):
+                    ax.text(j, i, format(data[i, j], fmt), ha="center", va="center", fontsize=6,
+                            color="white" if data[i, j] > peak / 2 else "black")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_examples(images: list[np.ndarray], titles: list[str], path: str | Path, cols: int = 8) -> Path:
+    """A grid of HWC uint8 images with a title each (misclassified examples)."""
+    rows = max(1, (len(images) + cols - 1) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.8, rows * 2.0), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, img, title in zip(axes.flat, images, titles):
+        ax.imshow(img.squeeze(), cmap="gray" if img.ndim == 2 or img.shape[-1] == 1 else None)
+        ax.set_title(title, fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path)
