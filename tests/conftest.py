@@ -1,0 +1,110 @@
+"""Shared fixtures: synthetic data written in the real formats, and a checkpoint the tests train themselves.
+
+- `fashion_root`: a data root whose FashionMNIST/raw/ holds IDX files torchvision's FashionMNIST reads
+  (uncompressed, so torchvision finds them and never downloads). The images are learnable: each class
+  is a bright bar at its own position plus noise.
+- `image_folder`: an ImageFolder tree (train/ and val/, 3 classes, PNG and JPEG, non-square images).
+- `trained_ckpt`: best.pth of FashionCNN trained by train.py for 2 epochs at 28 px on `fashion_root`.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+FMNIST_TRAIN, FMNIST_TEST = 320, 160
+
+
+def synthetic_fashion_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 (n, 28, 28) images and int labels 0-9: class k is a bright 4-px bar at row 2 + 2k, plus noise."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 10
+    rng.shuffle(labels)
+    images = rng.integers(0, 60, size=(n, 28, 28)).astype(np.uint8)
+    for i, k in enumerate(labels):
+        row = 2 + 2 * int(k)
+        images[i, row:row + 4, 4:24] = rng.integers(180, 255)
+    return images, labels.astype(np.uint8)
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """Write an IDX file (the MNIST format): magic, dimensions (big-endian), then raw uint8 data."""
+    magic = 0x0800 + array.ndim
+    with open(path, "wb") as f:
+        f.write(struct.pack(">I", magic))
+        f.write(struct.pack(f">{array.ndim}I", *array.shape))
+        f.write(array.astype(np.uint8).tobytes())
+
+
+def make_fashion_root(root: Path, n_train: int = FMNIST_TRAIN, n_test: int = FMNIST_TEST) -> Path:
+    raw = root / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for split, n, seed in (("train", n_train, 0), ("t10k", n_test, 1)):
+        images, labels = synthetic_fashion_images(n, seed)
+        write_idx(raw / f"{split}-images-idx3-ubyte", images)
+        write_idx(raw / f"{split}-labels-idx1-ubyte", labels)
+    return root
+
+
+def make_image_folder(root: Path, classes=("cat", "dog", "fish"), per_class: int = 6, splits=("train", "val")) -> Path:
+    """Class-coloured images (red / green / blue dominant) of varied sizes, PNG and JPEG."""
+    rng = np.random.default_rng(0)
+    for split in splits:
+        for ci, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for j in range(per_class):
+                h, w = 30 + 4 * (j % 3), 40 - 2 * (j % 4)
+                arr = rng.integers(0, 80, size=(h, w, 3)).astype(np.uint8)
+                arr[..., ci % 3] = rng.integers(170, 255)
+                ext = "png" if j % 2 == 0 else "jpg"
+                Image.fromarray(arr).save(folder / f"{name}_{j}.{ext}")
+    return root
+
+
+@pytest.fixture(scope="session")
+def fashion_root(tmp_path_factory) -> Path:
+    return make_fashion_root(tmp_path_factory.mktemp("fmnist"))
+
+
+@pytest.fixture()
+def image_folder(tmp_path) -> Path:
+    return make_image_folder(tmp_path / "folder_ds")
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, fashion_root) -> Path:
+    """Run directory of a 2-epoch FashionCNN training at 28 px (in-process, CPU, no workers)."""
+    import train
+
+    out = tmp_path_factory.mktemp("trained")
+    code = train.main(["--model", "custom", "--img_size", "28", "--max_epoch", "2", "--wp_epoch", "0",
+                       "--batch_size", "32", "--num_workers", "0", "--data_root", str(fashion_root),
+                       "--path_to_save", str(out), "--quiet", "--device", "cpu", "--base_lr", "3e-3"])
+    assert code == 0
+    return out / "FashionMNIST" / "custom"
+
+
+@pytest.fixture(scope="session")
+def trained_ckpt(trained_run) -> Path:
+    return trained_run / "best.pth"
+
+
+def run_script(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600):
+    """Run a repository script in a fresh Python process; returns CompletedProcess with text output."""
+    import subprocess
+
+    full_env = dict(os.environ, PYTHONPATH=str(ROOT), MPLBACKEND="Agg")
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, *args], cwd=cwd or ROOT, env=full_env, capture_output=True, text=True,
+                          timeout=timeout)
