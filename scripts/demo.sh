@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-PY=.venv/bin/python
+PY=${VENV:-.venv}/bin/python
 EPOCHS=${EPOCHS:-3}
 # Use the four official files if they sit beside the project (as in CI); otherwise train.py finds
 # them in data/, in Debian's dataset-fashion-mnist, or downloads them.

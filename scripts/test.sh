@@ -3,5 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh --test
-.venv/bin/python -m ruff check .
-.venv/bin/python -m pytest -q "$@"
+VENV=${VENV:-.venv}  # /opt/venv in the Docker image
+"$VENV/bin/python" -m ruff check .
+"$VENV/bin/hadolint" --failure-threshold style Dockerfile
+"$VENV/bin/python" -m pytest -q "$@"

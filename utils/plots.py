@@ -10,6 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def _save(fig, path: str | Path) -> Path:
@@ -43,6 +44,7 @@ def plot_results(rows: list[dict], path: str | Path) -> Path:
                 ax.plot(x, y, marker="o", markersize=3, label=key)
         ax.set_title(title)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         if epochs:
             ax.set_xlim(min(epochs) - 0.2, max(epochs) + 0.2)
