@@ -23,6 +23,7 @@ TORCHVISION_NAMES = (
     "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0",
 )
 MODEL_NAMES = ("custom",) + TORCHVISION_NAMES
+ANALYSIS_NAMES = ("fcn_resnet18",)  # analysis-only: ResNet18 made fully convolutional (models/fcn.py)
 SMALL_INPUT_MAX = 64  # at or below this --img_size, "auto" uses the stride-1 stem
 
 
@@ -90,6 +91,11 @@ def build_model(name: str, num_classes: int, pretrained: bool = False, norm_type
         if pretrained:
             raise InputError("--pretrained: there are no ImageNet weights for the custom FashionCNN; drop the flag")
         return FashionCNN(num_classes, img_size, in_channels, norm_type)
+    if name == "fcn_resnet18":
+        from models.fcn import fcn_resnet18
+
+        return fcn_resnet18(num_classes, img_size=img_size, pretrained=pretrained, norm_type=norm_type,
+                            in_channels=in_channels, small_input=small, freeze_backbone=freeze_backbone)
     if name not in torchvision_classifiers():
         raise InputError(f"unknown model {name!r}: choose from {', '.join(MODEL_NAMES)} "
                          "(analysis scripts also take any torchvision classifier, e.g. vgg16)")

@@ -1,0 +1,56 @@
+"""Compare fvcore, ptflops, thop, torchscan and torch's FlopCounterMode on one model, in one unit.
+
+The tools disagree because they count different operations, not because one is wrong: FlopCounterMode counts
+convolutions and matrix products only (the baseline; its FLOPs / 2 are torchvision's published "_ops", which its
+docs label GFLOPS but which are GMACs); the others add batch norm, pooling, activations or bias terms by their own rules.
+The table gives params, MACs and FLOPs (= 2 x MACs) in the same unit, the difference to the baseline and,
+from each tool's own per-operator numbers, what makes it up. Written to
+results/complexity/<model>_<H>x<W>_compare.md and .json.
+
+Examples:
+    python complexity_compare.py --model resnet18 --num_classes 1000
+    python complexity_compare.py --model mobilenet_v3_small --json
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from utils import cli
+from utils import complexity as cx
+from utils.checkpoint import atomic_write_text
+
+TOOLS = ("fvcore", "ptflops", "thop", "torchscan", "FlopCounterMode")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = cli.parser(__doc__)
+    cx.add_model_args(p)
+    p.add_argument("--out_dir", default=str(cx.COMPLEXITY_DIR), help="where <model>_<H>x<W>_compare.md/.json are written")
+    args = p.parse_args(argv)
+    device = cli.resolve_device(args.device)
+    am = cx.load_analysis_model(args, device, fast_init=args.weights is None)
+    cx.check_forward(am, device)
+    results = [cx.run_tool(tool, am.model, am.input_size, device) for tool in TOOLS]
+    table = cx.compare_table(results, am)
+    notes = "\n".join(f"- **{r.tool}**: {r.convention}" + "".join(f" Warning: {w}" for w in r.warnings) for r in results)
+    text = f"{table}\n\nWhat each tool counts:\n\n{notes}\n"
+    payload = {"model": am.name, "num_classes": am.num_classes, "input_size": list(am.input_size), "source": am.source,
+               "units": {"params": "parameters", "macs": "multiply-accumulates", "flops": "2 x MACs"},
+               "tools": [{k: v for k, v in r.to_dict().items() if k != "per_module"} | {"explanation": cx.explain(r, results[-1])}
+                         for r in results]}
+    out_dir = Path(args.out_dir)
+    stem = f"{cx.result_stem(am)}_compare"
+    atomic_write_text(out_dir / f"{stem}.md", text)
+    atomic_write_text(out_dir / f"{stem}.json", json.dumps(payload, indent=2, default=str) + "\n")
+    if args.json:
+        print(json.dumps(payload, default=str))
+    else:
+        print(text)
+        print(f"written: {out_dir / (stem + '.md')} and {out_dir / (stem + '.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,27 @@
+"""Count params and MACs with ptflops (get_model_complexity_info's counters). ptflops reports MACs ('GMac').
+
+Prints totals (params, MACs, FLOPs = 2 x MACs unless stated), a per-module table and by-operator totals,
+and writes them to results/complexity/<model>_<H>x<W>_ptflops.txt and .json. Runs on CPU by default.
+
+Examples:
+    python complexity_ptflops.py --model resnet18
+    python complexity_ptflops.py --model vgg16 --input_size 3 224 224 --max_depth 1 --json
+    python complexity_ptflops.py --weights weights/FashionMNIST/custom/best.pth
+"""
+
+from __future__ import annotations
+
+from utils import cli
+from utils import complexity as cx
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = cx.tool_parser("ptflops", __doc__)
+    p.add_argument("--backend", default="pytorch", choices=["pytorch", "aten"],
+                   help="ptflops backend: pytorch = module hooks (BN, activations, pooling counted), aten = conv/matmul only")
+    args = p.parse_args(argv)
+    return cx.run_tool_cli("ptflops", args, backend=args.backend)
+
+
+if __name__ == "__main__":
+    cli.run(main)

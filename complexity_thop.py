@@ -1,0 +1,25 @@
+"""Count params and MACs with thop (pytorch-OpCounter's profile). thop's 'ops' are MACs.
+
+Prints totals (params, MACs, FLOPs = 2 x MACs unless stated), a per-module table and by-operator totals,
+and writes them to results/complexity/<model>_<H>x<W>_thop.txt and .json. Runs on CPU by default.
+
+Examples:
+    python complexity_thop.py --model resnet18
+    python complexity_thop.py --model vgg16 --input_size 3 224 224 --max_depth 1 --json
+    python complexity_thop.py --weights weights/FashionMNIST/custom/best.pth
+"""
+
+from __future__ import annotations
+
+from utils import cli
+from utils import complexity as cx
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = cx.tool_parser("thop", __doc__)
+    args = p.parse_args(argv)
+    return cx.run_tool_cli("thop", args)
+
+
+if __name__ == "__main__":
+    cli.run(main)

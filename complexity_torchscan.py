@@ -1,0 +1,25 @@
+"""Count params, MACs, FLOPs and DMAs with torchscan (crawl_module), plus its model size and chain receptive field.
+
+Prints totals (params, MACs, FLOPs = 2 x MACs unless stated), a per-module table and by-operator totals,
+and writes them to results/complexity/<model>_<H>x<W>_torchscan.txt and .json. Runs on CPU by default.
+
+Examples:
+    python complexity_torchscan.py --model resnet18
+    python complexity_torchscan.py --model vgg16 --input_size 3 224 224 --max_depth 1 --json
+    python complexity_torchscan.py --weights weights/FashionMNIST/custom/best.pth
+"""
+
+from __future__ import annotations
+
+from utils import cli
+from utils import complexity as cx
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = cx.tool_parser("torchscan", __doc__)
+    args = p.parse_args(argv)
+    return cx.run_tool_cli("torchscan", args)
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,65 @@
+"""Receptive field, effective stride and effective padding of every feature map of a network.
+
+Follows the real computation graph (residual additions, concatenations, squeeze-excitation, views), not just
+a chain of layers: one forward pass is recorded operator by operator (see utils/receptive_field.py). For each
+layer that changes the field it prints the output size, RF (px), effective stride (px) and effective padding
+(px): unit i of that map sees input pixels [i*stride - padding, i*stride - padding + RF - 1] on each axis.
+Global pooling, squeeze-excitation or a Linear on a flattened map make the field the whole image: said
+explicitly. Written to results/receptive_field/<model>_<H>x<W>.txt and .json.
+
+Examples:
+    python receptive_field.py --model resnet18
+    python receptive_field.py --model vgg16 --json
+    python receptive_field.py --model fcn_resnet18 --input_size 3 448 448
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from utils import cli
+from utils import complexity as cx
+from utils import receptive_field as rf
+from utils.checkpoint import atomic_write_text
+from utils.preprocess import InputError
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = cli.parser(__doc__)
+    cx.add_model_args(p)
+    p.add_argument("--out_dir", default="results/receptive_field", help="where <model>_<H>x<W>.txt/.json are written")
+    args = p.parse_args(argv)
+    device = cli.resolve_device(args.device)
+    # weights do not matter: without a checkpoint the model lives on the meta device (no memory, no compute)
+    am = cx.load_analysis_model(args, device, meta=not args.weights)
+    c, h, w = am.input_size
+    p0 = next(iter(am.model.parameters()), None)
+    try:
+        report = rf.receptive_fields(am.model, am.input_size, device=p0.device if p0 is not None else device)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise InputError(f"{am.name} cannot run on input {tuple(am.input_size)}: {first} (fix --input_size)") from None
+    table = rf.format_table(report)
+    text = (f"receptive fields of {am.name} for a {c}x{h}x{w} input (RF, stride, padding in input pixels)\n\n"
+            f"{table}\n\n{report.summary()}")
+    if report.warnings:
+        text += "\n" + "\n".join(f"warning: {m}" for m in report.warnings)
+    payload = {"model": am.name, "input_size": [c, h, w], "units": "input pixels", **report.to_dict()}
+    out_dir = Path(args.out_dir)
+    stem = cx.result_stem(am)
+    atomic_write_text(out_dir / f"{stem}.txt", text + "\n")
+    atomic_write_text(out_dir / f"{stem}.json", json.dumps(payload, indent=2, default=list) + "\n")
+    if args.json:
+        print(json.dumps(payload, default=list))
+    else:
+        print(text)
+        print(f"\nwritten: {out_dir / (stem + '.txt')} and {out_dir / (stem + '.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    cli.run(main)
