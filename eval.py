@@ -3,9 +3,17 @@
 Examples:
   python eval.py --weights weights/FashionMNIST/custom/best.pth
   python eval.py --weights best.pth --dataset path/to/folder --save_examples
+  python eval.py --weights weights/FashionMNIST/custom/converted_models/custom.onnx     # ONNX Runtime
+  python eval.py --weights weights/FashionMNIST/custom/converted_models/custom.pt       # TorchScript
+  python eval.py --weights weights/FashionMNIST/custom/best_fp16.pth                   # FP16 checkpoint
+  python eval.py --summary                                                             # merge results/*.json
 
-Model name, classes and preprocessing come from the checkpoint. Writes the JSON (default
-results/<model>.json) and confusion_matrix.png beside it.
+--weights takes a checkpoint (FP32, or FP16 from quantize.py), an .onnx file (FP32, FP16 or INT8)
+or a TorchScript .pt (FP32, FP16 or PyTorch-quantized INT8). Model name, classes and preprocessing
+come from the checkpoint or the artifact's metadata. Writes the JSON (default results/<model>.json
+for checkpoints, results/<model>_<format>.json for other formats, with "format", "engine",
+"precision" and "compute" fields) and a confusion-matrix PNG beside it. FP16 checkpoints run in
+FP16 on CUDA; on CPU their weights are upcast to FP32 (the report says which).
 """
 
 from __future__ import annotations
@@ -19,17 +27,21 @@ import torch
 from torch.utils.data import DataLoader
 
 from utils import cli
-from utils.checkpoint import atomic_write_text, build_from_checkpoint, load_checkpoint
+from utils.checkpoint import atomic_write_text
 from utils.data import DataSpec, build_eval_dataset
-from utils.engine import evaluate, per_class_accuracy
+from utils.engine import per_class_accuracy
+from utils.export import evaluate_loaded, load_for_eval
 from utils.plots import plot_confusion_matrix, plot_examples
 from utils.preprocess import InputError
-from utils.speed import latency_and_throughput
 
 
 def parse_args(argv=None):
     p = cli.parser(__doc__)
-    p.add_argument("--weights", required=True, metavar="CKPT", help="checkpoint written by train.py (best.pth / last.pth)")
+    p.add_argument("--weights", metavar="FILE",
+                   help="checkpoint (best.pth / last.pth / *_fp16.pth), .onnx, or TorchScript .pt to evaluate")
+    p.add_argument("--summary", nargs="?", const="results", default=None, metavar="DIR",
+                   help="instead of evaluating, merge the JSON reports under DIR (default results/) into one markdown "
+                        "table, printed and written to DIR/summary.md")
     p.add_argument("-m", "--model", default=None, help="override the model name stored in the checkpoint")
     cli.add_data_args(p)
     p.add_argument("--split", default="val", help="folder split to evaluate (val falls back to test/); Fashion-MNIST: its test set")
@@ -66,47 +78,60 @@ def misclassified_grid(dataset, predictions: torch.Tensor, classes: list[str], p
     return plot_examples(images, titles, path) if images else None
 
 
+def default_output(model_name: str, fmt: str) -> Path:
+    return Path("results") / (f"{model_name}.json" if fmt == "pytorch" else f"{model_name}_{fmt}.json")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.summary is not None:
+        from summarize_results import write_summary
+
+        print(write_summary(Path(args.summary)))
+        return 0
+    if not args.weights:
+        raise InputError("give --weights FILE to evaluate (or --summary to merge existing reports)")
     device = cli.resolve_device(args.device)
-    ckpt = load_checkpoint(args.weights)
-    model, info = build_from_checkpoint(ckpt, args.model)
-    model = model.to(device)
-    pre, classes = info["preprocess"], info["classes"]
+    loaded = load_for_eval(args.weights, device, args.model, args.device)
+    info = loaded.info
+    pre = info["preprocess"]
+    if pre is None:
+        raise InputError(f"{args.weights} stores no preprocessing metadata: re-export it with export.py")
     spec = DataSpec(args.dataset, args.data_root)
     dataset, data_classes, split = build_eval_dataset(spec, pre, args.split)
+    classes = info["classes"] or data_classes
     if data_classes != classes:
-        raise InputError(f"the dataset's classes {data_classes[:5]}... differ from the checkpoint's {classes[:5]}...: "
+        raise InputError(f"the dataset's classes {data_classes[:5]}... differ from the model's {classes[:5]}...: "
                          "evaluate on the dataset the model was trained on")
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
-                        pin_memory=device.type == "cuda")
-    stats = evaluate(model, loader, device, len(classes), show_progress=not args.quiet, desc="eval",
-                     return_predictions=args.save_examples)
-    params, size_mb = model_size(model)
+                        pin_memory=loaded.device.type == "cuda")
+    stats = evaluate_loaded(loaded, loader, len(classes), args.speed_repeats, not args.quiet, args.save_examples)
+    name = info["model_name"]
     report = {
-        "model": info["model_name"], "format": "pytorch", "engine": "pytorch", "weights": str(args.weights),
+        "model": name, "format": loaded.format, "engine": loaded.engine, "precision": loaded.precision,
+        "compute": loaded.compute, "weights": str(args.weights),
         "dataset": spec.name, "split": split, "num_images": stats["num_images"],
         "loss": stats["loss"], "acc1": stats["acc1"], "acc5": stats["acc5"],
         "per_class_acc": per_class_accuracy(stats["confusion_matrix"], classes),
         "confusion_matrix": stats["confusion_matrix"].tolist(), "classes": classes,
-        "params": params, "size_mb": size_mb, "img_size": pre.img_size,
+        "params": loaded.params, "size_mb": loaded.size_mb, "img_size": pre.img_size, **loaded.extra,
     }
-    if args.speed_repeats > 0:
-        batch = next(iter(loader))[0].to(device)
-        sync = torch.cuda.synchronize if device.type == "cuda" else None
-        with torch.inference_mode():
-            report.update(latency_and_throughput(model, batch[:1], batch, repeats=args.speed_repeats, sync=sync))
-    report.update(device=str(device), torch=str(torch.__version__), machine=platform.processor() or platform.machine())
+    for key in ("latency_ms", "throughput_img_s", "speed_batch_size"):
+        if key in stats:
+            report[key] = stats[key]
+    report.update(device=str(loaded.device), torch=str(torch.__version__), machine=platform.processor() or platform.machine())
 
-    out = Path(args.output) if args.output else Path("results") / f"{info['model_name']}.json"
+    out = Path(args.output) if args.output else default_output(name, loaded.format)
     atomic_write_text(out, json.dumps(report, indent=2) + "\n")
-    cm_png = plot_confusion_matrix(np.array(report["confusion_matrix"]), classes, out.with_name("confusion_matrix.png"),
-                                   title=info["model_name"])
-    print(f"{info['model_name']} on {spec.name}/{split} ({stats['num_images']} images): "
+    cm_name = "confusion_matrix.png" if loaded.format == "pytorch" else f"confusion_matrix_{loaded.format}.png"
+    cm_png = plot_confusion_matrix(np.array(report["confusion_matrix"]), classes, out.with_name(cm_name),
+                                   title=f"{name} ({loaded.format})")
+    print(f"{name} [{loaded.format}, {loaded.compute}] on {spec.name}/{split} ({stats['num_images']} images): "
           f"acc@1 {stats['acc1']:.4f}  acc@5 {stats['acc5']:.4f}  loss {stats['loss']:.4f}")
-    print(f"params {params / 1e6:.3f} M  size {size_mb:.2f} MB"
+    params = f"params {loaded.params / 1e6:.3f} M  " if loaded.params else ""
+    print(f"{params}size {loaded.size_mb:.2f} MB"
           + (f"  latency {report['latency_ms']:.2f} ms (batch 1)  throughput {report['throughput_img_s']:.0f} img/s "
-             f"(batch {report['speed_batch_size']}) on {device}" if "latency_ms" in report else ""))
+             f"(batch {report['speed_batch_size']}) on {loaded.device}" if "latency_ms" in report else ""))
     worst = sorted(report["per_class_acc"].items(), key=lambda kv: kv[1])[:3]
     print("lowest per-class acc@1: " + ", ".join(f"{c} {a:.3f}" for c, a in worst))
     if args.save_examples:

@@ -36,6 +36,7 @@ from utils.plots import plot_results
 from utils.preprocess import InputError, Preprocess
 from utils.sampler import ShardSampler
 from utils.schedule import WarmupCosine
+from utils.tensor_pipeline import build_tensor_loaders, choose_pipeline
 
 CSV_COLUMNS = ["epoch", "lr", "train_loss", "train_acc1", "val_loss", "val_acc1", "val_acc5", "seconds"]
 
@@ -73,6 +74,12 @@ def parse_args(argv=None):
     p.add_argument("--amp_dtype", default="auto", choices=["auto", "float16", "bfloat16"],
                    help="autocast dtype with --fp16 (auto = float16 on CUDA, bfloat16 on CPU)")
     p.add_argument("--channels_last", action="store_true", help="NHWC memory format (faster convolutions on AMX CPUs and tensor cores)")
+    p.add_argument("--data_pipeline", default="auto", choices=["auto", "pil", "tensor"],
+                   help="tensor = dataset held as one uint8 tensor, augmented in batches on --device (same recipe, much "
+                        "faster on CPUs); pil = per-image PIL transforms in DataLoader workers; auto = tensor when the "
+                        "images share one size and fit in memory (Fashion-MNIST always)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the model (first epoch pays minutes of compilation; see benchmarks/README.md)")
     p.add_argument("--cuda", action="store_true", help="require CUDA (error if there is no GPU)")
     cli.add_device_arg(p)
     p.add_argument("--seed", type=int, default=42, help="random seed (each epoch is seeded from it, so resumed runs repeat exactly)")
@@ -137,11 +144,16 @@ def main(argv=None) -> int:
         sampler = RandomSampler(train_set, generator=generator)
         per_rank = len(train_set)
     pin = device.type == "cuda"
-    train_loader = DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
-                              pin_memory=pin, drop_last=per_rank > args.batch_size,
-                              persistent_workers=False)
-    val_loader = DataLoader(val_set, batch_size=args.batch_size * 2, sampler=ShardSampler(len(val_set), rank, world),
-                            num_workers=args.num_workers, pin_memory=pin)
+    pipeline, pipeline_reason = choose_pipeline(args.data_pipeline, train_set, val_set, pre)
+    if pipeline == "tensor":
+        train_loader, val_loader = build_tensor_loaders(train_set, val_set, pre, sampler, args.batch_size, args.batch_size * 2,
+                                                        device, per_rank > args.batch_size, ShardSampler(len(val_set), rank, world))
+    else:
+        train_loader = DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
+                                  pin_memory=pin, drop_last=per_rank > args.batch_size,
+                                  persistent_workers=False)
+        val_loader = DataLoader(val_set, batch_size=args.batch_size * 2, sampler=ShardSampler(len(val_set), rank, world),
+                                num_workers=args.num_workers, pin_memory=pin)
 
     kwargs = model_kwargs(args.img_size, args.norm_type, pre.channels, args.small_input)
     model = build_model(args.model, num_classes, pretrained=args.pretrained and ckpt is None,
@@ -172,6 +184,8 @@ def main(argv=None) -> int:
 
     if world > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
+    if args.compile:
+        model = torch.compile(model)
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
 
     run_dir = Path(args.path_to_save) / spec.name / args.model
@@ -209,9 +223,10 @@ def main(argv=None) -> int:
     if main_proc:
         print(f"{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params, "
               f"{len(train_set)} train / {len(val_set)} val images, {num_classes} classes, device {device}"
-              + (f", {world} processes" if world > 1 else ""))
+              + (f", {world} processes" if world > 1 else "") + f"\ndata pipeline: {pipeline} ({pipeline_reason})")
 
     epoch = start_epoch
+    finished = start_epoch - 1  # the last epoch whose end-of-epoch last.pth is on disk
     # SIGTERM (docker stop, job schedulers) behaves like Ctrl-C: save last.pth, then exit.
     signal.signal(signal.SIGTERM, signal.getsignal(signal.SIGINT))
     try:
@@ -241,6 +256,7 @@ def main(argv=None) -> int:
             if main_proc:
                 ckpt_state = checkpoint(epoch)
                 atomic_save(ckpt_state, run_dir / "last.pth")
+                finished = epoch
                 if is_best:
                     atomic_save(ckpt_state, run_dir / "best.pth")
                 write_csv(run_dir / "results.csv", history)
@@ -259,7 +275,9 @@ def main(argv=None) -> int:
             barrier()
     except KeyboardInterrupt:
         if main_proc:
-            atomic_save(checkpoint(epoch - 1), run_dir / "last.pth")
+            # label the save with the last finished epoch and drop later rows, so --resume repeats the rest once
+            history[:] = [r for r in history if r["epoch"] <= finished + 1]
+            atomic_save(checkpoint(finished), run_dir / "last.pth")
             print(f"\ninterrupted in epoch {epoch + 1}: saved {run_dir / 'last.pth'}; continue with --resume", flush=True)
         cleanup()
         return 130

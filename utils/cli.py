@@ -59,7 +59,10 @@ def run(main: Callable[[], int | None]) -> None:
     try:
         code = main()
     except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
+        message = str(e).strip()
+        if "Original Traceback" in message:  # raised in a DataLoader worker: keep the original message, not the traceback
+            message = message.splitlines()[-1].partition("InputError: ")[2] or message.splitlines()[-1]
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

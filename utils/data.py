@@ -148,12 +148,23 @@ def folder_splits(dataset: str | Path) -> tuple[Path, Path]:
     return train_dir, val_dir
 
 
+def _ends_with_jpeg_eoi(path: str) -> bool:
+    """A complete JPEG ends with the end-of-image marker FF D9 (files with trailing bytes get decoded instead)."""
+    with open(path, "rb") as f:
+        f.seek(-2, os.SEEK_END)
+        return f.read(2) == b"\xff\xd9"
+
+
 def verify_images(ds: datasets.ImageFolder) -> None:
     """Open every image once so that an unreadable file is reported by name before training starts."""
     for path, _ in ds.samples:
         try:
             with Image.open(path) as img:
+                fmt = img.format
                 img.verify()
+            if fmt == "JPEG" and not _ends_with_jpeg_eoi(path):
+                with Image.open(path) as img:  # verify() only parses JPEG headers: decode a file cut short
+                    img.load()
         except Exception as e:
             raise InputError(f"cannot read image {path}: {e} (remove or replace the file)") from None
 
@@ -205,3 +216,47 @@ def build_eval_dataset(spec: DataSpec, pre: Preprocess, split: str = "val"):
     ds = CheckedImageFolder(str(folder), tf, pre.channels)
     verify_images(ds)
     return ds, list(ds.classes), folder.name
+
+
+# ----------------------------------------------------------------------------- real test images as files
+
+
+def save_test_images(data_root: str | Path, out_dir: str | Path, count: int = 10, start: int = 0) -> list[Path]:
+    """Write Fashion-MNIST test images `start`..`start+count-1` as 28x28 grayscale PNGs named <index>_<class>.png.
+
+    Gives predict.py real inputs with known labels (the label is in the file name).
+    """
+    ds = fashion_mnist(data_root, train=False)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for i in range(start, min(start + count, len(ds))):
+        img, label = ds[i]
+        name = FASHION_MNIST_CLASSES[label].replace("/", "_").replace(" ", "_")
+        path = out / f"{i:05d}_{name}.png"
+        tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
+        img.save(tmp)
+        os.replace(tmp, path)
+        written.append(path)
+    return written
+
+
+def main(argv=None) -> int:
+    """python -m utils.data --save_test_images DIR [--count N]: real Fashion-MNIST test images as PNG files."""
+    from utils import cli
+
+    p = cli.parser("Save real Fashion-MNIST test images as PNG files (<index>_<class>.png), e.g. for predict.py.")
+    p.add_argument("--save_test_images", required=True, metavar="DIR", help="folder to write the PNG files to")
+    p.add_argument("--count", type=cli.positive(), default=10, help="how many test images")
+    p.add_argument("--start", type=int, default=0, help="index of the first test image")
+    p.add_argument("--data_root", default="data", help="where Fashion-MNIST lives (<data_root>/FashionMNIST/raw/)")
+    args = p.parse_args(argv)
+    paths = save_test_images(args.data_root, args.save_test_images, args.count, args.start)
+    print(f"wrote {len(paths)} images to {args.save_test_images}/ (first: {paths[0].name})" if paths else "no images written")
+    return 0
+
+
+if __name__ == "__main__":
+    from utils import cli as _cli
+
+    _cli.run(main)

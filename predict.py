@@ -1,0 +1,132 @@
+"""Classify images with an exported model: ONNX (ONNX Runtime, no torch import) or TorchScript.
+
+Examples:
+  python predict.py --model weights/FashionMNIST/custom/converted_models/custom.onnx --image shoe.png
+  python predict.py --model custom.onnx --image photos/ --topk 3 --json
+  python predict.py --model custom.pt --image 'samples/*.png' --device cuda
+
+Class names and preprocessing (size, resize, crop, mean, std, channels) are read from the artifact's
+metadata, written by export.py; --classes is only needed for artifacts without names. Images go
+through the same eval transform as training-time validation (utils/preprocess.py): EXIF rotation,
+any Pillow mode (grayscale, RGBA, palette, CMYK, 16-bit) converted to the model's channels.
+
+Prints the top-k classes with probabilities per image, the model load time and the median inference
+time (batch 1, after warm-up). An unreadable image is reported on one line and the others are still
+predicted; the exit code is then 2. The ONNX path imports numpy, Pillow and onnxruntime only.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from utils import cli
+from utils.preprocess import InputError, Preprocess
+from utils.runtime import (
+    ONNX_SUFFIXES,
+    TORCHSCRIPT_SUFFIXES,
+    OnnxModel,
+    artifact_kind,
+    expand_images,
+    load_class_names,
+    predict_files,
+    report,
+    resolve_classes,
+)
+
+WARMUP_RUNS = 3
+
+
+def add_predict_args(p) -> None:
+    """Flags shared with predict_ckpoint.py."""
+    p.add_argument("--image", nargs="+", required=True, metavar="IMG",
+                   help="image file(s), folder(s) (searched recursively) or quoted glob(s) such as 'imgs/*.jpg'")
+    p.add_argument("--topk", type=cli.positive(), default=5, help="how many classes to show per image")
+    p.add_argument("--classes", default=None, metavar="FILE|a,b,c",
+                   help="class names (classes.txt, one per line, or comma-separated); only needed when the model has none")
+    p.add_argument("--json", action="store_true", help="print one JSON document (summary + per-image top-k) instead of text")
+    p.add_argument("--repeats", type=cli.positive(), default=1, help="timed runs per image (the median is reported)")
+    cli.add_device_arg(p)
+
+
+def parse_args(argv=None):
+    p = cli.parser(__doc__)
+    p.add_argument("--model", required=True, metavar="ARTIFACT", help="an .onnx file or TorchScript .pt written by export.py")
+    p.add_argument("--engine", default="auto", choices=["auto", "onnx", "torchscript"],
+                   help="runtime; auto = from the extension (.onnx -> ONNX Runtime, .pt -> TorchScript)")
+    p.add_argument("--img_size", type=cli.positive(), default=None,
+                   help="crop size, only for artifacts without preprocessing metadata (ImageNet mean/std assumed)")
+    add_predict_args(p)
+    return p.parse_args(argv)
+
+
+def infer_engine(path: str, engine: str) -> str:
+    if engine != "auto":
+        return engine
+    suffix = path.lower().rsplit(".", 1)[-1] if "." in path else ""
+    if f".{suffix}" in ONNX_SUFFIXES:
+        return "onnx"
+    if f".{suffix}" in TORCHSCRIPT_SUFFIXES and artifact_kind(path) == "torchscript":
+        return "torchscript"
+    kind = artifact_kind(path)
+    if kind == "checkpoint":
+        raise InputError(f"{path} is a training checkpoint, not an exported model: use predict_ckpoint.py --weights {path} "
+                         "(or export it first with export.py)")
+    return kind
+
+
+def fallback_preprocess(img_size: int | None, shape: list, path: str) -> Preprocess:
+    """For artifacts exported elsewhere: the size from --img_size or the fixed input shape, ImageNet statistics."""
+    channels = shape[1] if len(shape) == 4 and isinstance(shape[1], int) else 3
+    size = img_size or (shape[2] if len(shape) == 4 and isinstance(shape[2], int) else None)
+    if size is None:
+        raise InputError(f"{path} stores no preprocessing metadata and its input size is dynamic: pass --img_size")
+    print(f"note: {path} has no preprocessing metadata; assuming {size} px crop, ImageNet mean/std (pass --img_size to change)")
+    return Preprocess.for_size(size, channels)
+
+
+def load_onnx(args):
+    model = OnnxModel(args.model, args.device)
+    pre = model.preprocess or fallback_preprocess(args.img_size, model.input_shape, args.model)
+    return model, pre, model.metadata, model.num_outputs, model.providers[0]
+
+
+def load_torchscript(args):
+    """Imports torch only here, so the ONNX path never pays for it."""
+    import torch
+
+    from utils.export import load_torchscript as load
+
+    device = cli.resolve_device(args.device)
+    program, meta = load(args.model, device)
+    pre = meta.get("preprocess") or fallback_preprocess(args.img_size, [], args.model)
+
+    def forward(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            out = program(torch.from_numpy(x).to(device)).float()
+            out = out.mean(dim=(2, 3)) if out.dim() == 4 else out
+            return out.cpu().numpy()
+
+    num = int(meta["num_classes"]) if "num_classes" in meta else None
+    return forward, pre, meta, num, str(device)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    engine = infer_engine(args.model, args.engine)
+    paths = expand_images(args.image)
+    if engine == "torchscript":
+        import torch  # noqa: F401  (imported before the clock starts: "model load" is the model, not torch)
+    start = time.perf_counter()
+    forward, pre, meta, num_outputs, device = load_onnx(args) if engine == "onnx" else load_torchscript(args)
+    load_ms = (time.perf_counter() - start) * 1000.0
+    classes = resolve_classes(meta.get("classes"), load_class_names(args.classes), num_outputs)
+    results = predict_files(forward, paths, pre, classes, args.topk, WARMUP_RUNS, args.repeats)
+    header = {"model": args.model, "engine": "onnxruntime" if engine == "onnx" else "torchscript",
+              "precision": meta.get("precision", "fp32"), "device": device, "load_ms": load_ms, "warmup": WARMUP_RUNS}
+    return report(results, header, args.json, args.topk)
+
+
+if __name__ == "__main__":
+    cli.run(main)

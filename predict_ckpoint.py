@@ -1,0 +1,58 @@
+"""Classify images straight from a training checkpoint (PyTorch), with the same output as predict.py.
+
+Examples:
+  python predict_ckpoint.py --weights weights/FashionMNIST/custom/best.pth --image shoe.png
+  python predict_ckpoint.py --weights best.pth --image photos/ --topk 3 --json --device cuda
+
+Model, class names and preprocessing come from the checkpoint (EMA weights when it has them). Use
+this to check a checkpoint before exporting it; deploy with export.py + predict.py, which start faster.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from predict import WARMUP_RUNS, add_predict_args
+from utils import cli
+from utils.checkpoint import build_from_checkpoint, load_checkpoint
+from utils.runtime import expand_images, load_class_names, predict_files, report, resolve_classes
+
+
+def parse_args(argv=None):
+    p = cli.parser(__doc__)
+    p.add_argument("--weights", required=True, metavar="CKPT", help="checkpoint written by train.py (or quantize.py --mode fp16)")
+    p.add_argument("-m", "--model", default=None, help="override the model name stored in the checkpoint")
+    add_predict_args(p)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    paths = expand_images(args.image)
+    device = cli.resolve_device(args.device)
+    start = time.perf_counter()
+    ckpt = load_checkpoint(args.weights)
+    model, info = build_from_checkpoint(ckpt, args.model)
+    model = model.to(device)
+    load_ms = (time.perf_counter() - start) * 1000.0
+
+    def forward(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            out = model(torch.from_numpy(x).to(device)).float()
+            return (out.mean(dim=(2, 3)) if out.dim() == 4 else out).cpu().numpy()
+
+    classes = resolve_classes(info["classes"], load_class_names(args.classes), info["num_classes"])
+    results = predict_files(forward, paths, info["preprocess"], classes, args.topk, WARMUP_RUNS, args.repeats)
+    precision = ckpt.get("precision", "fp32")
+    if precision == "fp16":
+        precision = "fp16 weights, computed in fp32"
+    header = {"model": args.weights, "engine": "pytorch", "precision": precision,
+              "device": str(device), "load_ms": load_ms, "warmup": WARMUP_RUNS}
+    return report(results, header, args.json, args.topk)
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,192 @@
+"""Quantize a trained checkpoint (FP16, static INT8, dynamic INT8) and compare it with FP32: size, accuracy, speed.
+
+Examples:
+  python quantize.py --weights weights/FashionMNIST/custom/best.pth --mode int8                 # ORT QDQ + PyTorch FX
+  python quantize.py --weights best.pth --mode int8 --backend onnx --calib_batches 20
+  python quantize.py --weights best.pth --mode fp16                                            # FP16 .pth + FP16 ONNX
+  python quantize.py --weights best.pth --mode dynamic                                         # INT8 nn.Linear only
+
+Modes (--backend picks onnx, pytorch or both):
+  fp16     pytorch: <ckpt dir>/<ckpt name>_fp16.pth, a real half-precision checkpoint (about half the FP32
+           weights; eval.py, predict_ckpoint.py and export.py load it). onnx: converted_models/<model>_fp16.onnx
+           (float32 inputs/outputs). Accuracy is measured in FP16 on CUDA; on a CPU the checkpoint's weights
+           are upcast to FP32 and ONNX Runtime's CPU provider runs FP16 nodes through inserted casts, so a CPU
+           run measures the effect of FP16 rounding of the weights, not FP16 arithmetic (the table says which).
+  int8     static post-training quantization calibrated on --calib_batches batches of training images.
+           onnx: onnxruntime quantize_static, QDQ format, per-channel int8 weights, int8 activations, on the
+           exported FP32 ONNX -> converted_models/<model>_int8.onnx. pytorch: torch.ao FX graph mode, x86
+           (fbgemm) backend -> converted_models/<model>_int8_fx.pt (TorchScript, CPU only); works for all
+           registry models (custom, resnet*, mobilenet_v2/v3, efficientnet_b0), others are skipped with the reason.
+  dynamic  torch.ao quantize_dynamic on nn.Linear layers -> converted_models/<model>_int8_dynamic.pt, with a
+           warning when the model has nothing (or little) to quantize: CNN weights live in convolutions.
+
+Every format is evaluated on the validation split the checkpoint was trained on (or --dataset/--data_root)
+against the FP32 PyTorch model. Results: a table on stdout (format, size MB, acc@1, acc@5, latency ms at
+batch 1, throughput img/s) and results/quantization/<model>.json (rows merged across modes).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from summarize_results import markdown_table
+from utils import cli
+from utils.checkpoint import atomic_save, atomic_write_text, build_from_checkpoint, load_checkpoint
+from utils.export import evaluate_loaded, export_artifact, file_sha256, load_for_eval
+from utils.preprocess import InputError
+from utils.quantize import (
+    calibration_batches,
+    data_spec,
+    eval_loader,
+    fp16_checkpoint,
+    quantize_dynamic_int8,
+    quantize_fx_int8,
+    quantize_onnx_int8,
+    save_quantized_torchscript,
+)
+from utils.runtime import OnnxModel
+
+TABLE_COLUMNS = ("format", "compute", "size (MB)", "acc@1 (%)", "acc@5 (%)", "Δacc@1 (points)", "latency (ms)", "throughput (img/s)")
+
+
+def parse_args(argv=None):
+    p = cli.parser(__doc__)
+    p.add_argument("--weights", required=True, metavar="CKPT", help="FP32 checkpoint written by train.py")
+    p.add_argument("-m", "--model", default=None, help="override the model name stored in the checkpoint")
+    p.add_argument("--mode", required=True, choices=["fp16", "int8", "dynamic"], help="what to produce (see above)")
+    p.add_argument("--backend", default="all", choices=["all", "onnx", "pytorch"],
+                   help="fp16/int8: ONNX artifact, PyTorch artifact or both (dynamic is PyTorch only)")
+    p.add_argument("--calib_batches", type=cli.positive(), default=10, help="int8: training batches used for calibration")
+    p.add_argument("--output", default=None, metavar="PATH",
+                   help="path of the main artifact (fp16: the .pth, or the .onnx with --backend onnx; int8: the ONNX "
+                        "file, or the FX .pt with --backend pytorch; dynamic: the .pt)")
+    p.add_argument("--dataset", default=None, metavar="PATH", help="image-folder dataset (default: the checkpoint's)")
+    p.add_argument("--data_root", default=None, help="Fashion-MNIST root (default: the checkpoint's)")
+    p.add_argument("--batch_size", type=cli.positive(), default=32, help="calibration and evaluation batch size")
+    p.add_argument("--num_workers", type=int, default=0, help="DataLoader workers for evaluation")
+    p.add_argument("--max_images", type=cli.positive(), default=None, help="evaluate on the first N validation images only")
+    p.add_argument("--speed_repeats", type=int, default=20, help="timed repeats for latency/throughput (0 = skip)")
+    p.add_argument("--results", default=None, metavar="JSON", help="results file (default results/quantization/<model>.json)")
+    cli.add_device_arg(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p.parse_args(argv)
+
+
+def fresh_fp32_onnx(path: Path, weights: str, model, info, log) -> Path:
+    """The exported FP32 ONNX of this checkpoint: reused when its metadata names the same checkpoint sha256."""
+    if path.is_file():
+        try:
+            meta = OnnxModel(path, "cpu").metadata
+        except InputError:
+            meta = {}
+        if meta.get("source_sha256") == file_sha256(weights) and meta.get("precision") == "fp32":
+            log(f"reusing {path} (exported from this checkpoint)")
+            return path
+    log(f"exporting FP32 ONNX to {path}")
+    export_artifact(model, info, weights, "onnx", path, log=lambda *_: None)
+    return path
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = cli.resolve_device(args.device)
+    ckpt = load_checkpoint(args.weights)
+    if ckpt.get("precision", "fp32") != "fp32":
+        raise InputError(f"{args.weights} is already a {ckpt['precision']} checkpoint: quantize the FP32 checkpoint")
+    model, info = build_from_checkpoint(ckpt, args.model)
+    name, pre = info["model_name"], info["preprocess"]
+    spec = data_spec(ckpt.get("args"), args.dataset, args.data_root)
+    loader, data_classes = eval_loader(spec, pre, args.batch_size, args.max_images, args.num_workers)
+    if data_classes != info["classes"]:
+        raise InputError(f"the dataset's classes {data_classes[:5]}... differ from the checkpoint's {info['classes'][:5]}...: "
+                         "pass the --dataset/--data_root the model was trained on")
+    weights = Path(args.weights)
+    out_dir = weights.parent / "converted_models"
+    onnx_on, torch_on = args.backend in ("all", "onnx"), args.backend in ("all", "pytorch")
+    rows: list[dict] = []
+
+    def measure(path: Path, note: str = "", eval_device: torch.device = device) -> dict:
+        loaded = load_for_eval(path, eval_device, args.model, args.device)
+        stats = evaluate_loaded(loaded, loader, len(data_classes), args.speed_repeats, not args.quiet)
+        row = {"format": loaded.format, "engine": loaded.engine, "precision": loaded.precision, "compute": loaded.compute,
+               "path": str(path), "size_mb": loaded.size_mb, "file_mb": path.stat().st_size / 1e6,
+               "acc1": stats["acc1"], "acc5": stats["acc5"], "loss": stats["loss"], "num_images": stats["num_images"],
+               "mode": args.mode, "note": note}
+        row.update({k: stats[k] for k in ("latency_ms", "throughput_img_s", "speed_batch_size") if k in stats})
+        rows.append(row)
+        print(f"  {row['format']:<22} acc@1 {100 * row['acc1']:.2f}%  size {row['size_mb']:.2f} MB  ({path})", flush=True)
+        return row
+
+    print(f"{name}: evaluating on {spec.name} validation ({len(loader.dataset)} images) on {device}", flush=True)
+    measure(weights, "FP32 baseline (checkpoint weights as stored, optimizer state excluded)")
+
+    if args.mode == "fp16":
+        if torch_on:
+            path = Path(args.output) if args.output else weights.with_name(f"{weights.stem}_fp16.pth")
+            atomic_save(fp16_checkpoint(ckpt, weights), path)
+            row = measure(path, "half-precision checkpoint")
+            print(f"FP16 checkpoint {path}: {path.stat().st_size / 1e6:.2f} MB on disk (FP32 weights {rows[0]['size_mb']:.2f} MB; "
+                  f"training checkpoint {weights.stat().st_size / 1e6:.2f} MB incl. optimizer state); compute: {row['compute']}")
+        if onnx_on:
+            path = Path(args.output) if args.output and args.backend == "onnx" else out_dir / f"{name}_fp16.onnx"
+            result = export_artifact(model, info, weights, "onnx", path, half=True, log=lambda *_: None)
+            measure(path, f"FP16 ONNX (float32 I/O), parity max |diff| {result.parity.max_abs_diff:.3g} vs FP32 PyTorch")
+    elif args.mode == "int8":
+        print(f"calibrating on {args.calib_batches} batches of {args.batch_size} training images", flush=True)
+        batches = calibration_batches(spec, pre, args.calib_batches, args.batch_size)
+        if onnx_on:
+            fp32 = fresh_fp32_onnx(out_dir / f"{name}.onnx", args.weights, model, info, print)
+            measure(fp32, "FP32 ONNX")
+            path = Path(args.output) if args.output else out_dir / f"{name}_int8.onnx"
+            note = f"onnxruntime quantize_static QDQ, per-channel int8 weights, int8 activations, MinMax on {len(batches)} batches"
+            quantize_onnx_int8(fp32, path, batches, {"precision": "int8", "quantization": note})
+            measure(path, note)
+        if torch_on:
+            try:
+                qmodel = quantize_fx_int8(model, batches)
+            except InputError as e:
+                print(f"note: skipping PyTorch INT8: {e}", file=sys.stderr)
+            else:
+                path = Path(args.output) if args.output and args.backend == "pytorch" else out_dir / f"{name}_int8_fx.pt"
+                note = f"torch.ao FX static, {torch.backends.quantized.engine} backend, {len(batches)} calibration batches"
+                params = sum(p.numel() for p in model.parameters())
+                save_quantized_torchscript(qmodel, path, info, weights, "int8-fx", batches[0][:1], note, params)
+                measure(path, note, torch.device("cpu"))
+    else:
+        if args.backend == "onnx":
+            raise InputError("--mode dynamic is PyTorch only: drop --backend onnx (or use --mode int8 --backend onnx)")
+        qmodel, warning = quantize_dynamic_int8(model)
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr)
+        path = Path(args.output) if args.output else out_dir / f"{name}_int8_dynamic.pt"
+        example = torch.zeros(1, pre.channels, pre.img_size, pre.img_size)
+        note = "torch.ao quantize_dynamic on nn.Linear (int8 weights, activations quantized per batch)"
+        save_quantized_torchscript(qmodel, path, info, weights, "int8-dynamic", example, note,
+                                   sum(p.numel() for p in model.parameters()))
+        measure(path, note, torch.device("cpu"))
+
+    base = rows[0]["acc1"]
+    for row in rows:
+        row["delta_acc1_points"] = 100 * (row["acc1"] - base)
+    results = Path(args.results) if args.results else Path("results") / "quantization" / f"{name}.json"
+    merged = {r["format"]: r for r in (json.loads(results.read_text()).get("rows", []) if results.is_file() else [])}
+    merged.update({r["format"]: r for r in rows})
+    doc = {"model": name, "weights": str(weights), "dataset": spec.name, "num_images": rows[0]["num_images"],
+           "device": str(device), "torch": str(torch.__version__), "rows": list(merged.values())}
+    atomic_write_text(results, json.dumps(doc, indent=2) + "\n")
+    table = [[r["format"], r["compute"], f"{r['size_mb']:.2f}", f"{100 * r['acc1']:.2f}", f"{100 * r['acc5']:.2f}",
+              f"{r['delta_acc1_points']:+.2f}", f"{r['latency_ms']:.2f}" if "latency_ms" in r else "",
+              f"{r['throughput_img_s']:.0f}" if "throughput_img_s" in r else ""] for r in rows]
+    print(f"\n{name} on {spec.name} ({rows[0]['num_images']} validation images); latency at batch 1, throughput at batch "
+          f"{args.batch_size}; sizes: FP32 = weights as stored, others = file size\n")
+    print(markdown_table(TABLE_COLUMNS, table))
+    print(f"\nresults: {results}")
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,105 @@
+"""Merge the JSON reports under results/ into markdown tables (also: python eval.py --summary).
+
+Examples:
+  python summarize_results.py                      # results/*.json + results/quantization/*.json -> results/summary.md
+  python summarize_results.py --results_dir runs/results --output summary.md
+
+Table 1 has one row per eval.py report (results/*.json: checkpoints, FP16 checkpoints, ONNX, TorchScript,
+INT8), so accuracy, size and speed of every model and format sit side by side. Table 2 lists the
+quantization runs (results/quantization/*.json written by quantize.py). Sizes are MB (10^6 bytes):
+weights as stored for checkpoints, file size for exported artifacts.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from utils import cli
+from utils.checkpoint import atomic_write_text
+from utils.preprocess import InputError
+
+EVAL_COLUMNS = ("model", "format", "compute", "dataset", "img", "params (M)", "size (MB)", "acc@1 (%)", "acc@5 (%)",
+                "latency (ms, batch 1)", "throughput (img/s)", "device", "report")
+QUANT_COLUMNS = ("model", "format", "compute", "size (MB)", "acc@1 (%)", "acc@5 (%)", "latency (ms, batch 1)",
+                 "throughput (img/s)", "report")
+
+
+def _num(value, fmt: str) -> str:
+    return "" if value is None else format(value, fmt)
+
+
+def _pct(value) -> str:
+    return "" if value is None else f"{100 * value:.2f}"
+
+
+def markdown_table(columns: tuple[str, ...], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def load_reports(results_dir: Path) -> tuple[list[tuple[Path, dict]], list[tuple[Path, dict]]]:
+    """(eval reports, quantization reports); files that are not ours are skipped."""
+    evals, quants = [], []
+    for path in sorted(results_dir.glob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(data, dict) and {"model", "acc1", "acc5"} <= data.keys():
+            evals.append((path, data))
+    for path in sorted((results_dir / "quantization").glob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(data, dict) and isinstance(data.get("rows"), list):
+            quants.append((path, data))
+    return evals, quants
+
+
+def summary_markdown(results_dir: Path) -> str:
+    evals, quants = load_reports(results_dir)
+    if not evals and not quants:
+        raise InputError(f"no reports in {results_dir}/ (run eval.py --weights ... or quantize.py first)")
+    parts = [f"# Results summary ({results_dir}/)"]
+    if evals:
+        rows = []
+        for path, r in sorted(evals, key=lambda pr: (pr[1]["model"], pr[1].get("format", "pytorch"))):
+            rows.append([r["model"], r.get("format", "pytorch"), r.get("compute", ""), f"{r.get('dataset', '')}/{r.get('split', '')}",
+                         r.get("img_size", ""), _num(r["params"] / 1e6 if r.get("params") else None, ".3f"),
+                         _num(r.get("size_mb"), ".2f"), _pct(r["acc1"]), _pct(r["acc5"]), _num(r.get("latency_ms"), ".2f"),
+                         _num(r.get("throughput_img_s"), ".0f"), r.get("device", ""), path.name])
+        parts += ["", "## Accuracy, size and speed per model and format (eval.py)", "", markdown_table(EVAL_COLUMNS, rows)]
+    if quants:
+        rows = []
+        for path, q in quants:
+            for r in q["rows"]:
+                rows.append([q.get("model", ""), r.get("format", ""), r.get("compute", ""), _num(r.get("size_mb"), ".2f"),
+                             _pct(r.get("acc1")), _pct(r.get("acc5")), _num(r.get("latency_ms"), ".2f"),
+                             _num(r.get("throughput_img_s"), ".0f"), f"quantization/{path.name}"])
+        parts += ["", "## Quantization (quantize.py)", "", markdown_table(QUANT_COLUMNS, rows)]
+    return "\n".join(parts) + "\n"
+
+
+def write_summary(results_dir: Path, output: Path | None = None) -> str:
+    """Build the tables, write them to `output` (default <results_dir>/summary.md) and return the markdown."""
+    text = summary_markdown(results_dir)
+    atomic_write_text(output or results_dir / "summary.md", text)
+    return text
+
+
+def main(argv=None) -> int:
+    p = cli.parser(__doc__)
+    p.add_argument("--results_dir", default="results", help="folder holding eval.py's JSON reports")
+    p.add_argument("--output", default=None, help="markdown file to write (default <results_dir>/summary.md)")
+    args = p.parse_args(argv)
+    out = Path(args.output) if args.output else Path(args.results_dir) / "summary.md"
+    print(write_summary(Path(args.results_dir), out))
+    print(f"written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,69 @@
+"""Both benchmarks run end to end with the tiniest settings: table, command and JSON have the promised structure.
+
+Speeds are never asserted (they depend on the machine); only that they were measured and are consistent.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import bench_infer, bench_train
+from utils.preprocess import InputError
+
+
+def test_bench_train_tiny(fashion_root, tmp_path, capsys):
+    out = tmp_path / "train.json"
+    argv = ["--models", "custom", "--img_sizes", "28", "--precisions", "bf16", "--memory_formats", "channels_last",
+            "--pipelines", "tensor", "pil", "--batch_size", "6", "--baseline_batch_size", "4",
+            "--steps", "1", "--warmup", "1", "--repeats", "2",
+            "--num_workers", "0", "--data_root", str(fashion_root), "--device", "cpu", "--out", str(out)]
+    assert bench_train.main(argv) == 0
+    text = capsys.readouterr().out
+    assert "| model | img px | precision | memory | pipeline |" in text
+    assert "python benchmarks/bench_train.py --models custom" in text
+    payload = json.loads(out.read_text())
+    rows = payload["rows"]
+    # the seed baseline (PIL workers, 224 px, fp32, NCHW) comes first, then the 2-row grid
+    assert [(r["img_size"], r["precision"], r["memory_format"], r["pipeline"], r["baseline"]) for r in rows] == [
+        (224, "fp32", "nchw", "pil", True), (28, "bf16", "channels_last", "tensor", False),
+        (28, "bf16", "channels_last", "pil", False)]
+    assert rows[0]["vs_seed"] == 1.0
+    assert [r["batch_size"] for r in rows] == [4, 6, 6]
+    for r in rows:
+        assert len(r["repeats_images_per_s"]) == 2 and all(v > 0 for v in r["repeats_images_per_s"])
+        assert r["images_per_s"] == pytest.approx(sorted(r["repeats_images_per_s"])[0] / 2 + sorted(r["repeats_images_per_s"])[1] / 2)
+        assert r["vs_seed"] == pytest.approx(r["images_per_s"] / rows[0]["images_per_s"])
+    assert payload["machine"]["cores"] >= 1 and payload["command"].startswith(("python", "OMP"))
+
+
+def test_bench_train_bad_flag_is_an_input_error(tmp_path):
+    with pytest.raises(InputError, match="--warmup"):
+        bench_train.main(["--warmup", "-1", "--data_root", str(tmp_path), "--out", str(tmp_path / "x.json")])
+    with pytest.raises(InputError, match="one per --img_sizes"):
+        bench_train.main(["--img_sizes", "28", "32", "64", "--batch_size", "8", "16", "--data_root", str(tmp_path)])
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_bench_infer_tiny(tmp_path, capsys):
+    out = tmp_path / "infer.json"
+    argv = ["--models", "custom", "--img_sizes", "28", "--batch_size", "4", "--warmup", "1", "--repeats", "2",
+            "--peak_size", "128", "--calibration_batches", "1", "--workdir", str(tmp_path / "artifacts"), "--out", str(out)]
+    assert bench_infer.main(argv) == 0
+    text = capsys.readouterr().out
+    assert "| model | img px | engine | compute | MMACs/img |" in text and "python benchmarks/bench_infer.py --models custom" in text
+    payload = json.loads(out.read_text())
+    rows = payload["rows"]
+    assert [r["engine"] for r in rows] == list(bench_infer.ENGINES)
+    # FashionCNN at 28 px: convs 3*16*9*28^2 + 16*32*9*14^2 + 32*64*9*7^2 and linears 576*256 + 256*10 MACs
+    expected_macs = 3 * 16 * 9 * 28 ** 2 + 16 * 32 * 9 * 14 ** 2 + 32 * 64 * 9 * 7 ** 2 + 576 * 256 + 256 * 10
+    assert all(r["macs_per_image"] == expected_macs and r["flops_per_image"] == 2 * expected_macs for r in rows)
+    for r in rows:
+        assert r["latency_ms"] > 0 and r["throughput_img_s"] > 0 and r["speed_batch_size"] == 4
+        assert r["achieved_gflops"] == pytest.approx(r["throughput_img_s"] * 2 * expected_macs / 1e9)
+        assert r["percent_of_peak"] == pytest.approx(100 * r["achieved_gflops"] / payload["peaks_gflops"][r["compute"]])
+    assert {r["compute"] for r in rows} == {"fp32", "bf16", "int8"}
+    int8 = (tmp_path / "artifacts" / "custom_28_int8.onnx")
+    fp32 = (tmp_path / "artifacts" / "custom_28.onnx")
+    assert int8.stat().st_size < 0.5 * fp32.stat().st_size  # int8 weights: about a quarter of the fp32 file

@@ -1,0 +1,124 @@
+"""Training and eval loops: gradient accumulation equals a big batch, LR per step, metrics equal a hand computation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from models import build_model, model_kwargs
+from utils.engine import TrainState, evaluate, per_class_accuracy, train_one_epoch
+from utils.schedule import WarmupCosine
+
+CPU = torch.device("cpu")
+
+
+def _bn_free_cnn(seed: int = 0) -> nn.Module:
+    """FashionCNN without BatchNorm (whose batch statistics depend on the batch size) and without dropout."""
+    torch.manual_seed(seed)
+    model = build_model("custom", 4, **model_kwargs(16, "none"))
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    return model
+
+
+def _train(model: nn.Module, data: TensorDataset, batch_size: int, accumulation: int, steps_per_epoch: int,
+           epochs: int = 1) -> TrainState:
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+    schedule = WarmupCosine(opt, steps_per_epoch, max_epoch=epochs, wp_epoch=1, base_lr=0.05, min_lr=1e-3)
+    state = TrainState(opt, schedule, accumulation=accumulation)
+    loader = DataLoader(data, batch_size=batch_size, shuffle=False)
+    for epoch in range(epochs):
+        train_one_epoch(model, loader, nn.CrossEntropyLoss(), state, CPU, epoch + 1, show_progress=False)
+    return state
+
+
+@pytest.fixture(scope="module")
+def tiny_data() -> TensorDataset:
+    g = torch.Generator().manual_seed(0)
+    return TensorDataset(torch.randn(22, 3, 16, 16, generator=g), torch.randint(0, 4, (22,), generator=g))
+
+
+def test_accumulation_equals_one_big_batch_including_partial_last_window(tiny_data):
+    # 22 samples: batches of 2 -> 11 micro-batches -> windows of 4 micro-batches: 4 + 4 + 3 (partial)
+    # reference: batches of 8 -> 8 + 8 + 6 samples. Same three optimizer steps on the same samples.
+    accumulated, reference = _bn_free_cnn(), _bn_free_cnn()
+    s_acc = _train(accumulated, tiny_data, batch_size=2, accumulation=4, steps_per_epoch=3, epochs=2)
+    s_ref = _train(reference, tiny_data, batch_size=8, accumulation=1, steps_per_epoch=3, epochs=2)
+    assert s_acc.step == s_ref.step == 6
+    start = _bn_free_cnn()
+    moved = max((a - b).abs().max().item() for a, b in zip(reference.parameters(), start.parameters()))
+    assert moved > 1e-3  # the weights really changed
+    for (name, a), b in zip(accumulated.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-6, msg=name)
+
+
+def test_optimizer_steps_use_the_scheduled_lr(tiny_data):
+    model = _bn_free_cnn()
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    schedule = WarmupCosine(opt, steps_per_epoch=3, max_epoch=2, wp_epoch=1, base_lr=0.01, min_lr=0.001)
+    seen = []
+    original_step = opt.step
+
+    def recording_step(*args, **kwargs):
+        seen.append(opt.param_groups[0]["lr"])
+        return original_step(*args, **kwargs)
+
+    opt.step = recording_step
+    state = TrainState(opt, schedule, accumulation=4)
+    loader = DataLoader(tiny_data, batch_size=2, shuffle=False)
+    stats = [train_one_epoch(model, loader, nn.CrossEntropyLoss(), state, CPU, e, show_progress=False) for e in (1, 2)]
+    # warm-up 0.01/3, 0.02/3, 0.01; then cosine from 0.01 (step 3) to 0.001 (step 5, the last)
+    assert seen == pytest.approx([0.01 / 3, 0.02 / 3, 0.01, 0.01, 0.0055, 0.001], rel=1e-9)
+    assert stats[-1]["lr"] == pytest.approx(0.001)
+    assert all(math.isfinite(s["train_loss"]) and 0 <= s["train_acc1"] <= 1 for s in stats)
+
+
+def test_train_one_epoch_reports_loss_and_accuracy_of_what_it_saw(tiny_data):
+    model = _bn_free_cnn()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # LR 0 keeps the weights: compare with a plain forward
+    schedule = WarmupCosine(opt, 11, 1, 0, 0.0, 0.0)
+    stats = train_one_epoch(model, DataLoader(tiny_data, batch_size=2), nn.CrossEntropyLoss(), TrainState(opt, schedule),
+                            CPU, 1, show_progress=False)
+    x, y = tiny_data.tensors
+    with torch.no_grad():
+        logits = model.eval()(x)
+    assert stats["train_loss"] == pytest.approx(nn.functional.cross_entropy(logits, y).item(), rel=1e-5)
+    assert stats["train_acc1"] == pytest.approx((logits.argmax(1) == y).float().mean().item())
+
+
+def test_evaluate_matches_a_hand_computation():
+    g = torch.Generator().manual_seed(3)
+    num_classes, n = 7, 45
+    x = torch.randn(n, 5, generator=g)
+    y = torch.randint(0, num_classes, (n,), generator=g)
+    model = nn.Linear(5, num_classes)
+    stats = evaluate(model, DataLoader(TensorDataset(x, y), batch_size=8), CPU, num_classes, show_progress=False,
+                     return_predictions=True)
+    with torch.no_grad():
+        logits = model(x)
+    top5 = logits.topk(5, dim=1).indices
+    assert stats["num_images"] == n
+    assert stats["loss"] == pytest.approx(nn.functional.cross_entropy(logits, y).item(), rel=1e-5)
+    assert stats["acc1"] == pytest.approx((logits.argmax(1) == y).float().mean().item())
+    assert stats["acc5"] == pytest.approx((top5 == y[:, None]).any(1).float().mean().item())
+    cm = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    for t, p in zip(y.tolist(), logits.argmax(1).tolist()):
+        cm[t, p] += 1
+    assert torch.equal(stats["confusion_matrix"], cm)
+    assert torch.equal(stats["predictions"], logits.argmax(1))
+    per_class = per_class_accuracy(cm, [str(i) for i in range(num_classes)])
+    for i in range(num_classes):
+        mask = y == i
+        expected = (logits.argmax(1)[mask] == i).float().mean().item() if mask.any() else 0.0
+        assert per_class[str(i)] == pytest.approx(expected)
+
+
+def test_evaluate_caps_top5_at_the_number_of_classes():
+    x, y = torch.randn(6, 2), torch.tensor([0, 1, 2, 0, 1, 2])
+    stats = evaluate(nn.Linear(2, 3), DataLoader(TensorDataset(x, y), batch_size=4), CPU, 3, show_progress=False)
+    assert stats["acc5"] == 1.0  # top-3 of 3 classes always contains the target

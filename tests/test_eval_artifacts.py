@@ -1,0 +1,89 @@
+"""eval.py on every artifact kind (checkpoint, ONNX FP32/FP16/INT8, TorchScript) and the summary table."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from utils.checkpoint import build_from_checkpoint, load_checkpoint
+from utils.export import export_artifact
+from utils.quantize import calibration_batches, data_spec, quantize_onnx_int8
+from utils.runtime import artifact_kind
+
+
+@pytest.fixture(scope="module")
+def artifacts(trained_ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("artifacts")
+    ckpt = load_checkpoint(trained_ckpt)
+    model, info = build_from_checkpoint(ckpt)
+    quiet = lambda *_: None  # noqa: E731
+    export_artifact(model, info, trained_ckpt, "onnx", out / "custom.onnx", log=quiet)
+    export_artifact(model, info, trained_ckpt, "onnx", out / "custom_fp16.onnx", half=True, log=quiet)
+    export_artifact(model, info, trained_ckpt, "torchscript", out / "custom.pt", log=quiet)
+    batches = calibration_batches(data_spec(ckpt["args"]), info["preprocess"], 4, 32)
+    quantize_onnx_int8(out / "custom.onnx", out / "custom_int8.onnx", batches, {"precision": "int8"})
+    return out
+
+
+def run_eval(weights, fashion_root, output) -> dict:
+    import eval as eval_script
+
+    assert eval_script.main(["--weights", str(weights), "--data_root", str(fashion_root), "--output", str(output),
+                             "--speed_repeats", "2", "--num_workers", "0", "--device", "cpu", "--quiet"]) == 0
+    return json.loads(output.read_text())
+
+
+def test_artifact_kinds_are_detected(artifacts, trained_ckpt):
+    assert artifact_kind(trained_ckpt) == "checkpoint"
+    assert artifact_kind(artifacts / "custom.onnx") == "onnx"
+    assert artifact_kind(artifacts / "custom.pt") == "torchscript"
+
+
+def test_eval_reports_every_format_and_summary_merges_them(artifacts, trained_ckpt, fashion_root, tmp_path, capsys):
+    import eval as eval_script
+
+    results = tmp_path / "results"
+    reports = {"pytorch": run_eval(trained_ckpt, fashion_root, results / "custom.json")}
+    for name in ("custom.onnx", "custom_fp16.onnx", "custom_int8.onnx", "custom.pt"):
+        doc = run_eval(artifacts / name, fashion_root, results / f"{name}.json")
+        reports[doc["format"]] = doc
+    assert set(reports) == {"pytorch", "onnx", "onnx-fp16", "onnx-int8", "torchscript"}
+    engines = {fmt: r["engine"] for fmt, r in reports.items()}
+    assert engines == {"pytorch": "pytorch", "onnx": "onnxruntime", "onnx-fp16": "onnxruntime", "onnx-int8": "onnxruntime",
+                       "torchscript": "torchscript"}
+    base = reports["pytorch"]
+    n = base["num_images"]
+    for r in reports.values():
+        assert r["num_images"] == n and r["classes"] == base["classes"] and sum(map(sum, r["confusion_matrix"])) == n
+        assert r["latency_ms"] > 0 and r["throughput_img_s"] > 0
+    # Same network, same pixels: FP32 ONNX and TorchScript classify exactly like PyTorch; FP16/INT8 nearly.
+    assert reports["onnx"]["confusion_matrix"] == base["confusion_matrix"]
+    assert reports["torchscript"]["confusion_matrix"] == base["confusion_matrix"]
+    assert abs(reports["onnx-fp16"]["acc1"] - base["acc1"]) <= 1 / n + 1e-9
+    assert abs(reports["onnx-int8"]["acc1"] - base["acc1"]) <= 0.02
+    assert reports["onnx-int8"]["size_mb"] < 0.4 * reports["onnx"]["size_mb"]
+    assert reports["onnx-fp16"]["precision"] == "fp16" and reports["onnx-int8"]["precision"] == "int8"
+    assert (results / "confusion_matrix.png").is_file() and (results / "confusion_matrix_onnx-int8.png").is_file()
+    capsys.readouterr()
+
+    assert eval_script.main(["--summary", str(results)]) == 0
+    table = capsys.readouterr().out
+    rows = [line for line in table.splitlines() if line.startswith("| custom |")]
+    assert len(rows) == 5 and (results / "summary.md").read_text() == table.rstrip("\n") + "\n"
+    onnx_row = next(r for r in rows if r.startswith("| custom | onnx |"))
+    assert f"{100 * reports['onnx']['acc1']:.2f}" in onnx_row
+
+
+def test_eval_rejects_unknown_files(tmp_path, fashion_root):
+    import eval as eval_script
+    from utils.preprocess import InputError
+
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(b"\x00" * 64)
+    with pytest.raises(InputError, match="neither an ONNX file"):
+        eval_script.main(["--weights", str(junk), "--data_root", str(fashion_root)])
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(InputError, match="not a checkpoint written by train.py"):
+        eval_script.main(["--weights", str(tmp_path / "other.pt"), "--data_root", str(fashion_root)])

@@ -1,0 +1,381 @@
+"""The fast data pipeline: the dataset held as one uint8 tensor, augmented in batches on the training device.
+
+Why: the PIL pipeline decodes, upsamples, rotates and normalises every image separately in DataLoader
+workers; on a CPU that costs more than the small network's training step. Here a batch of B images
+is augmented with ONE grid_sample call: each sample gets an affine matrix composing the train recipe of
+`utils.data.build_transform` (RandomResizedCrop(resize, scale 0.8-1, ratio 3/4-4/3) -> RandomRotation(15)
+-> RandomHorizontalFlip -> CenterCrop(img_size) -> Normalize). The crop, angle and flip are drawn from
+the same distributions as torchvision's (same rejection sampling for the crop), from torch's global RNG,
+which train.py seeds per epoch, so resumed runs repeat exactly. Pixels rotated in from outside the crop
+are black (0), as PIL's rotate fills them. The one difference: a single bilinear resampling instead of
+PIL's bilinear resize followed by a nearest-neighbour rotation.
+
+Validation equals the shared eval transform bit for bit: the val set is resized and centre-cropped once
+with the same PIL code (`utils.preprocess`), kept as uint8, and normalised per batch with the same float32
+operations.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import Sampler
+from tqdm import tqdm
+
+from utils.preprocess import InputError, Preprocess, center_crop, load_image, resize_shorter, to_model_mode
+
+PIPELINES = ("auto", "pil", "tensor")
+CROP_SCALE = (0.8, 1.0)
+CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+ROTATION_DEGREES = 15.0
+FLIP_PROBABILITY = 0.5
+MEMORY_FRACTION = 0.25  # auto uses the tensor pipeline when its tensors need at most this share of free RAM
+
+
+# ----------------------------------------------------------------------------- random parameters
+
+
+@dataclass
+class AugmentParams:
+    """Per-sample augmentation parameters, float64 on the CPU: crop box (top i, left j, height h, width w
+    in source pixels), rotation angle in degrees (counter-clockwise, as PIL) and horizontal flip."""
+
+    i: torch.Tensor
+    j: torch.Tensor
+    h: torch.Tensor
+    w: torch.Tensor
+    angle: torch.Tensor
+    flip: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.angle)
+
+
+def sample_crop_boxes(n: int, height: int, width: int, scale=CROP_SCALE, ratio=CROP_RATIO, attempts: int = 10,
+                      generator: torch.Generator | None = None) -> tuple[torch.Tensor, ...]:
+    """RandomResizedCrop.get_params for n samples at once: the same 10-attempt rejection sampling and fallback."""
+    area = height * width
+    target = area * torch.empty(n, attempts, dtype=torch.float64).uniform_(scale[0], scale[1], generator=generator)
+    log_ratio = torch.empty(n, attempts, dtype=torch.float64).uniform_(math.log(ratio[0]), math.log(ratio[1]),
+                                                                        generator=generator)
+    aspect = torch.exp(log_ratio)
+    w = torch.round(torch.sqrt(target * aspect))
+    h = torch.round(torch.sqrt(target / aspect))
+    ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = ok.to(torch.uint8).argmax(1, keepdim=True)  # index of the first accepted attempt
+    w, h = w.gather(1, first).squeeze(1), h.gather(1, first).squeeze(1)
+    u = torch.rand(n, 2, dtype=torch.float64, generator=generator)
+    i = torch.floor(u[:, 0] * (height - h + 1))
+    j = torch.floor(u[:, 1] * (width - w + 1))
+    # torchvision's fallback after 10 rejections: the central crop with the aspect ratio clamped into range
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        fw, fh = width, round(width / min(ratio))
+    elif in_ratio > max(ratio):
+        fw, fh = round(height * max(ratio)), height
+    else:
+        fw, fh = width, height
+    accepted = ok.any(1)
+    i = torch.where(accepted, i, torch.full_like(i, (height - fh) // 2))
+    j = torch.where(accepted, j, torch.full_like(j, (width - fw) // 2))
+    h = torch.where(accepted, h, torch.full_like(h, fh))
+    w = torch.where(accepted, w, torch.full_like(w, fw))
+    return i, j, h, w
+
+
+def sample_params(n: int, height: int, width: int, generator: torch.Generator | None = None) -> AugmentParams:
+    """Draw crop boxes, angles and flips for n images of height x width (torch's global RNG by default)."""
+    i, j, h, w = sample_crop_boxes(n, height, width, generator=generator)
+    angle = torch.empty(n, dtype=torch.float64).uniform_(-ROTATION_DEGREES, ROTATION_DEGREES, generator=generator)
+    flip = torch.rand(n, dtype=torch.float64, generator=generator) < FLIP_PROBABILITY
+    return AugmentParams(i, j, h, w, angle, flip)
+
+
+# ----------------------------------------------------------------------------- geometry
+
+
+def _translate(tx: torch.Tensor | float, ty: torch.Tensor | float, n: int) -> torch.Tensor:
+    m = torch.eye(3, dtype=torch.float64).repeat(n, 1, 1)
+    m[:, 0, 2], m[:, 1, 2] = tx, ty
+    return m
+
+
+def _scale(sx: float, sy: float, n: int) -> torch.Tensor:
+    m = torch.eye(3, dtype=torch.float64).repeat(n, 1, 1)
+    m[:, 0, 0], m[:, 1, 1] = sx, sy
+    return m
+
+
+def canvas_matrices(params: AugmentParams, resize: int, out_size: int) -> torch.Tensor:
+    """(B, 3, 3) maps from output coordinates to the resized crop ("canvas") before rotation and flip.
+
+    Both sides are normalised as affine_grid's align_corners=False (-1 and 1 are the outer pixel edges).
+    Working backwards from an output pixel: undo the centre crop (shift), undo the flip (mirror in x),
+    undo the rotation about the canvas centre.
+    """
+    n, r, s = len(params), float(resize), float(out_size)
+    offset = float(int(round((resize - out_size) / 2.0)))  # CenterCrop's top/left
+    out_to_pixels = _translate(s / 2, s / 2, n) @ _scale(s / 2, s / 2, n)
+    uncrop = _translate(offset, offset, n)
+    mirror = torch.eye(3, dtype=torch.float64).repeat(n, 1, 1)
+    mirror[params.flip, 0, 0] = -1.0
+    mirror[params.flip, 0, 2] = r
+    theta = torch.deg2rad(params.angle)
+    cos, sin = torch.cos(theta), torch.sin(theta)
+    rotation = torch.eye(3, dtype=torch.float64).repeat(n, 1, 1)
+    # image y points down, so PIL's counter-clockwise rotation maps output q to input c + [[cos, -sin], [sin, cos]](q - c)
+    rotation[:, 0, 0], rotation[:, 0, 1], rotation[:, 1, 0], rotation[:, 1, 1] = cos, -sin, sin, cos
+    unrotate = _translate(r / 2, r / 2, n) @ rotation @ _translate(-r / 2, -r / 2, n)
+    to_normalised = _translate(-1.0, -1.0, n) @ _scale(2 / r, 2 / r, n)
+    return to_normalised @ unrotate @ mirror @ uncrop @ out_to_pixels
+
+
+def source_matrices(params: AugmentParams, height: int, width: int, resize: int, out_size: int) -> torch.Tensor:
+    """(B, 3, 3) maps from normalised output coordinates to normalised source-image coordinates.
+
+    Canvas -> source is the resized crop: x_src = j + (x_canvas + 1) * w / 2 pixels, normalised by the source size.
+    """
+    n = len(params)
+    crop = torch.eye(3, dtype=torch.float64).repeat(n, 1, 1)
+    crop[:, 0, 0], crop[:, 0, 2] = params.w / width, (2 * params.j + params.w) / width - 1
+    crop[:, 1, 1], crop[:, 1, 2] = params.h / height, (2 * params.i + params.h) / height - 1
+    return crop @ canvas_matrices(params, resize, out_size)
+
+
+def sampling_grid(params: AugmentParams, height: int, width: int, pre: Preprocess,
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """grid_sample's (B, S, S, 2) grid and the (B, 1, S, S) mask of points inside the crop box.
+
+    Points outside the crop box are those PIL's rotate fills with black. Written with broadcasting
+    instead of F.affine_grid, whose batched matmul is several times slower on CPUs.
+    """
+    size = pre.img_size
+    m = source_matrices(params, height, width, pre.resize, size).to(device, torch.float32)
+    base = (torch.arange(size, device=device, dtype=torch.float32) * 2 + 1) / size - 1  # pixel centres in [-1, 1]
+    grid = torch.empty(len(params), size, size, 2, device=device, dtype=torch.float32)
+    box = torch.stack([2 * params.j / width - 1, 2 * (params.j + params.w) / width - 1,
+                       2 * params.i / height - 1, 2 * (params.i + params.h) / height - 1], 1)
+    box = box.to(device, torch.float32).view(-1, 4, 1, 1)
+    inside = None
+    for axis in (0, 1):
+        along_x = m[:, axis, 0].view(-1, 1, 1) * base.view(1, 1, size) + m[:, axis, 2].view(-1, 1, 1)
+        along_y = m[:, axis, 1].view(-1, 1, 1) * base.view(1, size, 1)
+        coord = torch.add(along_x, along_y, out=grid[..., axis])
+        axis_inside = (coord >= box[:, 2 * axis]) & (coord < box[:, 2 * axis + 1])
+        inside = axis_inside if inside is None else inside.logical_and_(axis_inside)
+    return grid, inside.unsqueeze(1)
+
+
+def augment_batch(images: torch.Tensor, params: AugmentParams, pre: Preprocess) -> torch.Tensor:
+    """uint8 (B, C, H, W) -> normalised float32 (B, pre.channels, img_size, img_size) on the images' device.
+
+    C may be 1 for a grayscale dataset with pre.channels == 3 (replicating the channel equals PIL's L->RGB).
+    """
+    height, width = images.shape[-2:]
+    device = images.device
+    grid, inside = sampling_grid(params, height, width, pre, device)
+    # border padding = edge replication, as PIL's resize of the crop does at its borders
+    out = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+    out.mul_(inside)
+    mean = torch.tensor(pre.mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    inv_std = 1.0 / torch.tensor(pre.std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    return torch.addcmul(-mean * inv_std, out, inv_std / 255.0)  # (B, 1, S, S) broadcasts to (B, channels, S, S)
+
+
+def normalize_batch(images: torch.Tensor, pre: Preprocess) -> torch.Tensor:
+    """uint8 (B, C, S, S) -> float32 with exactly the operations of utils.preprocess.normalize (bit-equal)."""
+    x = images.float() / torch.tensor(255.0, dtype=torch.float32, device=images.device)
+    if x.shape[1] != pre.channels:
+        x = x.expand(-1, pre.channels, -1, -1)
+    mean = torch.tensor(pre.mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+    std = torch.tensor(pre.std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+    return (x - mean) / std
+
+
+# ----------------------------------------------------------------------------- datasets as tensors
+
+
+def _dataset_kind(dataset) -> str:
+    data = getattr(dataset, "data", None)
+    if isinstance(data, torch.Tensor) and data.dtype == torch.uint8 and data.ndim in (3, 4):
+        return "tensor"  # torchvision's MNIST family: the whole split is already one uint8 tensor
+    if hasattr(dataset, "samples") and hasattr(dataset, "targets"):
+        return "folder"
+    return "other"
+
+
+def _folder_channels(dataset, pre: Preprocess) -> int:
+    return getattr(dataset, "channels", pre.channels)
+
+
+def train_tensor_bytes(dataset, pre: Preprocess) -> int | None:
+    """Bytes of the uint8 train tensor, or None when the images differ in size (no single tensor)."""
+    kind = _dataset_kind(dataset)
+    if kind == "tensor":
+        return dataset.data.numel()
+    if kind != "folder":
+        return None
+    sizes = set()
+    for path, _ in dataset.samples:
+        with Image.open(path) as img:
+            sizes.add(img.size)
+        if len(sizes) > 1:
+            return None
+    (w, h), = sizes
+    return len(dataset.samples) * _folder_channels(dataset, pre) * w * h
+
+
+def eval_tensor_bytes(dataset, pre: Preprocess) -> int:
+    channels = 1 if _dataset_kind(dataset) == "tensor" else _folder_channels(dataset, pre)
+    return len(dataset) * channels * pre.img_size * pre.img_size
+
+
+def available_memory() -> int:
+    """MemAvailable from /proc/meminfo (bytes); total physical memory elsewhere."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def choose_pipeline(choice: str, train_set, val_set, pre: Preprocess) -> tuple[str, str]:
+    """Resolve --data_pipeline: returns ("tensor" | "pil", reason shown to the user).
+
+    auto = tensor when the train images share one size and the train + val tensors fit in a quarter of the
+    free memory (Fashion-MNIST always does); otherwise pil.
+    """
+    if choice not in PIPELINES:
+        raise InputError(f"unknown --data_pipeline {choice!r}: choose from {', '.join(PIPELINES)}")
+    if choice == "pil":
+        return "pil", "--data_pipeline pil"
+    train_bytes = train_tensor_bytes(train_set, pre)
+    if train_bytes is None:
+        reason = "the train images differ in size (the tensor pipeline stores them as one tensor)"
+        if choice == "tensor":
+            raise InputError(f"--data_pipeline tensor: {reason}; resize them to one size or use --data_pipeline pil")
+        return "pil", reason
+    needed = train_bytes + eval_tensor_bytes(val_set, pre)
+    budget = int(available_memory() * MEMORY_FRACTION)
+    if choice == "auto" and needed > budget:
+        return "pil", f"the dataset as uint8 tensors needs {needed / 2**20:.0f} MiB, over the {budget / 2**20:.0f} MiB budget"
+    return "tensor", f"dataset held as uint8 tensors ({needed / 2**20:.0f} MiB), augmented in batches"
+
+
+def _load_folder(dataset, channels: int, transform=None, desc: str = "loading images") -> np.ndarray:
+    arrays = []
+    for path, _ in tqdm(dataset.samples, desc=desc, leave=False, disable=len(dataset.samples) < 2000):
+        img = load_image(path, channels)
+        arrays.append(np.asarray(transform(img) if transform else img, dtype=np.uint8))
+    stacked = np.stack(arrays)
+    return stacked[:, None] if stacked.ndim == 3 else stacked.transpose(0, 3, 1, 2)
+
+
+def train_images_tensor(dataset, pre: Preprocess) -> tuple[torch.Tensor, torch.Tensor]:
+    """The train split as (uint8 (N, C, H, W), int64 targets). Grayscale Fashion-MNIST keeps C = 1."""
+    kind = _dataset_kind(dataset)
+    if kind == "tensor":
+        data = dataset.data
+        images = data.unsqueeze(1) if data.ndim == 3 else data.permute(0, 3, 1, 2)
+        return images.contiguous(), torch.as_tensor(dataset.targets, dtype=torch.int64)
+    if kind == "folder":
+        images = _load_folder(dataset, _folder_channels(dataset, pre), desc="loading train images")
+        return torch.from_numpy(images), torch.as_tensor(dataset.targets, dtype=torch.int64)
+    raise InputError(f"--data_pipeline tensor does not support {type(dataset).__name__}: use --data_pipeline pil")
+
+
+def eval_images_tensor(dataset, pre: Preprocess) -> tuple[torch.Tensor, torch.Tensor]:
+    """The eval split resized and centre-cropped by the shared PIL code, as (uint8 (N, C, S, S), targets)."""
+
+    def resize_and_crop(img: Image.Image) -> Image.Image:
+        return center_crop(resize_shorter(img, pre.resize, pre.interpolation), pre.img_size)
+
+    kind = _dataset_kind(dataset)
+    if kind == "tensor":
+        data = dataset.data.numpy()
+        if data.ndim == 3:  # grayscale: resizing L equals resizing its RGB copy channel by channel
+            crops = np.stack([np.asarray(resize_and_crop(Image.fromarray(a, "L"))) for a in data])[:, None]
+        else:
+            crops = np.stack([np.asarray(resize_and_crop(to_model_mode(Image.fromarray(a), pre.channels)))
+                              for a in data])
+            crops = crops[:, None] if crops.ndim == 3 else crops.transpose(0, 3, 1, 2)
+        return torch.from_numpy(np.ascontiguousarray(crops)), torch.as_tensor(dataset.targets, dtype=torch.int64)
+    if kind == "folder":
+        crops = _load_folder(dataset, _folder_channels(dataset, pre), resize_and_crop, desc="preparing val images")
+        return torch.from_numpy(np.ascontiguousarray(crops)), torch.as_tensor(dataset.targets, dtype=torch.int64)
+    raise InputError(f"--data_pipeline tensor does not support {type(dataset).__name__}: use --data_pipeline pil")
+
+
+# ----------------------------------------------------------------------------- loaders
+
+
+class TensorTrainLoader:
+    """Batches of augmented images from a uint8 tensor; any index sampler (RandomSampler, DistributedSampler).
+
+    Behaves like a DataLoader for train_one_epoch: len() is the number of batches, iteration yields
+    (float32 images, int64 targets) on `device`. The sampler decides order and sharding, exactly as
+    with the PIL pipeline, so both pipelines visit the same images in the same order.
+    """
+
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor, pre: Preprocess, sampler: Sampler | list,
+                 batch_size: int, device: torch.device | str = "cpu", drop_last: bool = True):
+        if batch_size <= 0:
+            raise InputError(f"--batch_size must be > 0, got {batch_size}")
+        self.images, self.targets, self.pre, self.sampler = images, targets, pre, sampler
+        self.batch_size, self.device, self.drop_last = batch_size, torch.device(device), drop_last
+        if self.device.type == "cuda":
+            self.images = self.images.to(self.device)  # uint8 on the GPU: indexing there avoids host copies
+            self.targets = self.targets.to(self.device)
+
+    def __len__(self) -> int:
+        n = len(self.sampler)
+        return n // self.batch_size if self.drop_last else (n + self.batch_size - 1) // self.batch_size
+
+    def __iter__(self):
+        order = torch.as_tensor(list(self.sampler), dtype=torch.int64)
+        height, width = self.images.shape[-2:]
+        for b in range(len(self)):
+            index = order[b * self.batch_size:(b + 1) * self.batch_size]
+            params = sample_params(len(index), height, width)
+            index = index.to(self.images.device)
+            with torch.no_grad():
+                images = augment_batch(self.images[index].to(self.device, non_blocking=True), params, self.pre)
+            yield images, self.targets[index].to(self.device, non_blocking=True)
+
+
+class TensorEvalLoader:
+    """Batches of eval-transformed images (bit-equal to utils.preprocess.eval_transform) from a uint8 tensor."""
+
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor, pre: Preprocess, batch_size: int,
+                 device: torch.device | str = "cpu", indices: list[int] | Sampler | None = None):
+        self.images, self.targets, self.pre, self.batch_size = images, targets, pre, batch_size
+        self.device = torch.device(device)
+        self.indices = torch.as_tensor(list(indices) if indices is not None else range(len(images)), dtype=torch.int64)
+
+    def __len__(self) -> int:
+        return (len(self.indices) + self.batch_size - 1) // self.batch_size
+
+    def __iter__(self):
+        for b in range(len(self)):
+            index = self.indices[b * self.batch_size:(b + 1) * self.batch_size]
+            images = normalize_batch(self.images[index].to(self.device, non_blocking=True), self.pre)
+            yield images, self.targets[index].to(self.device, non_blocking=True)
+
+
+def build_tensor_loaders(train_set, val_set, pre: Preprocess, sampler: Sampler, batch_size: int, eval_batch_size: int,
+                         device: torch.device, drop_last: bool, val_indices=None) -> tuple[TensorTrainLoader, TensorEvalLoader]:
+    """Train and val loaders of the tensor pipeline for datasets built by utils.data.build_datasets."""
+    images, targets = train_images_tensor(train_set, pre)
+    train_loader = TensorTrainLoader(images, targets, pre, sampler, batch_size, device, drop_last)
+    val_images, val_targets = eval_images_tensor(val_set, pre)
+    val_loader = TensorEvalLoader(val_images, val_targets, pre, eval_batch_size, device, val_indices)
+    return train_loader, val_loader
