@@ -13,7 +13,7 @@ Modes (--backend picks onnx, pytorch or both):
            are upcast to FP32 and ONNX Runtime's CPU provider runs FP16 nodes through inserted casts, so a CPU
            run measures the effect of FP16 rounding of the weights, not FP16 arithmetic (the table says which).
   int8     static post-training quantization calibrated on --calib_batches batches of training images.
-           onnx: onnxruntime quantize_static, QDQ format, per-channel int8 weights, int8 activations, on the
+           onnx: onnxruntime quantize_static, QDQ format, per-channel int8 weights, uint8 activations, on the
            exported FP32 ONNX -> converted_models/<model>_int8.onnx. pytorch: torch.ao FX graph mode, x86
            (fbgemm) backend -> converted_models/<model>_int8_fx.pt (TorchScript, CPU only); works for all
            registry models (custom, resnet*, mobilenet_v2/v3, efficientnet_b0), others are skipped with the reason.
@@ -142,7 +142,7 @@ def main(argv=None) -> int:
             fp32 = fresh_fp32_onnx(out_dir / f"{name}.onnx", args.weights, model, info, print)
             measure(fp32, "FP32 ONNX")
             path = Path(args.output) if args.output else out_dir / f"{name}_int8.onnx"
-            note = f"onnxruntime quantize_static QDQ, per-channel int8 weights, int8 activations, MinMax on {len(batches)} batches"
+            note = f"onnxruntime quantize_static QDQ, per-channel int8 weights, uint8 activations, MinMax on {len(batches)} batches"
             quantize_onnx_int8(fp32, path, batches, {"precision": "int8", "quantization": note})
             measure(path, note)
         if torch_on:
