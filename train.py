@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from models import MODEL_NAMES, build_model, model_kwargs
 from models.norm import NORM_TYPES
 from utils import cli
+from utils.augment import AUGMENT_CHOICES, resolve_augment
 from utils.checkpoint import atomic_save, atomic_write_text, load_checkpoint, rng_state, set_rng_state
 from utils.data import DataSpec, build_datasets
 from utils.distributed import barrier, cleanup, init_distributed, is_main_process
@@ -52,6 +53,11 @@ def parse_args(argv=None):
                    help="crop size fed to the network; eval resizes to img_size*256/224 then centre-crops")
     p.add_argument("--small_input", default="auto", choices=["auto", "on", "off"],
                    help="stride-1 stem (ResNet: 3x3 conv, no max-pool) for small images; auto = on when img_size <= 64")
+    p.add_argument("--augment", default="auto", choices=AUGMENT_CHOICES,
+                   help="training augmentation: seed = RandomResizedCrop(scale 0.8-1) + RandomRotation(15) + flip (the "
+                        "seed's recipe); light = flip only; none; auto = seed above 64 px, light at native sizes <= 64 px")
+    p.add_argument("--random_erasing", type=float, default=0.0, metavar="P",
+                   help="RandomErasing probability added to the policy (timm's --reprob; 0 = off)")
     cli.add_data_args(p)
     p.add_argument("--wp_epoch", type=int, default=1, help="warm-up epochs (LR rises linearly per iteration)")
     p.add_argument("--start_epoch", type=int, default=None,
@@ -59,7 +65,8 @@ def parse_args(argv=None):
     p.add_argument("--max_epoch", type=cli.positive(), default=10, help="total number of epochs")
     p.add_argument("--eval_epoch", type=cli.positive(), default=1, help="validate every N epochs (and after the last)")
     p.add_argument("--optimizer", default="adamw", choices=["sgd", "adam", "adamw"], help="optimizer")
-    p.add_argument("--base_lr", type=cli.positive(float), default=1e-3, help="peak learning rate after warm-up")
+    p.add_argument("--base_lr", type=cli.positive(float), default=3e-3,
+                   help="peak learning rate after warm-up (3e-3 suits AdamW at batch 64-256; for SGD try 0.1)")
     p.add_argument("--min_lr", type=float, default=1e-6, help="learning rate at the end of the cosine decay")
     p.add_argument("--weight_decay", type=float, default=5e-2, help="weight decay (not applied to biases and norm layers)")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (beta1 for Adam/AdamW)")
@@ -133,7 +140,8 @@ def main(argv=None) -> int:
     ckpt = load_checkpoint(args.resume) if args.resume else None
     if ckpt is not None and ckpt["model_name"] != args.model:
         raise InputError(f"--resume checkpoint was trained as {ckpt['model_name']!r} but --model is {args.model!r}")
-    train_set, val_set, classes = build_datasets(spec, pre)
+    augment = resolve_augment(args.augment, args.img_size, args.random_erasing)
+    train_set, val_set, classes = build_datasets(spec, pre, augment=augment)
     num_classes = len(classes)
 
     if world > 1:
@@ -147,7 +155,8 @@ def main(argv=None) -> int:
     pipeline, pipeline_reason = choose_pipeline(args.data_pipeline, train_set, val_set, pre)
     if pipeline == "tensor":
         train_loader, val_loader = build_tensor_loaders(train_set, val_set, pre, sampler, args.batch_size, args.batch_size * 2,
-                                                        device, per_rank > args.batch_size, ShardSampler(len(val_set), rank, world))
+                                                        device, per_rank > args.batch_size, ShardSampler(len(val_set), rank, world),
+                                                        augment)
     else:
         train_loader = DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
                                   pin_memory=pin, drop_last=per_rank > args.batch_size,
@@ -212,7 +221,7 @@ def main(argv=None) -> int:
     def checkpoint(epoch: int) -> dict:
         return {
             "model_name": args.model, "num_classes": num_classes, "classes": classes,
-            "preprocess": pre.to_dict(), "model_kwargs": kwargs, "epoch": epoch,
+            "preprocess": pre.to_dict(), "model_kwargs": kwargs, "augment": augment.to_dict(), "epoch": epoch,
             "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
             "ema": ema.state_dict() if ema is not None else None, "best_acc1": best_acc1,
@@ -223,7 +232,8 @@ def main(argv=None) -> int:
     if main_proc:
         print(f"{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params, "
               f"{len(train_set)} train / {len(val_set)} val images, {num_classes} classes, device {device}"
-              + (f", {world} processes" if world > 1 else "") + f"\ndata pipeline: {pipeline} ({pipeline_reason})")
+              + (f", {world} processes" if world > 1 else "") + f"\ndata pipeline: {pipeline} ({pipeline_reason})"
+              f"\naugmentation: {augment.describe()}")
 
     epoch = start_epoch
     finished = start_epoch - 1  # the last epoch whose end-of-epoch last.pth is on disk

@@ -14,6 +14,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from torchvision.transforms import InterpolationMode
 
+from utils.augment import resolve_augment
 from utils.data import CheckedImageFolder, DataSpec, EvalTransform, build_datasets, build_transform, fashion_mnist
 from utils.preprocess import InputError, Preprocess
 from utils.tensor_pipeline import (
@@ -25,6 +26,7 @@ from utils.tensor_pipeline import (
     choose_pipeline,
     eval_images_tensor,
     sample_crop_boxes,
+    sample_erase_boxes,
     sample_params,
     train_images_tensor,
 )
@@ -96,11 +98,13 @@ def test_affine_equals_pil_ops_for_fixed_parameters(img_size):
         assert ((wrong - ref).abs().mean() * pixel_scale).item() > 3 * error + 0.02
 
 
-def test_augmented_images_have_pil_pipeline_statistics():
+@pytest.mark.parametrize("policy, erasing", [("seed", 0.0), ("light", 0.0), ("light", 0.5)])
+def test_augmented_images_have_pil_pipeline_statistics(policy, erasing):
     """Per-image mean/std and the mean image agree with the PIL recipe as closely as two PIL runs agree."""
     images, _ = synthetic_fashion_images(300, 3)
     pre = Preprocess.for_size(28)
-    pil_transform = build_transform(pre, train=True)
+    augment = resolve_augment(policy, 28, erasing)
+    pil_transform = build_transform(pre, train=True, augment=augment)
 
     def pil_run(seed: int) -> torch.Tensor:
         torch.manual_seed(seed)
@@ -108,13 +112,64 @@ def test_augmented_images_have_pil_pipeline_statistics():
 
     pil_a, pil_b = pil_run(0), pil_run(1)
     torch.manual_seed(2)
-    ours = augment_batch(torch.from_numpy(images)[:, None], sample_params(len(images), 28, 28), pre)
+    ours = augment_batch(torch.from_numpy(images)[:, None], sample_params(len(images), 28, 28, augment=augment, out_size=28), pre)
     assert ours.shape == pil_a.shape == (300, 3, 28, 28)
     for stat in (lambda x: x.mean((1, 2, 3)), lambda x: x.std((1, 2, 3))):
         noise = abs(stat(pil_a).mean() - stat(pil_b).mean()).item()
         assert abs(stat(ours).mean() - stat(pil_a).mean()).item() < 3 * noise + 0.005
     noise = (pil_a.mean(0) - pil_b.mean(0)).abs().mean().item()
-    assert (ours.mean(0) - pil_a.mean(0)).abs().mean().item() < 1.5 * noise
+    assert (ours.mean(0) - pil_a.mean(0)).abs().mean().item() < 1.5 * noise + 0.002
+
+
+def test_policies_resolve_and_describe():
+    assert resolve_augment("auto", 28).name == "light" and resolve_augment("auto", 64).name == "light"
+    assert resolve_augment("auto", 224).name == "seed" and resolve_augment("auto", 65).name == "seed"
+    seed = resolve_augment("seed", 28)
+    assert (seed.crop_scale, seed.rotation, seed.flip, seed.erasing) == ((0.8, 1.0), 15.0, 0.5, 0.0)
+    assert resolve_augment("none", 28, 0.25).describe() == "none: RandomErasing(p=0.25)"
+    assert "RandomRotation(15)" in seed.describe()
+    for bad in (("flips", 0.0), ("light", 1.5)):
+        with pytest.raises(InputError):
+            resolve_augment(bad[0], 28, bad[1])
+
+
+def test_no_augmentation_equals_the_eval_transform():
+    """Policy none: the PIL train transform IS the eval transform; the tensor pipeline's single bilinear
+    resampling matches PIL's resize + centre crop to within rounding (non-square RGB too)."""
+    rng = np.random.default_rng(5)
+    pre = Preprocess.for_size(28)
+    none = resolve_augment("none", 28)
+    pil_train, pil_eval = build_transform(pre, True, none), EvalTransform(pre)
+    for shape in ((28, 28), (24, 36)):
+        array = rng.integers(0, 256, size=(*shape, 3), dtype=np.uint8)
+        array = (array.astype(np.float64) * 0.3 + 120).astype(np.uint8)  # smooth-ish: bilinear variants agree closely
+        img = Image.fromarray(array, "RGB")
+        expected = pil_eval(img)
+        assert torch.equal(pil_train(img), expected)
+        tensor = torch.from_numpy(array).permute(2, 0, 1)[None]
+        ours = augment_batch(tensor, sample_params(1, *shape, augment=none, out_size=28), pre)[0]
+        assert (ours - expected).abs().mean().item() * 0.226 < 0.01
+
+
+def test_random_erasing_boxes_follow_torchvision():
+    """Erased-area fraction and the probability of erasing match torchvision's RandomErasing(value=0)."""
+    n, size = 4000, 28
+    torch.manual_seed(0)
+    eraser = T.RandomErasing(p=0.5, value=0)
+    ones = torch.ones(1, size, size)
+    ref = torch.stack([(eraser(ones) == 0).double().mean() for _ in range(n)])
+    boxes = sample_erase_boxes(n, size, 0.5)
+    ours = boxes[:, 2] * boxes[:, 3] / size**2
+    assert abs((ours > 0).double().mean() - (ref > 0).double().mean()).item() < 0.04
+    assert abs(ours.mean() - ref.mean()).item() < 0.01
+    assert ((boxes[:, 0] + boxes[:, 2] <= size) & (boxes[:, 1] + boxes[:, 3] <= size)).all()
+    # the batch really zeroes exactly the box (value 0 after Normalize)
+    pre = Preprocess.for_size(28)
+    params = sample_params(1, 28, 28, augment=resolve_augment("none", 28, 1.0), out_size=28)
+    params.erase = torch.tensor([[3.0, 5.0, 10.0, 7.0]], dtype=torch.float64)
+    out = augment_batch(torch.full((1, 1, 28, 28), 200, dtype=torch.uint8), params, pre)[0]
+    zero = out == 0
+    assert zero[:, 3:13, 5:12].all() and zero.sum().item() == 3 * 10 * 7
 
 
 @pytest.mark.parametrize("img_size", [28, 40])

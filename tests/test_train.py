@@ -14,7 +14,7 @@ import train
 from models import build_model
 from utils.data import FASHION_MNIST_CLASSES
 
-CKPT_KEYS = {"model_name", "num_classes", "classes", "preprocess", "model_kwargs", "epoch", "model", "optimizer", "scaler",
+CKPT_KEYS = {"model_name", "num_classes", "classes", "preprocess", "model_kwargs", "augment", "epoch", "model", "optimizer", "scaler",
              "ema", "best_acc1", "step", "history", "args", "rng", "torch_version"}
 RUN_FILES = {"best.pth", "last.pth", "classes.txt", "args.json", "results.csv", "results.png"}
 
@@ -65,6 +65,8 @@ def test_checkpoints_load_with_weights_only_and_hold_every_key(trained_run):
         assert ckpt["preprocess"]["img_size"] == 28 and ckpt["preprocess"]["resize"] == 32
         assert ckpt["model_kwargs"] == {"img_size": 28, "norm_type": "BN", "in_channels": 3, "small_input": True}
         assert ckpt["ema"] is None and ckpt["scaler"] is None
+        # --augment auto at 28 px resolves to flips only, recorded with the resolved parameters
+        assert ckpt["augment"] == {"name": "light", "crop_scale": None, "rotation": 0.0, "flip": 0.5, "erasing": 0.0}
         assert set(ckpt["rng"]) >= {"torch", "python", "numpy"}
         assert ckpt["torch_version"] == str(torch.__version__)
     val_acc = [float(r["val_acc1"]) for r in rows]

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from torchvision import datasets, transforms
 
+from utils.augment import Augment, resolve_augment
 from utils.preprocess import IMAGE_EXTENSIONS, InputError, Preprocess, eval_transform, load_image
 
 FASHION_MNIST_FILES = (
@@ -46,19 +47,25 @@ class EvalTransform:
         return torch.from_numpy(eval_transform(img, self.pre))
 
 
-def build_transform(pre: Preprocess, train: bool) -> transforms.Compose | EvalTransform:
-    """The seed's recipe scaled to `pre.img_size`; eval uses the one shared eval transform."""
+def build_transform(pre: Preprocess, train: bool, augment: Augment | None = None) -> transforms.Compose | EvalTransform:
+    """Train: the augmentation policy (default: --augment auto) scaled to `pre.img_size`, as per-image PIL
+    transforms. Eval: the one shared eval transform."""
     if not train:
         return EvalTransform(pre)
-    return transforms.Compose([
-        ConvertMode(pre.channels),
-        transforms.RandomResizedCrop(pre.resize, scale=(0.8, 1.0)),
-        transforms.RandomRotation(15),
-        transforms.RandomHorizontalFlip(),
-        transforms.CenterCrop(pre.img_size),
-        transforms.ToTensor(),
-        transforms.Normalize(pre.mean, pre.std),
-    ])
+    augment = augment or resolve_augment("auto", pre.img_size)
+    steps = [ConvertMode(pre.channels)]
+    if augment.crop_scale:
+        steps.append(transforms.RandomResizedCrop(pre.resize, scale=augment.crop_scale))
+    else:
+        steps.append(transforms.Resize(pre.resize))
+    if augment.rotation:
+        steps.append(transforms.RandomRotation(augment.rotation))
+    if augment.flip:
+        steps.append(transforms.RandomHorizontalFlip(augment.flip))
+    steps += [transforms.CenterCrop(pre.img_size), transforms.ToTensor(), transforms.Normalize(pre.mean, pre.std)]
+    if augment.erasing:
+        steps.append(transforms.RandomErasing(augment.erasing, value=0))
+    return transforms.Compose(steps)
 
 
 # ----------------------------------------------------------------------------- Fashion-MNIST
@@ -184,9 +191,9 @@ class DataSpec:
         return "FashionMNIST" if not self.dataset else Path(self.dataset).resolve().name
 
 
-def build_datasets(spec: DataSpec, pre: Preprocess, verify: bool = True):
+def build_datasets(spec: DataSpec, pre: Preprocess, verify: bool = True, augment: Augment | None = None):
     """Train and validation datasets plus class names. Validation uses the shared eval transform."""
-    train_tf, val_tf = build_transform(pre, train=True), build_transform(pre, train=False)
+    train_tf, val_tf = build_transform(pre, train=True, augment=augment), build_transform(pre, train=False)
     if not spec.dataset:
         return (fashion_mnist(spec.data_root, True, train_tf), fashion_mnist(spec.data_root, False, val_tf),
                 list(FASHION_MNIST_CLASSES))

@@ -3,12 +3,13 @@
 Why: the PIL pipeline decodes, upsamples, rotates and normalises every image separately in DataLoader
 workers; on a CPU that costs more than the small network's training step. Here a batch of B images
 is augmented with ONE grid_sample call: each sample gets an affine matrix composing the train recipe of
-`utils.data.build_transform` (RandomResizedCrop(resize, scale 0.8-1, ratio 3/4-4/3) -> RandomRotation(15)
--> RandomHorizontalFlip -> CenterCrop(img_size) -> Normalize). The crop, angle and flip are drawn from
-the same distributions as torchvision's (same rejection sampling for the crop), from torch's global RNG,
-which train.py seeds per epoch, so resumed runs repeat exactly. Pixels rotated in from outside the crop
-are black (0), as PIL's rotate fills them. The one difference: a single bilinear resampling instead of
-PIL's bilinear resize followed by a nearest-neighbour rotation.
+`utils.data.build_transform` for the chosen `utils.augment.Augment` policy (the seed's: RandomResizedCrop(resize,
+scale 0.8-1, ratio 3/4-4/3) -> RandomRotation(15) -> RandomHorizontalFlip -> CenterCrop(img_size) -> Normalize;
+without a random crop the box is the image's central square, which equals Resize(shorter side) -> CenterCrop).
+The crop, angle, flip and erased box are drawn from the same distributions as torchvision's (same rejection
+sampling), from torch's global RNG, which train.py seeds per epoch, so resumed runs repeat exactly. Pixels
+rotated in from outside the crop are black (0), as PIL's rotate fills them. The one difference: a single
+bilinear resampling instead of PIL's bilinear resize followed by a nearest-neighbour rotation.
 
 Validation equals the shared eval transform bit for bit: the val set is resized and centre-cropped once
 with the same PIL code (`utils.preprocess`), kept as uint8, and normalised per batch with the same float32
@@ -28,13 +29,15 @@ from PIL import Image
 from torch.utils.data import Sampler
 from tqdm import tqdm
 
+from utils.augment import Augment, resolve_augment
 from utils.preprocess import InputError, Preprocess, center_crop, load_image, resize_shorter, to_model_mode
 
 PIPELINES = ("auto", "pil", "tensor")
 CROP_SCALE = (0.8, 1.0)
 CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
-ROTATION_DEGREES = 15.0
-FLIP_PROBABILITY = 0.5
+ERASE_SCALE = (0.02, 0.33)  # torchvision RandomErasing defaults
+ERASE_RATIO = (0.3, 3.3)
+SEED_AUGMENT = resolve_augment("seed", 224)
 MEMORY_FRACTION = 0.25  # auto uses the tensor pipeline when its tensors need at most this share of free RAM
 
 
@@ -44,7 +47,8 @@ MEMORY_FRACTION = 0.25  # auto uses the tensor pipeline when its tensors need at
 @dataclass
 class AugmentParams:
     """Per-sample augmentation parameters, float64 on the CPU: crop box (top i, left j, height h, width w
-    in source pixels), rotation angle in degrees (counter-clockwise, as PIL) and horizontal flip."""
+    in source pixels), rotation angle in degrees (counter-clockwise, as PIL), horizontal flip, and the
+    erased box in output pixels ((n, 4): top, left, height, width; height 0 = nothing erased)."""
 
     i: torch.Tensor
     j: torch.Tensor
@@ -52,6 +56,7 @@ class AugmentParams:
     w: torch.Tensor
     angle: torch.Tensor
     flip: torch.Tensor
+    erase: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.angle)
@@ -89,12 +94,49 @@ def sample_crop_boxes(n: int, height: int, width: int, scale=CROP_SCALE, ratio=C
     return i, j, h, w
 
 
-def sample_params(n: int, height: int, width: int, generator: torch.Generator | None = None) -> AugmentParams:
-    """Draw crop boxes, angles and flips for n images of height x width (torch's global RNG by default)."""
-    i, j, h, w = sample_crop_boxes(n, height, width, generator=generator)
-    angle = torch.empty(n, dtype=torch.float64).uniform_(-ROTATION_DEGREES, ROTATION_DEGREES, generator=generator)
-    flip = torch.rand(n, dtype=torch.float64, generator=generator) < FLIP_PROBABILITY
-    return AugmentParams(i, j, h, w, angle, flip)
+def sample_erase_boxes(n: int, size: int, probability: float, scale=ERASE_SCALE, ratio=ERASE_RATIO, attempts: int = 10,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+    """RandomErasing.get_params for n size x size images: (n, 4) boxes (top, left, height, width), height 0 when
+    the coin says no or, as in torchvision, none of the 10 attempts fits."""
+    area = size * size
+    target = area * torch.empty(n, attempts, dtype=torch.float64).uniform_(scale[0], scale[1], generator=generator)
+    log_ratio = torch.empty(n, attempts, dtype=torch.float64).uniform_(math.log(ratio[0]), math.log(ratio[1]),
+                                                                        generator=generator)
+    aspect = torch.exp(log_ratio)
+    h = torch.round(torch.sqrt(target * aspect))
+    w = torch.round(torch.sqrt(target / aspect))
+    ok = (h < size) & (w < size)
+    first = ok.to(torch.uint8).argmax(1, keepdim=True)
+    h, w = h.gather(1, first).squeeze(1), w.gather(1, first).squeeze(1)
+    u = torch.rand(n, 3, dtype=torch.float64, generator=generator)
+    chosen = ok.any(1) & (u[:, 2] < probability)
+    i, j = torch.floor(u[:, 0] * (size - h + 1)), torch.floor(u[:, 1] * (size - w + 1))
+    zero = torch.zeros_like(h)
+    return torch.stack([torch.where(chosen, i, zero), torch.where(chosen, j, zero),
+                        torch.where(chosen, h, zero), torch.where(chosen, w, zero)], 1)
+
+
+def sample_params(n: int, height: int, width: int, generator: torch.Generator | None = None,
+                  augment: Augment = SEED_AUGMENT, out_size: int | None = None) -> AugmentParams:
+    """Draw the policy's crop boxes, angles, flips (and erased boxes in out_size x out_size outputs) for n images
+    of height x width, from torch's global RNG by default."""
+    if augment.crop_scale:
+        i, j, h, w = sample_crop_boxes(n, height, width, scale=augment.crop_scale, generator=generator)
+    else:  # no random crop: the central square, i.e. Resize(shorter side) -> CenterCrop
+        side = min(height, width)
+        i = torch.full((n,), float((height - side) // 2), dtype=torch.float64)
+        j = torch.full((n,), float((width - side) // 2), dtype=torch.float64)
+        h = w = torch.full((n,), float(side), dtype=torch.float64)
+    angle = torch.zeros(n, dtype=torch.float64)
+    if augment.rotation:
+        angle.uniform_(-augment.rotation, augment.rotation, generator=generator)
+    flip = torch.rand(n, dtype=torch.float64, generator=generator) < augment.flip
+    erase = None
+    if augment.erasing:
+        if out_size is None:
+            raise ValueError("random erasing needs out_size")
+        erase = sample_erase_boxes(n, out_size, augment.erasing, generator=generator)
+    return AugmentParams(i, j, h, w, angle, flip, erase)
 
 
 # ----------------------------------------------------------------------------- geometry
@@ -185,7 +227,14 @@ def augment_batch(images: torch.Tensor, params: AugmentParams, pre: Preprocess) 
     out.mul_(inside)
     mean = torch.tensor(pre.mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
     inv_std = 1.0 / torch.tensor(pre.std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-    return torch.addcmul(-mean * inv_std, out, inv_std / 255.0)  # (B, 1, S, S) broadcasts to (B, channels, S, S)
+    out = torch.addcmul(-mean * inv_std, out, inv_std / 255.0)  # (B, 1, S, S) broadcasts to (B, channels, S, S)
+    if params.erase is not None:  # RandomErasing(value=0) after Normalize, as torchvision's transform order has it
+        box = params.erase.to(device, torch.float32)
+        pixels = torch.arange(pre.img_size, device=device, dtype=torch.float32)
+        rows = (pixels >= box[:, 0:1]) & (pixels < box[:, 0:1] + box[:, 2:3])
+        cols = (pixels >= box[:, 1:2]) & (pixels < box[:, 1:2] + box[:, 3:4])
+        out.masked_fill_((rows[:, :, None] & cols[:, None, :]).unsqueeze(1), 0.0)
+    return out
 
 
 def normalize_batch(images: torch.Tensor, pre: Preprocess) -> torch.Tensor:
@@ -327,10 +376,11 @@ class TensorTrainLoader:
     """
 
     def __init__(self, images: torch.Tensor, targets: torch.Tensor, pre: Preprocess, sampler: Sampler | list,
-                 batch_size: int, device: torch.device | str = "cpu", drop_last: bool = True):
+                 batch_size: int, device: torch.device | str = "cpu", drop_last: bool = True, augment: Augment | None = None):
         if batch_size <= 0:
             raise InputError(f"--batch_size must be > 0, got {batch_size}")
         self.images, self.targets, self.pre, self.sampler = images, targets, pre, sampler
+        self.augment = augment or resolve_augment("auto", pre.img_size)
         self.batch_size, self.device, self.drop_last = batch_size, torch.device(device), drop_last
         if self.device.type == "cuda":
             self.images = self.images.to(self.device)  # uint8 on the GPU: indexing there avoids host copies
@@ -345,7 +395,7 @@ class TensorTrainLoader:
         height, width = self.images.shape[-2:]
         for b in range(len(self)):
             index = order[b * self.batch_size:(b + 1) * self.batch_size]
-            params = sample_params(len(index), height, width)
+            params = sample_params(len(index), height, width, augment=self.augment, out_size=self.pre.img_size)
             index = index.to(self.images.device)
             with torch.no_grad():
                 images = augment_batch(self.images[index].to(self.device, non_blocking=True), params, self.pre)
@@ -372,10 +422,11 @@ class TensorEvalLoader:
 
 
 def build_tensor_loaders(train_set, val_set, pre: Preprocess, sampler: Sampler, batch_size: int, eval_batch_size: int,
-                         device: torch.device, drop_last: bool, val_indices=None) -> tuple[TensorTrainLoader, TensorEvalLoader]:
+                         device: torch.device, drop_last: bool, val_indices=None,
+                         augment: Augment | None = None) -> tuple[TensorTrainLoader, TensorEvalLoader]:
     """Train and val loaders of the tensor pipeline for datasets built by utils.data.build_datasets."""
     images, targets = train_images_tensor(train_set, pre)
-    train_loader = TensorTrainLoader(images, targets, pre, sampler, batch_size, device, drop_last)
+    train_loader = TensorTrainLoader(images, targets, pre, sampler, batch_size, device, drop_last, augment)
     val_images, val_targets = eval_images_tensor(val_set, pre)
     val_loader = TensorEvalLoader(val_images, val_targets, pre, eval_batch_size, device, val_indices)
     return train_loader, val_loader
