@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 
 from utils import cli
 from utils.checkpoint import atomic_write_text
+from utils.complexity import registry_macs
 from utils.data import DataSpec, build_eval_dataset
 from utils.engine import per_class_accuracy
 from utils.export import evaluate_loaded, load_for_eval
@@ -115,6 +116,8 @@ def main(argv=None) -> int:
         "per_class_acc": per_class_accuracy(stats["confusion_matrix"], classes),
         "confusion_matrix": stats["confusion_matrix"].tolist(), "classes": classes,
         "params": loaded.params, "size_mb": loaded.size_mb, "img_size": pre.img_size, **loaded.extra,
+        # MACs per image of the convolutions and matrix products (FlopCounterMode FLOPs / 2; FLOPs = 2 x MACs)
+        "macs": registry_macs(name, len(classes), info.get("model_kwargs"), pre.img_size, pre.channels),
     }
     for key in ("latency_ms", "throughput_img_s", "speed_batch_size"):
         if key in stats:
@@ -129,6 +132,7 @@ def main(argv=None) -> int:
     print(f"{name} [{loaded.format}, {loaded.compute}] on {spec.name}/{split} ({stats['num_images']} images): "
           f"acc@1 {stats['acc1']:.4f}  acc@5 {stats['acc5']:.4f}  loss {stats['loss']:.4f}")
     params = f"params {loaded.params / 1e6:.3f} M  " if loaded.params else ""
+    params += f"{report['macs'] / 1e6:.1f} MMACs/image  " if report["macs"] else ""
     print(f"{params}size {loaded.size_mb:.2f} MB"
           + (f"  latency {report['latency_ms']:.2f} ms (batch 1)  throughput {report['throughput_img_s']:.0f} img/s "
              f"(batch {report['speed_batch_size']}) on {loaded.device}" if "latency_ms" in report else ""))

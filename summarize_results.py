@@ -7,7 +7,8 @@ Examples:
 Table 1 has one row per eval.py report (results/*.json: checkpoints, FP16 checkpoints, ONNX, TorchScript,
 INT8), so accuracy, size and speed of every model and format sit side by side. Table 2 lists the
 quantization runs (results/quantization/*.json written by quantize.py). Sizes are MB (10^6 bytes):
-weights as stored for checkpoints, file size for exported artifacts.
+weights as stored for checkpoints, file size for exported artifacts. MMACs: millions of multiply-accumulates per
+image in convolutions and matrix products (FlopCounterMode; FLOPs = 2 x MACs).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from utils import cli
 from utils.checkpoint import atomic_write_text
 from utils.preprocess import InputError
 
-EVAL_COLUMNS = ("model", "format", "compute", "dataset", "img", "params (M)", "size (MB)", "acc@1 (%)", "acc@5 (%)",
+EVAL_COLUMNS = ("model", "format", "compute", "dataset", "img", "params (M)", "MMACs", "size (MB)", "acc@1 (%)", "acc@5 (%)",
                 "latency (ms, batch 1)", "throughput (img/s)", "device", "report")
 QUANT_COLUMNS = ("model", "format", "compute", "size (MB)", "acc@1 (%)", "acc@5 (%)", "latency (ms, batch 1)",
                  "throughput (img/s)", "report")
@@ -69,6 +70,7 @@ def summary_markdown(results_dir: Path) -> str:
         for path, r in sorted(evals, key=lambda pr: (pr[1]["model"], pr[1].get("format", "pytorch"))):
             rows.append([r["model"], r.get("format", "pytorch"), r.get("compute", ""), f"{r.get('dataset', '')}/{r.get('split', '')}",
                          r.get("img_size", ""), _num(r["params"] / 1e6 if r.get("params") else None, ".3f"),
+                         _num(r["macs"] / 1e6 if r.get("macs") else None, ".1f"),
                          _num(r.get("size_mb"), ".2f"), _pct(r["acc1"]), _pct(r["acc5"]), _num(r.get("latency_ms"), ".2f"),
                          _num(r.get("throughput_img_s"), ".0f"), r.get("device", ""), path.name])
         parts += ["", "## Accuracy, size and speed per model and format (eval.py)", "", markdown_table(EVAL_COLUMNS, rows)]

@@ -18,7 +18,7 @@ from utils.data import FASHION_MNIST_CLASSES
 from utils.preprocess import InputError
 
 REPORT_KEYS = {"model", "format", "engine", "weights", "dataset", "split", "num_images", "loss", "acc1", "acc5",
-               "per_class_acc", "confusion_matrix", "classes", "params", "size_mb", "img_size", "latency_ms",
+               "per_class_acc", "confusion_matrix", "classes", "params", "macs", "size_mb", "img_size", "latency_ms",
                "throughput_img_s", "speed_batch_size", "device", "torch"}
 
 
@@ -55,6 +55,8 @@ def test_eval_report_keys_and_values(tmp_path, trained_ckpt, fashion_root):
     params = sum(p.numel() for p in model.parameters())
     stored = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     assert report["params"] == params == 173_978
+    # conv MACs by hand: 28*28*16*3*9 + 14*14*32*16*9 + 7*7*64*32*9, plus the two Linear layers 576*256 + 256*10
+    assert report["macs"] == 338_688 + 903_168 + 903_168 + 147_456 + 2_560
     assert report["size_mb"] == pytest.approx(stored / 1e6)
     assert report["latency_ms"] > 0 and report["throughput_img_s"] > 0 and report["speed_batch_size"] >= 1
     assert math.isfinite(report["loss"]) and report["loss"] > 0

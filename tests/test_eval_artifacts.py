@@ -64,6 +64,8 @@ def test_eval_reports_every_format_and_summary_merges_them(artifacts, trained_ck
     assert abs(reports["onnx-fp16"]["acc1"] - base["acc1"]) <= 1 / n + 1e-9
     assert abs(reports["onnx-int8"]["acc1"] - base["acc1"]) <= 0.02
     assert reports["onnx-int8"]["size_mb"] < 0.4 * reports["onnx"]["size_mb"]
+    # the exported formats carry model name and kwargs in their metadata, so MACs are known for them too
+    assert {r["macs"] for r in reports.values()} == {base["macs"]} and base["macs"] > 1e6
     assert reports["onnx-fp16"]["precision"] == "fp16" and reports["onnx-int8"]["precision"] == "int8"
     assert (results / "confusion_matrix.png").is_file() and (results / "confusion_matrix_onnx-int8.png").is_file()
     capsys.readouterr()

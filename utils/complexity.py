@@ -484,6 +484,24 @@ def run_flop_counter(model: nn.Module, input_size, device="cpu") -> ToolResult:
                       CONVENTIONS["FlopCounterMode"], [], by_op, by_category(by_op))
 
 
+def registry_macs(model_name: str, num_classes: int, model_kwargs: dict | str | None, img_size: int,
+                  channels: int = 3) -> float | None:
+    """Conv + matmul MACs of one image (FlopCounterMode FLOPs / 2) for a registry model, built without weights on
+    the meta device (milliseconds, no memory). None when the model cannot be rebuilt from its name and kwargs."""
+    from models import build_model
+
+    kwargs = json.loads(model_kwargs) if isinstance(model_kwargs, str) else dict(model_kwargs or {})
+    kwargs.setdefault("img_size", img_size)
+    kwargs.setdefault("in_channels", channels)
+    try:
+        with warnings.catch_warnings(), torch.device("meta"):
+            warnings.simplefilter("ignore")
+            model = build_model(model_name, num_classes, **kwargs).eval()
+        return run_flop_counter(model, (kwargs["in_channels"], img_size, img_size), "meta").macs
+    except Exception:  # noqa: BLE001 - a report without MACs beats no report
+        return None
+
+
 RUNNERS = {"fvcore": run_fvcore, "ptflops": run_ptflops, "thop": run_thop, "torchscan": run_torchscan,
            "FlopCounterMode": run_flop_counter}
 

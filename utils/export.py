@@ -455,7 +455,8 @@ def load_for_eval(path: str | Path, device: torch.device, model_name: str | None
         onnx_model = OnnxModel(path, ort_device, threads=ort_threads)
         meta = onnx_model.metadata
         precision = meta.get("precision", "fp32")
-        info = {"model_name": meta.get("model_name", path.stem), "classes": meta.get("classes"), "preprocess": meta.get("preprocess")}
+        info = {"model_name": meta.get("model_name", path.stem), "classes": meta.get("classes"), "preprocess": meta.get("preprocess"),
+                "model_kwargs": meta.get("model_kwargs")}
 
         def forward(x: torch.Tensor) -> torch.Tensor:
             return torch.from_numpy(onnx_model(x.cpu().numpy()))
@@ -473,7 +474,8 @@ def load_for_eval(path: str | Path, device: torch.device, model_name: str | None
         print(f"note: {path.name} is a PyTorch-quantized INT8 program, which runs on CPU only: evaluating on CPU")
         meta_device = torch.device("cpu")
     program = program.to(meta_device)
-    info = {"model_name": meta.get("model_name", path.stem), "classes": meta.get("classes"), "preprocess": meta.get("preprocess")}
+    info = {"model_name": meta.get("model_name", path.stem), "classes": meta.get("classes"), "preprocess": meta.get("preprocess"),
+            "model_kwargs": meta.get("model_kwargs")}
 
     def ts_forward(x: torch.Tensor) -> torch.Tensor:
         return _logits(program(x))
