@@ -99,6 +99,10 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def raise_keyboard_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -237,8 +241,9 @@ def main(argv=None) -> int:
 
     epoch = start_epoch
     finished = start_epoch - 1  # the last epoch whose end-of-epoch last.pth is on disk
-    # SIGTERM (docker stop, job schedulers) behaves like Ctrl-C: save last.pth, then exit.
-    signal.signal(signal.SIGTERM, signal.getsignal(signal.SIGINT))
+    # SIGTERM (docker stop, kill, job schedulers) behaves like Ctrl-C: save last.pth, then exit. Its own handler, not
+    # a copy of SIGINT's: a shell starts background jobs with SIGINT ignored, and copying that would ignore SIGTERM too.
+    signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
     try:
         for epoch in range(start_epoch, args.max_epoch):
             seed_everything(args.seed + 1000 * epoch + rank)  # each epoch's randomness depends only on (seed, epoch)

@@ -27,11 +27,16 @@ def train_cmd(data_root: Path, out: Path, *extra: str, max_epoch: int = 3) -> li
             "--path_to_save", str(out), "--quiet", "--device", "cpu", *extra]
 
 
-def start(cmd: list[str], log: Path) -> subprocess.Popen:
+def start(cmd: list[str], log: Path, as_background_job: bool = False) -> subprocess.Popen:
     # one thread each: the reference run trains beside the interrupted one, and oversubscribed threads crawl
     env = dict(os.environ, PYTHONPATH=str(ROOT), MPLBACKEND="Agg", OMP_NUM_THREADS="1")
+
+    def ignore_sigint() -> None:  # what a shell does to a `cmd &` job
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
     with open(log, "w") as f:
-        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,
+                                preexec_fn=ignore_sigint if as_background_job else None)
 
 
 def csv_rows(run_dir: Path) -> list[dict]:
@@ -126,3 +131,18 @@ def test_ctrl_c_saves_last_pth_and_resume_finishes(tmp_path, resume_root):
     assert finish(resumed, resume_log) == 0, resume_log.read_text()
     assert [int(r["epoch"]) for r in csv_rows(run_dir)] == [1, 2, 3, 4]
     assert load(run_dir / "last.pth")["epoch"] == 3
+
+
+def test_sigterm_saves_last_pth_even_in_a_background_job(tmp_path, resume_root):
+    """`python train.py ... &` then `kill PID`: the shell ignored SIGINT for the job; SIGTERM must still stop and save."""
+    out = tmp_path / "runs"
+    run_dir = out / "FashionMNIST" / "custom"
+    log = tmp_path / "train.log"
+    proc = start(train_cmd(resume_root, out, max_epoch=6), log, as_background_job=True)
+    wait_for_rows(proc, run_dir, 1, log)
+    proc.send_signal(signal.SIGTERM)
+    assert finish(proc, log, timeout=120) == 130, log.read_text()
+    text = log.read_text()
+    assert "interrupted in epoch" in text and "Traceback" not in text
+    last = load(run_dir / "last.pth")
+    assert last["epoch"] == len(csv_rows(run_dir)) - 1 < 5
