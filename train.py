@@ -239,6 +239,9 @@ def main(argv=None) -> int:
               + (f", {world} processes" if world > 1 else "") + f"\ndata pipeline: {pipeline} ({pipeline_reason})"
               f"\naugmentation: {augment.describe()}")
 
+    if main_proc and start_epoch >= args.max_epoch:
+        print(f"nothing to train: the run already finished epoch {start_epoch} of --max_epoch {args.max_epoch}; "
+              "raise --max_epoch to train longer")
     epoch = start_epoch
     finished = start_epoch - 1  # the last epoch whose end-of-epoch last.pth is on disk
     # SIGTERM (docker stop, kill, job schedulers) behaves like Ctrl-C: save last.pth, then exit. Its own handler, not

@@ -97,7 +97,7 @@ def build_model(name: str, num_classes: int, pretrained: bool = False, norm_type
         return fcn_resnet18(num_classes, img_size=img_size, pretrained=pretrained, norm_type=norm_type,
                             in_channels=in_channels, small_input=small, freeze_backbone=freeze_backbone)
     if name not in torchvision_classifiers():
-        raise InputError(f"unknown model {name!r}: choose from {', '.join(MODEL_NAMES)} "
+        raise InputError(f"unknown model {name!r}: choose from {', '.join(MODEL_NAMES + ANALYSIS_NAMES)} "
                          "(analysis scripts also take any torchvision classifier, e.g. vgg16)")
     if pretrained and norm_type != "BN":
         raise InputError("--pretrained weights were trained with BatchNorm: use --norm_type BN with --pretrained")

@@ -108,3 +108,12 @@ def run_script(*args: str, cwd: Path | None = None, env: dict | None = None, tim
     full_env.update(env or {})
     return subprocess.run([sys.executable, *args], cwd=cwd or ROOT, env=full_env, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def assert_valid_png(path, min_side: int = 50) -> None:
+    """A complete PNG file (signature, chunks and CRCs verified by Pillow) of at least min_side pixels."""
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
+    with Image.open(path) as img:
+        img.verify()
+    with Image.open(path) as img:
+        assert img.format == "PNG" and min(img.size) >= min_side, (path, img.size)

@@ -8,8 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import make_fashion_root, run_script, synthetic_fashion_images, write_idx
-from test_train import assert_valid_png
+from conftest import assert_valid_png, make_fashion_root, run_script, synthetic_fashion_images, write_idx
 
 import eval as eval_script
 from models import build_model

@@ -7,8 +7,7 @@ import json
 import math
 
 import torch
-from conftest import run_script
-from PIL import Image
+from conftest import assert_valid_png, run_script
 
 import train
 from models import build_model
@@ -23,14 +22,6 @@ def read_results(run_dir):
     with open(run_dir / "results.csv", newline="") as f:
         reader = csv.DictReader(f)
         return reader.fieldnames, list(reader)
-
-
-def assert_valid_png(path, min_side: int = 50) -> None:
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
-    with Image.open(path) as img:
-        img.verify()
-    with Image.open(path) as img:
-        assert img.format == "PNG" and min(img.size) >= min_side, (path, img.size)
 
 
 def test_short_training_lowers_the_loss_and_writes_every_run_file(trained_run):

@@ -1,0 +1,46 @@
+"""utils.cli.run: how every script ends (exit codes, one-line errors, a closed pipe)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SCRIPT = """
+import sys
+from utils import cli
+from utils.preprocess import InputError
+
+def main():
+    if sys.argv[1] == "flood":
+        for i in range(200000):
+            print(f"line {i} " + "x" * 60)
+    raise InputError("bad --thing: use --thing 3")
+
+cli.run(main)
+"""
+
+
+def run(mode: str, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", SCRIPT, mode], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, **kwargs)
+
+
+def test_input_error_is_one_line_and_exit_2():
+    proc = run("error")
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2
+    assert err.decode().splitlines() == ["error: bad --thing: use --thing 3"]
+
+
+def test_reader_closing_the_pipe_is_not_a_traceback():
+    """`python script.py | head -1`: the reader leaves early; the script stops quietly with exit code 0."""
+    proc = run("flood")
+    first = proc.stdout.readline()
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 0, err
+    assert first.startswith(b"line 0 ")
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
