@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from benchmarks.common import ROOT, command_line, contention_note, machine_info, markdown_table, write_json  # noqa: E402
+from benchmarks.common import ROOT, OtherLoad, command_line, contention_note, machine_info, markdown_table, write_json  # noqa: E402
 from utils import cli  # noqa: E402
 from utils.checkpoint import build_from_checkpoint, load_checkpoint  # noqa: E402
 from utils.export import evaluate_loaded, export_artifact, load_for_eval  # noqa: E402
@@ -149,7 +149,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    start_load = os.getloadavg()[0]
+    meter = OtherLoad()
     rows, predict_rows = [], []
     with tempfile.TemporaryDirectory(prefix="bench_deploy_") as tmp:
         work = Path(args.workdir) if args.workdir else Path(tmp)
@@ -158,7 +158,7 @@ def main(argv=None) -> int:
             rows += r
             predict_rows += p
     info = machine_info(torch.device("cpu"))
-    note = contention_note(start_load, os.getloadavg()[0], os.cpu_count() or 1)
+    note = contention_note(meter, os.cpu_count() or 1)
     command = command_line("bench_deploy.py", argv)
     out = write_json(args.out, {"command": command, "machine": info, "contention": note, "threads": args.threads,
                                 "formats": rows, "predict": predict_rows})

@@ -19,7 +19,6 @@ Examples:
 from __future__ import annotations
 
 import copy
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -29,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from benchmarks.common import bf16_supported, command_line, contention_note, machine_info, markdown_table, write_json  # noqa: E402
+from benchmarks.common import OtherLoad, bf16_supported, command_line, contention_note, machine_info, markdown_table, write_json  # noqa: E402
 from models import MODEL_NAMES, build_model, model_kwargs  # noqa: E402
 from utils import cli  # noqa: E402
 from utils.complexity import run_flop_counter  # noqa: E402
@@ -161,6 +160,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
     device = torch.device("cpu")
+    meter = OtherLoad()
     machine = machine_info(device)
     peaks = measured_peaks(args.peak_size)  # measured again at the end: on a shared CPU the faster of the two counts
     rows = []
@@ -175,8 +175,7 @@ def main(argv=None) -> int:
     for r in rows:
         r["peak_gflops"] = peaks.get(r["compute"])
         r["percent_of_peak"] = 100 * r["achieved_gflops"] / r["peak_gflops"] if r["peak_gflops"] else None
-    end_load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    note = contention_note(machine["load_average_1min"], end_load, machine["cores"])
+    note = contention_note(meter, machine["cores"])
     command = command_line("bench_infer.py", argv)
     peak_text = ", ".join(f"{k} {v:.0f} G{'OP' if k == 'int8' else 'FLOP'}/s" for k, v in peaks.items() if v)
     print(f"## Inference speed ({machine['cpu']}, {machine['cores']} cores, {threads} threads, torch {machine['torch']})\n")
@@ -191,7 +190,7 @@ def main(argv=None) -> int:
     if note:
         print(note)
     print(f"command: {command}")
-    out = write_json(args.out, {"benchmark": "infer", "command": command, "machine": machine, "end_load_average_1min": end_load,
+    out = write_json(args.out, {"benchmark": "infer", "command": command, "machine": machine, "other_processes_cores": meter.cores(),
                                 "contention": note, "peaks_gflops": peaks, "settings": vars(args), "rows": rows})
     print(f"JSON: {out}")
     return 0

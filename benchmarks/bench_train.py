@@ -14,7 +14,6 @@ Examples:
 from __future__ import annotations
 
 import itertools
-import os
 import statistics
 import sys
 import time
@@ -28,7 +27,7 @@ from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from benchmarks.common import bf16_supported, command_line, contention_note, machine_info, markdown_table, write_json  # noqa: E402
+from benchmarks.common import OtherLoad, bf16_supported, command_line, contention_note, machine_info, markdown_table, write_json  # noqa: E402
 from models import MODEL_NAMES, build_model, model_kwargs  # noqa: E402
 from utils import cli  # noqa: E402
 from utils.data import build_transform, fashion_mnist  # noqa: E402
@@ -156,6 +155,7 @@ def main(argv=None) -> int:
     if len(args.batch_size) not in (1, len(args.img_sizes)):
         raise InputError(f"--batch_size: give one value or one per --img_sizes ({len(args.img_sizes)}), got {len(args.batch_size)}")
     fashion_mnist(args.data_root, True)  # fails early with a clear message when the data is missing
+    meter = OtherLoad()
     machine = machine_info(device)
     configs = row_configs(args)
     rows, cache = [], {}
@@ -169,8 +169,7 @@ def main(argv=None) -> int:
         r["vs_seed"] = r["images_per_s"] / baselines[r["model"]] if r["model"] in baselines else None
         if r["baseline"]:
             r["note"] = ("seed baseline; " + r["note"]).rstrip("; ")
-    end_load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    note = contention_note(machine["load_average_1min"], end_load, machine["cores"])
+    note = contention_note(meter, machine["cores"])
     command = command_line("bench_train.py", argv)
     print(f"## Training throughput ({machine['cpu']}, {machine['cores']} cores, {machine['torch_threads']} torch threads, "
           f"torch {machine['torch']}, device {device})\n")
@@ -180,7 +179,7 @@ def main(argv=None) -> int:
     if note:
         print(note)
     print(f"command: {command}")
-    out = write_json(args.out, {"benchmark": "train", "command": command, "machine": machine, "end_load_average_1min": end_load,
+    out = write_json(args.out, {"benchmark": "train", "command": command, "machine": machine, "other_processes_cores": meter.cores(),
                                 "contention": note, "settings": vars(args), "rows": rows})
     print(f"JSON: {out}")
     return 0

@@ -62,12 +62,42 @@ def machine_info(device: torch.device) -> dict:
     return info
 
 
-def contention_note(start_load: float, end_load: float, cores: int) -> str | None:
-    """A sentence for the report when other processes competed for the CPU during the run."""
-    worst = max(start_load, end_load)
-    if worst <= 0.5 * cores:
+def machine_busy_seconds() -> float | None:
+    """CPU-seconds all cores have spent busy since boot (/proc/stat), or None where there is no /proc."""
+    try:
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:9]]
+    except (OSError, ValueError):
         return None
-    return (f"CPU contended: load average {start_load:.1f} at start, {end_load:.1f} at end on {cores} cores. "
+    return (sum(values) - values[3] - values[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
+
+
+class OtherLoad:
+    """How many cores OTHER processes kept busy while a benchmark ran: the machine's busy CPU time minus this
+    process's and its finished children's (DataLoader workers). Load averages cannot tell: they count the
+    benchmark's own threads too."""
+
+    def __init__(self):
+        self.start = self._sample()
+
+    @staticmethod
+    def _sample() -> tuple[float, float | None, float]:
+        t = os.times()
+        return time.monotonic(), machine_busy_seconds(), t.user + t.system + t.children_user + t.children_system
+
+    def cores(self) -> float | None:
+        (wall0, busy0, own0), (wall1, busy1, own1) = self.start, self._sample()
+        if busy0 is None or busy1 is None:
+            return None
+        return max(0.0, (busy1 - busy0) - (own1 - own0)) / max(wall1 - wall0, 1e-9)
+
+
+def contention_note(meter: OtherLoad, cores: int) -> str | None:
+    """A sentence for the report when other processes competed for the CPU during the run."""
+    others = meter.cores()
+    if others is None or others <= 0.2:
+        return None
+    return (f"CPU contended: other processes kept {others:.2f} of the {cores} cores busy on average during this run. "
             "Absolute numbers are low and noisy; ratios between rows of this run remain comparable.")
 
 
