@@ -8,12 +8,16 @@ VENV=${VENV:-.venv}  # the Docker image sets VENV=/opt/venv, so a mounted checko
 if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
+# The stamp records what is installed: the requirements' hash, plus "-test" once the test tools are in too.
 stamp=$VENV/.requirements.sha
-want=$(cat requirements.txt requirements-test.txt | sha256sum | cut -d' ' -f1)$([ "${1:-}" = "--test" ] && echo -test)
-if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+hash=$(cat requirements.txt requirements-test.txt | sha256sum | cut -d' ' -f1)
+have=$(cat "$stamp" 2>/dev/null || true)
+if [ "${1:-}" = "--test" ]; then
+  [ "$have" = "$hash-test" ] && exit 0
+  "$VENV/bin/python" -m pip install --disable-pip-version-check -q -r requirements.txt -r requirements-test.txt
+  echo "$hash-test" > "$stamp"
+else
+  { [ "$have" = "$hash" ] || [ "$have" = "$hash-test" ]; } && exit 0
   "$VENV/bin/python" -m pip install --disable-pip-version-check -q -r requirements.txt
-  if [ "${1:-}" = "--test" ]; then
-    "$VENV/bin/python" -m pip install --disable-pip-version-check -q -r requirements-test.txt
-  fi
-  echo "$want" > "$stamp"
+  echo "$hash" > "$stamp"
 fi
