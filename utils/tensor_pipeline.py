@@ -62,19 +62,29 @@ class AugmentParams:
         return len(self.angle)
 
 
-def sample_crop_boxes(n: int, height: int, width: int, scale=CROP_SCALE, ratio=CROP_RATIO, attempts: int = 10,
-                      generator: torch.Generator | None = None) -> tuple[torch.Tensor, ...]:
-    """RandomResizedCrop.get_params for n samples at once: the same 10-attempt rejection sampling and fallback."""
-    area = height * width
+def _candidate_sides(n: int, area: int, scale, ratio, attempts: int,
+                     generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, attempts) candidate box sides round(sqrt(a * r)), round(sqrt(a / r)) for areas a = area * U(scale) and
+    log-uniform aspect ratios r, drawn in torchvision's order (all areas, then all ratios)."""
     target = area * torch.empty(n, attempts, dtype=torch.float64).uniform_(scale[0], scale[1], generator=generator)
     log_ratio = torch.empty(n, attempts, dtype=torch.float64).uniform_(math.log(ratio[0]), math.log(ratio[1]),
                                                                         generator=generator)
     aspect = torch.exp(log_ratio)
-    w = torch.round(torch.sqrt(target * aspect))
-    h = torch.round(torch.sqrt(target / aspect))
+    return torch.round(torch.sqrt(target * aspect)), torch.round(torch.sqrt(target / aspect))
+
+
+def _first_accepted(ok: torch.Tensor, *values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Each row's value at its first accepted attempt (rows with none accepted: attempt 0, handled by the caller)."""
+    first = ok.to(torch.uint8).argmax(1, keepdim=True)
+    return tuple(v.gather(1, first).squeeze(1) for v in values)
+
+
+def sample_crop_boxes(n: int, height: int, width: int, scale=CROP_SCALE, ratio=CROP_RATIO, attempts: int = 10,
+                      generator: torch.Generator | None = None) -> tuple[torch.Tensor, ...]:
+    """RandomResizedCrop.get_params for n samples at once: the same 10-attempt rejection sampling and fallback."""
+    w, h = _candidate_sides(n, height * width, scale, ratio, attempts, generator)
     ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-    first = ok.to(torch.uint8).argmax(1, keepdim=True)  # index of the first accepted attempt
-    w, h = w.gather(1, first).squeeze(1), h.gather(1, first).squeeze(1)
+    w, h = _first_accepted(ok, w, h)
     u = torch.rand(n, 2, dtype=torch.float64, generator=generator)
     i = torch.floor(u[:, 0] * (height - h + 1))
     j = torch.floor(u[:, 1] * (width - w + 1))
@@ -98,16 +108,9 @@ def sample_erase_boxes(n: int, size: int, probability: float, scale=ERASE_SCALE,
                        generator: torch.Generator | None = None) -> torch.Tensor:
     """RandomErasing.get_params for n size x size images: (n, 4) boxes (top, left, height, width), height 0 when
     the coin says no or, as in torchvision, none of the 10 attempts fits."""
-    area = size * size
-    target = area * torch.empty(n, attempts, dtype=torch.float64).uniform_(scale[0], scale[1], generator=generator)
-    log_ratio = torch.empty(n, attempts, dtype=torch.float64).uniform_(math.log(ratio[0]), math.log(ratio[1]),
-                                                                        generator=generator)
-    aspect = torch.exp(log_ratio)
-    h = torch.round(torch.sqrt(target * aspect))
-    w = torch.round(torch.sqrt(target / aspect))
+    h, w = _candidate_sides(n, size * size, scale, ratio, attempts, generator)  # RandomErasing: h = sqrt(area * r)
     ok = (h < size) & (w < size)
-    first = ok.to(torch.uint8).argmax(1, keepdim=True)
-    h, w = h.gather(1, first).squeeze(1), w.gather(1, first).squeeze(1)
+    h, w = _first_accepted(ok, h, w)
     u = torch.rand(n, 3, dtype=torch.float64, generator=generator)
     chosen = ok.any(1) & (u[:, 2] < probability)
     i, j = torch.floor(u[:, 0] * (size - h + 1)), torch.floor(u[:, 1] * (size - w + 1))
