@@ -107,7 +107,8 @@ class AnalysisModel:
     classes: list[str] | None = None
 
 
-def _build(name: str, num_classes: int, img_size: int, in_channels: int, fast_init: bool, meta: bool = False) -> nn.Module:
+def _build(name: str, num_classes: int, img_size: int, in_channels: int, fast_init: bool, meta: bool = False,
+           **model_kwargs) -> nn.Module:
     from models import build_model
 
     with warnings.catch_warnings():
@@ -115,11 +116,11 @@ def _build(name: str, num_classes: int, img_size: int, in_channels: int, fast_in
         if fast_init:
             try:
                 with torch.device("meta"):
-                    model = build_model(name, num_classes, img_size=img_size, in_channels=in_channels)
+                    model = build_model(name, num_classes, img_size=img_size, in_channels=in_channels, **model_kwargs)
                 return model if meta else model.to_empty(device="cpu")
             except (NotImplementedError, RuntimeError):
                 pass  # builders that compute with tensors (regnet) cannot run on the meta device
-        return build_model(name, num_classes, img_size=img_size, in_channels=in_channels)
+        return build_model(name, num_classes, img_size=img_size, in_channels=in_channels, **model_kwargs)
 
 
 def load_analysis_model(args: argparse.Namespace, device: torch.device | str = "cpu", fast_init: bool = False,
@@ -488,16 +489,12 @@ def registry_macs(model_name: str, num_classes: int, model_kwargs: dict | str | 
                   channels: int = 3) -> float | None:
     """Conv + matmul MACs of one image (FlopCounterMode FLOPs / 2) for a registry model, built without weights on
     the meta device (milliseconds, no memory). None when the model cannot be rebuilt from its name and kwargs."""
-    from models import build_model
-
     kwargs = json.loads(model_kwargs) if isinstance(model_kwargs, str) else dict(model_kwargs or {})
-    kwargs.setdefault("img_size", img_size)
-    kwargs.setdefault("in_channels", channels)
+    size, in_channels = kwargs.pop("img_size", img_size), kwargs.pop("in_channels", channels)
     try:
-        with warnings.catch_warnings(), torch.device("meta"):
-            warnings.simplefilter("ignore")
-            model = build_model(model_name, num_classes, **kwargs).eval()
-        return run_flop_counter(model, (kwargs["in_channels"], img_size, img_size), "meta").macs
+        model = _build(model_name, num_classes, size, in_channels, fast_init=True, meta=True, **kwargs).eval()
+        device = next(model.parameters()).device
+        return run_flop_counter(model, (in_channels, img_size, img_size), device).macs
     except Exception:  # noqa: BLE001 - a report without MACs beats no report
         return None
 
