@@ -19,7 +19,7 @@ from pathlib import Path
 
 from utils import cli
 from utils import complexity as cx
-from utils.checkpoint import atomic_write_text
+from utils.io import atomic_write_text
 
 TOOLS = ("fvcore", "ptflops", "thop", "torchscan", "FlopCounterMode")
 

@@ -27,13 +27,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from utils import cli
-from utils.checkpoint import atomic_write_text
 from utils.complexity import registry_macs
 from utils.data import DataSpec, build_eval_dataset
 from utils.engine import per_class_accuracy
+from utils.errors import InputError
 from utils.export import evaluate_loaded, load_for_eval
+from utils.io import atomic_write_text
 from utils.plots import plot_confusion_matrix, plot_examples
-from utils.preprocess import InputError
 
 
 def parse_args(argv=None):

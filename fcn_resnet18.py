@@ -30,8 +30,9 @@ import torch
 
 from models.fcn import fcn_image_tensor, largest_region_box, load_fcn, map_to_image, rank_classes, score_geometry
 from utils import cli
-from utils.checkpoint import atomic_write_text
-from utils.preprocess import InputError, eval_transform, load_image
+from utils.errors import InputError
+from utils.io import atomic_write_text
+from utils.preprocess import eval_transform, load_image
 
 
 def build_parser():
@@ -99,7 +100,7 @@ def save_figures(res: dict, out_dir: Path) -> dict[str, str]:
     import matplotlib.patches as patches
     import matplotlib.pyplot as plt
 
-    from utils.plots import _save as save_png
+    from utils.plots import save_figure as save_png
 
     image, cls_map, centers_y, centers_x = res["_arrays"]
     name = res["predicted_class"]

@@ -33,11 +33,11 @@ from pathlib import Path
 
 import torch
 
-from summarize_results import markdown_table
 from utils import cli
-from utils.checkpoint import atomic_save, atomic_write_text, build_from_checkpoint, load_checkpoint
-from utils.export import evaluate_loaded, export_artifact, file_sha256, load_for_eval
-from utils.preprocess import InputError
+from utils.checkpoint import atomic_save, build_from_checkpoint, load_checkpoint
+from utils.errors import InputError
+from utils.export import evaluate_loaded, export_artifact, load_for_eval
+from utils.io import atomic_write_text, file_sha256, markdown_table
 from utils.quantize import (
     calibration_batches,
     data_spec,

@@ -23,8 +23,8 @@ import torch
 from utils import cli
 from utils import complexity as cx
 from utils import receptive_field as rf
-from utils.checkpoint import atomic_write_text
-from utils.preprocess import InputError
+from utils.errors import InputError
+from utils.io import atomic_write_text
 
 
 def main(argv: list[str] | None = None) -> int:

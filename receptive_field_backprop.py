@@ -33,8 +33,9 @@ import torch
 from models.fcn import fcn_image_tensor, load_fcn, map_to_image, rank_classes, score_geometry
 from utils import cli
 from utils import receptive_field as rf
-from utils.checkpoint import atomic_write_text
-from utils.preprocess import InputError, load_image
+from utils.errors import InputError
+from utils.io import atomic_path, atomic_write_text
+from utils.preprocess import load_image
 
 
 def build_parser():
@@ -121,15 +122,14 @@ def save_outputs(res: dict, arrays: dict, out_dir: Path) -> dict[str, str]:
     import matplotlib.patches as patches
     import matplotlib.pyplot as plt
 
-    from utils.plots import _save as save_png
+    from utils.plots import save_figure as save_png
 
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {}
     for name in ("theoretical", "effective", "net"):
         path = out_dir / f"{name}_grad.npy"
-        tmp = out_dir / f".{name}_grad.tmp.npy"
-        np.save(tmp, arrays[name].astype(np.float32))
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            np.save(tmp, arrays[name].astype(np.float32))
         files[f"{name}_grad"] = str(path)
     image = arrays["image"]
     gray = image.ndim == 2

@@ -17,8 +17,8 @@ import json
 from pathlib import Path
 
 from utils import cli
-from utils.checkpoint import atomic_write_text
-from utils.preprocess import InputError
+from utils.errors import InputError
+from utils.io import atomic_write_text, markdown_table
 
 EVAL_COLUMNS = ("model", "format", "compute", "dataset", "img", "params (M)", "MMACs", "size (MB)", "acc@1 (%)", "acc@5 (%)",
                 "latency (ms, batch 1)", "throughput (img/s)", "device", "report")
@@ -32,12 +32,6 @@ def _num(value, fmt: str) -> str:
 
 def _pct(value) -> str:
     return "" if value is None else f"{100 * value:.2f}"
-
-
-def markdown_table(columns: tuple[str, ...], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def load_reports(results_dir: Path) -> tuple[list[tuple[Path, dict]], list[tuple[Path, dict]]]:

@@ -28,13 +28,15 @@ from models import MODEL_NAMES, build_model, model_kwargs
 from models.norm import NORM_TYPES
 from utils import cli
 from utils.augment import AUGMENT_CHOICES, resolve_augment
-from utils.checkpoint import atomic_save, atomic_write_text, load_checkpoint, rng_state, set_rng_state
+from utils.checkpoint import atomic_save, load_checkpoint, rng_state, set_rng_state
 from utils.data import DataSpec, build_datasets
 from utils.distributed import barrier, cleanup, init_distributed, is_main_process
 from utils.ema import ModelEMA, unwrap
 from utils.engine import TrainState, evaluate, train_one_epoch
+from utils.errors import InputError
+from utils.io import atomic_write_text
 from utils.plots import plot_results
-from utils.preprocess import InputError, Preprocess
+from utils.preprocess import Preprocess
 from utils.sampler import ShardSampler
 from utils.schedule import WarmupCosine
 from utils.tensor_pipeline import build_tensor_loaders, choose_pipeline

@@ -30,11 +30,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from benchmarks.common import ROOT, OtherLoad, command_line, contention_note, machine_info, markdown_table, write_json  # noqa: E402
+from benchmarks.common import ROOT, OtherLoad, command_line, contention_note, machine_info, table, write_json  # noqa: E402
 from utils import cli  # noqa: E402
 from utils.checkpoint import build_from_checkpoint, load_checkpoint  # noqa: E402
+from utils.errors import InputError  # noqa: E402
 from utils.export import evaluate_loaded, export_artifact, load_for_eval  # noqa: E402
-from utils.preprocess import InputError, list_images  # noqa: E402
+from utils.preprocess import list_images  # noqa: E402
 from utils.quantize import (  # noqa: E402
     calibration_batches,
     data_spec,
@@ -165,9 +166,9 @@ def main(argv=None) -> int:
     print(f"\n{command}\n")
     print(f"CPU: {info['cpu']}, {info['cores']} cores, torch threads {torch.get_num_threads()}"
           f"{', ONNX Runtime threads ' + str(args.threads) if args.threads else ''}; {rows[0]['num_images']} validation images\n")
-    print(markdown_table(rows, FORMAT_COLUMNS))
+    print(table(rows, FORMAT_COLUMNS))
     print()
-    print(markdown_table(predict_rows, PREDICT_COLUMNS))
+    print(table(predict_rows, PREDICT_COLUMNS))
     if note:
         print(f"\n{note}")
     print(f"\nJSON: {out}")

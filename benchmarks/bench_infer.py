@@ -28,12 +28,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from benchmarks.common import OtherLoad, bf16_supported, command_line, contention_note, machine_info, markdown_table, write_json  # noqa: E402
+from benchmarks.common import OtherLoad, command_line, contention_note, machine_info, table, write_json  # noqa: E402
 from models import MODEL_NAMES, build_model, model_kwargs  # noqa: E402
 from utils import cli  # noqa: E402
 from utils.complexity import run_flop_counter  # noqa: E402
+from utils.precision import bf16_native  # noqa: E402
 from utils.preprocess import Preprocess  # noqa: E402
-from utils.speed import latency_and_throughput, median_seconds  # noqa: E402
+from utils.timing import latency_and_throughput, median_seconds  # noqa: E402
 
 ENGINES = ("eager", "eager_bf16_cl", "torchscript", "onnx_fp32", "onnx_int8")
 COMPUTE_TYPE = {"eager": "fp32", "eager_bf16_cl": "bf16", "torchscript": "fp32", "onnx_fp32": "fp32", "onnx_int8": "int8"}
@@ -179,10 +180,10 @@ def main(argv=None) -> int:
     command = command_line("bench_infer.py", argv)
     peak_text = ", ".join(f"{k} {v:.0f} G{'OP' if k == 'int8' else 'FLOP'}/s" for k, v in peaks.items() if v)
     print(f"## Inference speed ({machine['cpu']}, {machine['cores']} cores, {threads} threads, torch {machine['torch']})\n")
-    print(markdown_table(rows, COLUMNS))
+    print(table(rows, COLUMNS))
     print(f"\nMeasured peak (faster of a {args.peak_size}^3 matrix product and a large 3x3 convolution; int8: matrix "
           f"product; best of a run before and after): {peak_text}"
-          + ("" if bf16_supported(device) else " (bf16 emulated on this CPU)")
+          + ("" if bf16_native(device) else " (bf16 emulated on this CPU)")
           + f". MACs: FlopCounterMode (convolutions and matrix products; MACs = FLOPs / 2). img/s at batch "
           f"{args.batch_size}; batch-1 latency = median of {args.repeats} calls after {args.warmup} warm-up calls. "
           "Over 100% means the engine does fewer multiplications than the direct count (e.g. Winograd 3x3 "

@@ -27,12 +27,14 @@ from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from benchmarks.common import OtherLoad, bf16_supported, command_line, contention_note, machine_info, markdown_table, write_json  # noqa: E402
+from benchmarks.common import OtherLoad, command_line, contention_note, machine_info, table, write_json  # noqa: E402
 from models import MODEL_NAMES, build_model, model_kwargs  # noqa: E402
 from utils import cli  # noqa: E402
 from utils.data import build_transform, fashion_mnist  # noqa: E402
 from utils.engine import TrainState, train_one_epoch  # noqa: E402
-from utils.preprocess import InputError, Preprocess  # noqa: E402
+from utils.errors import InputError  # noqa: E402
+from utils.precision import bf16_native  # noqa: E402
+from utils.preprocess import Preprocess  # noqa: E402
 from utils.schedule import WarmupCosine  # noqa: E402
 from utils.tensor_pipeline import TensorTrainLoader, train_images_tensor  # noqa: E402
 
@@ -140,7 +142,7 @@ def measure(config: dict, args, device: torch.device, cache: dict) -> dict:
                  for _ in range(args.repeats)]
     finally:
         batches.close()  # shuts DataLoader workers down
-    note = "bf16 emulated (no AVX-512 BF16/AMX)" if bf16 and not bf16_supported(device) else ""
+    note = "bf16 emulated (no AVX-512 BF16/AMX)" if bf16 and not bf16_native(device) else ""
     return dict(config, images_per_s=statistics.median(rates), repeats_images_per_s=rates,
                 warmup_s=round(warmup_s, 2), note=note)
 
@@ -173,7 +175,7 @@ def main(argv=None) -> int:
     command = command_line("bench_train.py", argv)
     print(f"## Training throughput ({machine['cpu']}, {machine['cores']} cores, {machine['torch_threads']} torch threads, "
           f"torch {machine['torch']}, device {device})\n")
-    print(markdown_table(rows, COLUMNS))
+    print(table(rows, COLUMNS))
     print(f"\nimages/s = median of {args.repeats} x {args.steps} steps of the batch shown (data loading + forward + "
           f"backward + AdamW step); x seed = ratio to the seed baseline row of the same model.")
     if note:

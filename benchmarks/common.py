@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import shlex
@@ -16,44 +15,17 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from utils.checkpoint import atomic_write_text  # noqa: E402
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def bf16_supported(device: torch.device) -> bool:
-    """bf16 autocast pays on CPUs with AVX-512 BF16 or AMX; elsewhere it is emulated and slower than fp32."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+from utils import io  # noqa: E402
+from utils.io import markdown_table  # noqa: E402
+from utils.precision import bf16_native, cpu_capability, cpu_model  # noqa: E402
 
 
 def machine_info(device: torch.device) -> dict:
     load = os.getloadavg() if hasattr(os, "getloadavg") else (0.0, 0.0, 0.0)
     info = {
         "cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(), "bf16_native": bf16_supported(device),
-        "amx": "amx_tile" in cpu_flags(), "torch": str(torch.__version__), "python": platform.python_version(),
+        "cpu_capability": cpu_capability(), "bf16_native": bf16_native(device),
+        "torch": str(torch.__version__), "python": platform.python_version(),
         "device": str(device), "load_average_1min": round(load[0], 2),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""), "time": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
@@ -108,22 +80,19 @@ def command_line(script: str, argv: list[str] | None) -> str:
     return shlex.join([*env, "python", f"benchmarks/{script}", *args])
 
 
-def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
-    """columns: (key, header). Floats are printed with 3 significant digits (or as integers when large)."""
+def format_cell(value) -> str:
+    """Floats with 3 significant digits (or as integers when large); missing values as '-'."""
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
+    return str(value)
 
-    def fmt(value) -> str:
-        if value is None:
-            return "-"
-        if isinstance(value, float):
-            return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
-        return str(value)
 
-    lines = ["| " + " | ".join(h for _, h in columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    lines += ["| " + " | ".join(fmt(row.get(k)) for k, _ in columns) + " |" for row in rows]
-    return "\n".join(lines)
+def table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
+    """A markdown table of result dicts; columns: (key, header)."""
+    return markdown_table([h for _, h in columns], [[row.get(k) for k, _ in columns] for row in rows], format_cell)
 
 
 def write_json(path: str | Path, payload: dict) -> Path:
-    path = Path(path)
-    atomic_write_text(path, json.dumps(payload, indent=2, default=str) + "\n")
-    return path
+    return io.write_json(path, payload, default=str)

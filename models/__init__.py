@@ -16,7 +16,7 @@ from torch import nn
 
 from models.fashion_cnn import FashionCNN
 from models.norm import NORM_TYPES, norm_layer_class
-from utils.preprocess import InputError
+from utils.errors import InputError
 
 TORCHVISION_NAMES = (
     "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",

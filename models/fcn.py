@@ -117,7 +117,8 @@ def load_fcn(weights: str | None = None, device: torch.device | str = "cpu"):
 
     from models import pretrained_state_dict
     from utils.checkpoint import build_from_checkpoint, load_checkpoint
-    from utils.preprocess import InputError, Preprocess
+    from utils.errors import InputError
+    from utils.preprocess import Preprocess
 
     if weights is None:
         state = pretrained_state_dict("resnet18")

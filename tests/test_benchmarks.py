@@ -10,7 +10,7 @@ import json
 import pytest
 
 from benchmarks import bench_infer, bench_train
-from utils.preprocess import InputError
+from utils.errors import InputError
 
 
 def test_bench_train_tiny(fashion_root, tmp_path, capsys):

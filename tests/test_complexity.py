@@ -17,7 +17,7 @@ import complexity_thop
 import complexity_torchscan
 from models import ANALYSIS_NAMES, MODEL_NAMES
 from utils import complexity as cx
-from utils.preprocess import InputError
+from utils.errors import InputError
 
 SCRIPTS = {"fvcore": complexity_fvcore, "ptflops": complexity_ptflops, "thop": complexity_thop,
            "torchscan": complexity_torchscan}

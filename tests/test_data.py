@@ -15,7 +15,8 @@ from torchvision import transforms
 
 from utils import cli
 from utils.data import FASHION_MNIST_CLASSES, CheckedImageFolder, DataSpec, build_datasets, folder_splits, verify_images
-from utils.preprocess import InputError, Preprocess, eval_transform
+from utils.errors import InputError
+from utils.preprocess import Preprocess, eval_transform
 
 
 def torchvision_eval(img: Image.Image, pre: Preprocess) -> np.ndarray:

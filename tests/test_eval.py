@@ -14,7 +14,7 @@ import eval as eval_script
 from models import build_model
 from utils.checkpoint import load_checkpoint
 from utils.data import FASHION_MNIST_CLASSES
-from utils.preprocess import InputError
+from utils.errors import InputError
 
 REPORT_KEYS = {"model", "format", "engine", "weights", "dataset", "split", "num_images", "loss", "acc1", "acc5",
                "per_class_acc", "confusion_matrix", "classes", "params", "macs", "size_mb", "img_size", "latency_ms",

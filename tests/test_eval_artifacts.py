@@ -80,7 +80,7 @@ def test_eval_reports_every_format_and_summary_merges_them(artifacts, trained_ck
 
 def test_eval_rejects_unknown_files(tmp_path, fashion_root):
     import eval as eval_script
-    from utils.preprocess import InputError
+    from utils.errors import InputError
 
     junk = tmp_path / "junk.bin"
     junk.write_bytes(b"\x00" * 64)

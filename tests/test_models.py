@@ -10,7 +10,7 @@ from torch import nn
 from models import MODEL_NAMES, build_model, model_kwargs
 from models.fashion_cnn import FashionCNN
 from models.norm import GroupNorm2d, NoNorm
-from utils.preprocess import InputError
+from utils.errors import InputError
 
 
 def _forward(model: nn.Module, size: int) -> torch.Tensor:

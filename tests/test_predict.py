@@ -15,8 +15,9 @@ from torchvision import transforms
 
 from utils.checkpoint import build_from_checkpoint, load_checkpoint
 from utils.data import FASHION_MNIST_CLASSES
+from utils.errors import InputError
 from utils.export import export_artifact
-from utils.preprocess import InputError, load_image
+from utils.preprocess import load_image
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ import receptive_field
 import receptive_field_backprop
 from models import build_model
 from utils import receptive_field as rf
-from utils.preprocess import InputError
+from utils.errors import InputError
 
 
 def on_meta(name: str, num_classes: int = 1000, **kwargs) -> nn.Module:

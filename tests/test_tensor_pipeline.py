@@ -16,7 +16,8 @@ from torchvision.transforms import InterpolationMode
 
 from utils.augment import resolve_augment
 from utils.data import CheckedImageFolder, DataSpec, EvalTransform, build_datasets, build_transform, fashion_mnist
-from utils.preprocess import InputError, Preprocess
+from utils.errors import InputError
+from utils.preprocess import Preprocess
 from utils.tensor_pipeline import (
     AugmentParams,
     TensorEvalLoader,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from utils.preprocess import InputError
+from utils.errors import InputError
 
 NATIVE_SIZE_LIMIT = 64  # --augment auto: light at img_size <= this, seed above (same limit as the small-input stem)
 

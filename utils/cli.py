@@ -1,13 +1,14 @@
-"""CLI pieces shared by the scripts: common flags, device choice, and the one-line error exit."""
+"""CLI pieces shared by the scripts: common flags, device choice, and the one-line error exit. Torch-free at import."""
 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
-from utils.preprocess import InputError
+from utils.errors import InputError
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -18,19 +19,38 @@ def parser(description: str) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
 
 
-def add_device_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+def add_device_arg(p: argparse.ArgumentParser, default: str = "auto") -> None:
+    p.add_argument("--device", default=default, choices=["auto", "cpu", "cuda"],
                    help="where to run: auto = CUDA when available, else CPU")
 
 
-def add_data_args(p: argparse.ArgumentParser) -> None:
+def add_model_override_arg(p: argparse.ArgumentParser) -> None:
+    """-m/--model for scripts that read a checkpoint: the network name normally comes from the checkpoint."""
+    p.add_argument("-m", "--model", default=None, help="override the model name stored in the checkpoint")
+
+
+def add_data_args(p: argparse.ArgumentParser, *, batch_size: int = 64, num_workers: int = 2,
+                  from_checkpoint: bool = False) -> None:
+    """--dataset, --data_root, --batch_size, --num_workers. from_checkpoint: the defaults are the data the
+    checkpoint was trained on (quantize.py, benchmarks) instead of Fashion-MNIST under data/."""
+    where = "default: the checkpoint's dataset" if from_checkpoint else "default: Fashion-MNIST"
     p.add_argument("--dataset", default=None, metavar="PATH",
-                   help="image-folder dataset with train/ and val/ (or test/) holding one folder per class; "
-                        "default: Fashion-MNIST")
-    p.add_argument("--data_root", default="data",
-                   help="where Fashion-MNIST lives (<data_root>/FashionMNIST/raw/) or is downloaded to")
-    p.add_argument("--batch_size", type=int, default=64, help="images per batch (per process under torchrun)")
-    p.add_argument("--num_workers", type=int, default=2, help="DataLoader worker processes (0 = load in the main process)")
+                   help=f"image-folder dataset with train/ and val/ (or test/) holding one folder per class; {where}")
+    p.add_argument("--data_root", default=None if from_checkpoint else "data",
+                   help="where Fashion-MNIST lives (<data_root>/FashionMNIST/raw/) or is downloaded to"
+                        + ("; default: the checkpoint's" if from_checkpoint else ""))
+    p.add_argument("--batch_size", type=positive(), default=batch_size, help="images per batch (per process under torchrun)")
+    p.add_argument("--num_workers", type=non_negative(), default=num_workers,
+                   help="DataLoader worker processes (0 = load in the main process)")
+
+
+def explicit_dests(p: argparse.ArgumentParser, argv: Sequence[str] | None) -> set[str]:
+    """The destinations of the flags actually given on the command line (not left at their defaults)."""
+    probe = copy.deepcopy(p)
+    for action in probe._actions:
+        action.default = argparse.SUPPRESS
+        action.required = False
+    return set(vars(probe.parse_args(argv)))
 
 
 def resolve_device(choice: str, require_cuda: bool = False):
@@ -51,6 +71,15 @@ def positive(kind=int) -> Callable[[str], int | float]:
         value = kind(text)
         if value <= 0:
             raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    return check
+
+
+def non_negative(kind=int) -> Callable[[str], int | float]:
+    def check(text: str):
+        value = kind(text)
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
         return value
     return check
 

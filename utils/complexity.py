@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from utils.preprocess import InputError
+from utils.errors import InputError
 
 COMPLEXITY_DIR = Path("results/complexity")
 
@@ -174,7 +174,7 @@ def result_stem(am: AnalysisModel) -> str:
 
 
 def write_outputs(out_dir: Path, stem: str, text: str, payload: dict) -> tuple[Path, Path]:
-    from utils.checkpoint import atomic_write_text
+    from utils.io import atomic_write_text
 
     txt, js = out_dir / f"{stem}.txt", out_dir / f"{stem}.json"
     atomic_write_text(txt, text + "\n")

@@ -13,7 +13,9 @@ from PIL import Image
 from torchvision import datasets, transforms
 
 from utils.augment import Augment, resolve_augment
-from utils.preprocess import IMAGE_EXTENSIONS, InputError, Preprocess, eval_transform, load_image
+from utils.errors import InputError
+from utils.io import atomic_path
+from utils.preprocess import IMAGE_EXTENSIONS, Preprocess, eval_transform, load_image
 
 FASHION_MNIST_FILES = (
     "train-images-idx3-ubyte",
@@ -90,13 +92,12 @@ def ensure_fashion_mnist(data_root: str | Path) -> Path:
             src = next((p for p in (DEBIAN_FASHION_MNIST / f"{name}.gz", DEBIAN_FASHION_MNIST / name) if p.is_file()), None)
             if src is None:
                 break
-            tmp = raw / f".{name}.tmp"
-            if src.suffix == ".gz":  # Debian rewrote the gzip headers, so decompress instead of copying
-                with gzip.open(src, "rb") as fin, open(tmp, "wb") as fout:
-                    shutil.copyfileobj(fin, fout)
-            else:
-                shutil.copyfile(src, tmp)
-            os.replace(tmp, raw / name)
+            with atomic_path(raw / name) as tmp:
+                if src.suffix == ".gz":  # Debian rewrote the gzip headers, so decompress instead of copying
+                    with gzip.open(src, "rb") as fin, open(tmp, "wb") as fout:
+                        shutil.copyfileobj(fin, fout)
+                else:
+                    shutil.copyfile(src, tmp)
         if _raw_present(raw):
             return root
     try:
@@ -241,9 +242,8 @@ def save_test_images(data_root: str | Path, out_dir: str | Path, count: int = 10
         img, label = ds[i]
         name = FASHION_MNIST_CLASSES[label].replace("/", "_").replace(" ", "_")
         path = out / f"{i:05d}_{name}.png"
-        tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
-        img.save(tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            img.save(tmp)
         written.append(path)
     return written
 

@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import io
 import json
-import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,7 +31,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from utils.preprocess import InputError, Preprocess, list_images, preprocess_file
+from utils.errors import InputError
+from utils.io import atomic_path, file_sha256
+from utils.preprocess import Preprocess, list_images, preprocess_file
 from utils.runtime import TORCHSCRIPT_METADATA_FILE, OnnxModel, decode_metadata
 
 DEFAULT_OPSET = 17
@@ -50,14 +50,6 @@ class ParityError(Exception):
 
 
 # ----------------------------------------------------------------------------- metadata
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def describe_preprocess(pre: Preprocess) -> str:
@@ -86,11 +78,6 @@ def default_output(checkpoint: str | Path, model_name: str, engine: str, half: b
     """<checkpoint dir>/converted_models/<model>[_fp16].onnx|.pt"""
     suffix = ".onnx" if engine == "onnx" else ".pt"
     return Path(checkpoint).parent / "converted_models" / f"{model_name}{'_fp16' if half else ''}{suffix}"
-
-
-def temp_path(path: Path) -> Path:
-    """A hidden sibling with the same suffix (ONNX Runtime and torch.jit care about nothing else)."""
-    return path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
 
 
 # ----------------------------------------------------------------------------- inputs for the checks
@@ -365,9 +352,7 @@ def export_artifact(model: nn.Module, info: dict, checkpoint: str | Path, engine
     params = sum(p.numel() for p in model.parameters())
     reference = torch_forward(model)
     batches = random_batches(pre, dynamic_size) + ([real] if real is not None else [])
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(output)
-    try:
+    with atomic_path(output) as tmp:
         if engine == "onnx":
             if exporter == "dynamo" and opset < DYNAMO_MIN_OPSET:
                 raise InputError(f"--opset {opset}: the dynamo exporter writes opset {DYNAMO_MIN_OPSET} or newer")
@@ -393,9 +378,6 @@ def export_artifact(model: nn.Module, info: dict, checkpoint: str | Path, engine
         if not report.passed:
             raise ParityError(f"{engine} {precision} export differs from PyTorch by {report.max_abs_diff:.3g} "
                               f"> tolerance {report.tolerance:.3g}; nothing written to {output}")
-        os.replace(tmp, output)
-    finally:
-        tmp.unlink(missing_ok=True)
     return ExportResult(output, engine, precision, report, output.stat().st_size / 1e6, method)
 
 
@@ -489,7 +471,7 @@ def evaluate_loaded(loaded: LoadedModel, loader, num_classes: int, speed_repeats
                     return_predictions: bool = False) -> dict:
     """acc@1/acc@5/loss/confusion via utils.engine.evaluate's forward hook, then batch-1 latency and throughput."""
     from utils.engine import evaluate
-    from utils.speed import latency_and_throughput
+    from utils.timing import latency_and_throughput
 
     with torch.inference_mode():
         stats = evaluate(None, loader, loaded.device, num_classes, forward=loaded.forward, show_progress=show_progress,

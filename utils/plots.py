@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import matplotlib
@@ -12,15 +11,17 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from utils.io import atomic_path  # noqa: E402
 
-def _save(fig, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Write a matplotlib figure as PNG atomically and close it."""
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    return Path(path)
 
 
 def plot_results(rows: list[dict], path: str | Path) -> Path:
@@ -50,7 +51,7 @@ def plot_results(rows: list[dict], path: str | Path) -> Path:
             ax.set_xlim(min(epochs) - 0.2, max(epochs) + 0.2)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_confusion_matrix(cm: np.ndarray, classes: list[str], path: str | Path, title: str = "") -> Path:
@@ -74,7 +75,7 @@ def plot_confusion_matrix(cm: np.ndarray, classes: list[str], path: str | Path, 
                     ax.text(j, i, format(data[i, j], fmt), ha="center", va="center", fontsize=6,
                             color="white" if data[i, j] > peak / 2 else "black")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_examples(images: list[np.ndarray], titles: list[str], path: str | Path, cols: int = 8) -> Path:
@@ -87,4 +88,4 @@ def plot_examples(images: list[np.ndarray], titles: list[str], path: str | Path,
         ax.imshow(img.squeeze(), cmap="gray" if img.ndim == 2 or img.shape[-1] == 1 else None)
         ax.set_title(title, fontsize=7)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import warnings
 from pathlib import Path
 
@@ -32,8 +31,10 @@ from torch import nn
 from torch.utils.data import DataLoader, RandomSampler, Subset
 
 from utils.data import CheckedImageFolder, DataSpec, EvalTransform, build_eval_dataset, fashion_mnist, folder_splits
-from utils.export import build_metadata, quiet_export, temp_path
-from utils.preprocess import InputError, Preprocess
+from utils.errors import InputError
+from utils.export import build_metadata, quiet_export
+from utils.io import atomic_path, file_sha256, temp_sibling
+from utils.preprocess import Preprocess
 
 FP16_KEEP_KEYS = ("model_name", "num_classes", "classes", "preprocess", "model_kwargs", "epoch", "best_acc1", "args",
                   "torch_version")
@@ -83,8 +84,6 @@ def eval_loader(spec: DataSpec, pre: Preprocess, batch_size: int, max_images: in
 
 def fp16_checkpoint(ckpt: dict, source: str | Path) -> dict:
     """A half-precision inference checkpoint: EMA weights if present, float tensors cast to float16."""
-    from utils.export import file_sha256
-
     state = ckpt["ema"]["module"] if ckpt.get("ema") else ckpt["model"]
     out = {k: ckpt[k] for k in FP16_KEEP_KEYS if k in ckpt}
     out.update(model={k: v.half() if v.is_floating_point() else v for k, v in state.items()}, ema=None, precision="fp16",
@@ -121,26 +120,24 @@ def quantize_onnx_int8(fp32_path: Path, output: Path, batches: list[torch.Tensor
     src = onnx.load(str(fp32_path))
     meta = {p.key: p.value for p in src.metadata_props}
     input_name = src.graph.input[0].name
-    output.parent.mkdir(parents=True, exist_ok=True)
-    pre_path, tmp = temp_path(output.with_name(output.stem + "_prep.onnx")), temp_path(output)
+    pre_path = temp_sibling(output.with_name(output.stem + "_prep.onnx"))  # an intermediate, never published
     try:
-        with quiet_export():
-            quant_pre_process(str(fp32_path), str(pre_path))
-            quantize_static(str(pre_path), str(tmp), BatchReader(input_name, [b.numpy() for b in batches]),
-                            quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QUInt8 if activations == "uint8" else QuantType.QInt8,
-                            weight_type=QuantType.QInt8)
-        proto = onnx.load(str(tmp))
-        del proto.metadata_props[:]
-        for key, value in {**meta, **metadata_update}.items():
-            entry = proto.metadata_props.add()
-            entry.key, entry.value = key, value
-        onnx.save(proto, str(tmp))
-        onnx.checker.check_model(str(tmp), full_check=True)
-        os.replace(tmp, output)
+        with atomic_path(output) as tmp:
+            with quiet_export():
+                quant_pre_process(str(fp32_path), str(pre_path))
+                quantize_static(str(pre_path), str(tmp), BatchReader(input_name, [b.numpy() for b in batches]),
+                                quant_format=QuantFormat.QDQ, per_channel=True,
+                                activation_type=QuantType.QUInt8 if activations == "uint8" else QuantType.QInt8,
+                                weight_type=QuantType.QInt8)
+            proto = onnx.load(str(tmp))
+            del proto.metadata_props[:]
+            for key, value in {**meta, **metadata_update}.items():
+                entry = proto.metadata_props.add()
+                entry.key, entry.value = key, value
+            onnx.save(proto, str(tmp))
+            onnx.checker.check_model(str(tmp), full_check=True)
     finally:
         pre_path.unlink(missing_ok=True)
-        tmp.unlink(missing_ok=True)
     return output
 
 
@@ -203,12 +200,6 @@ def save_quantized_torchscript(qmodel: nn.Module, path: Path, info: dict, checkp
         except Exception:
             program, method = torch.jit.trace(qmodel, example), "traced"
     meta = build_metadata(info, checkpoint, precision, quantization=note, torchscript=method, params=params)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(path)
-    try:
-        with quiet_export():
-            torch.jit.save(program, str(tmp), _extra_files={TORCHSCRIPT_METADATA_FILE: json.dumps(meta, indent=1)})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path) as tmp, quiet_export():
+        torch.jit.save(program, str(tmp), _extra_files={TORCHSCRIPT_METADATA_FILE: json.dumps(meta, indent=1)})
     return path

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from utils.preprocess import InputError, Preprocess, preprocess_file
+from utils.errors import InputError
+from utils.preprocess import Preprocess, preprocess_file
 
 METADATA_KEYS = ("model_name", "classes", "preprocess", "preprocessing", "precision", "source_checkpoint",
                  "source_sha256", "exporter", "opset", "dynamic_size", "torch_version")

@@ -30,7 +30,8 @@ from torch.utils.data import Sampler
 from tqdm import tqdm
 
 from utils.augment import Augment, resolve_augment
-from utils.preprocess import InputError, Preprocess, center_crop, load_image, resize_shorter, to_model_mode
+from utils.errors import InputError
+from utils.preprocess import Preprocess, center_crop, load_image, resize_shorter, to_model_mode
 
 PIPELINES = ("auto", "pil", "tensor")
 CROP_SCALE = (0.8, 1.0)
