@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 
 from utils import cli
 from utils.complexity import registry_macs
-from utils.data import DataSpec, build_eval_dataset
+from utils.data.datasets import DataSpec, build_eval_dataset
 from utils.engine import per_class_accuracy
 from utils.errors import InputError
 from utils.export import evaluate_loaded, load_for_eval
@@ -69,7 +69,7 @@ def misclassified_grid(dataset, predictions: torch.Tensor, classes: list[str], p
         if pred != true:
             img = dataset.samples[i][0] if hasattr(dataset, "samples") else dataset.data[i].numpy()
             if isinstance(img, str):
-                from utils.preprocess import load_image
+                from utils.data.preprocess import load_image
 
                 img = np.asarray(load_image(img))
             images.append(np.asarray(img))

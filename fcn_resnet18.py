@@ -30,9 +30,9 @@ import torch
 
 from models.fcn import fcn_image_tensor, largest_region_box, load_fcn, map_to_image, rank_classes, score_geometry
 from utils import cli
+from utils.data.preprocess import eval_transform, load_image
 from utils.errors import InputError
 from utils.io import atomic_write_text
-from utils.preprocess import eval_transform, load_image
 
 
 def build_parser():

@@ -22,8 +22,8 @@ import time
 import numpy as np
 
 from utils import cli
+from utils.data.preprocess import Preprocess
 from utils.errors import InputError
-from utils.preprocess import Preprocess
 from utils.runtime import (
     ONNX_SUFFIXES,
     TORCHSCRIPT_SUFFIXES,

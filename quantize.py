@@ -35,19 +35,11 @@ import torch
 
 from utils import cli
 from utils.checkpoint import atomic_save, build_from_checkpoint, load_checkpoint
+from utils.data.loaders import calibration_batches, data_spec, eval_loader
 from utils.errors import InputError
 from utils.export import evaluate_loaded, export_artifact, load_for_eval
 from utils.io import atomic_write_text, file_sha256, markdown_table
-from utils.quantize import (
-    calibration_batches,
-    data_spec,
-    eval_loader,
-    fp16_checkpoint,
-    quantize_dynamic_int8,
-    quantize_fx_int8,
-    quantize_onnx_int8,
-    save_quantized_torchscript,
-)
+from utils.quantize import fp16_checkpoint, quantize_dynamic_int8, quantize_fx_int8, quantize_onnx_int8, save_quantized_torchscript
 from utils.runtime import OnnxModel
 
 TABLE_COLUMNS = ("format", "compute", "size (MB)", "acc@1 (%)", "acc@5 (%)", "Δacc@1 (points)", "latency (ms)", "throughput (img/s)")

@@ -33,9 +33,9 @@ import torch
 from models.fcn import fcn_image_tensor, load_fcn, map_to_image, rank_classes, score_geometry
 from utils import cli
 from utils import receptive_field as rf
+from utils.data.preprocess import load_image
 from utils.errors import InputError
 from utils.io import atomic_path, atomic_write_text
-from utils.preprocess import load_image
 
 
 def build_parser():

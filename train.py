@@ -27,19 +27,19 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from models import MODEL_NAMES, build_model, model_kwargs
 from models.norm import NORM_TYPES
 from utils import cli
-from utils.augment import AUGMENT_CHOICES, resolve_augment
 from utils.checkpoint import atomic_save, load_checkpoint, rng_state, set_rng_state
-from utils.data import DataSpec, build_datasets
+from utils.data.augment import AUGMENT_CHOICES, resolve_augment
+from utils.data.datasets import DataSpec, build_datasets
+from utils.data.preprocess import Preprocess
+from utils.data.samplers import ShardSampler
+from utils.data.tensor_pipeline import build_tensor_loaders, choose_pipeline
 from utils.distributed import barrier, cleanup, init_distributed, is_main_process
 from utils.ema import ModelEMA, unwrap
 from utils.engine import TrainState, evaluate, train_one_epoch
 from utils.errors import InputError
 from utils.io import atomic_write_text
 from utils.plots import plot_results
-from utils.preprocess import Preprocess
-from utils.sampler import ShardSampler
 from utils.schedule import WarmupCosine
-from utils.tensor_pipeline import build_tensor_loaders, choose_pipeline
 
 CSV_COLUMNS = ["epoch", "lr", "train_loss", "train_acc1", "val_loss", "val_acc1", "val_acc5", "seconds"]
 
@@ -160,9 +160,10 @@ def main(argv=None) -> int:
     pin = device.type == "cuda"
     pipeline, pipeline_reason = choose_pipeline(args.data_pipeline, train_set, val_set, pre)
     if pipeline == "tensor":
-        train_loader, val_loader = build_tensor_loaders(train_set, val_set, pre, sampler, args.batch_size, args.batch_size * 2,
-                                                        device, per_rank > args.batch_size, ShardSampler(len(val_set), rank, world),
-                                                        augment)
+        train_loader, val_loader = build_tensor_loaders(train_set, val_set, pre, sampler, batch_size=args.batch_size,
+                                                        eval_batch_size=args.batch_size * 2, device=device,
+                                                        drop_last=per_rank > args.batch_size,
+                                                        val_indices=ShardSampler(len(val_set), rank, world), augment=augment)
     else:
         train_loader = DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
                                   pin_memory=pin, drop_last=per_rank > args.batch_size,

@@ -33,17 +33,12 @@ import torch  # noqa: E402
 from benchmarks.common import ROOT, OtherLoad, command_line, contention_note, machine_info, table, write_json  # noqa: E402
 from utils import cli  # noqa: E402
 from utils.checkpoint import build_from_checkpoint, load_checkpoint  # noqa: E402
+from utils.data.datasets import save_test_images, val_folder  # noqa: E402
+from utils.data.loaders import calibration_batches, data_spec, eval_loader
+from utils.data.preprocess import list_images  # noqa: E402
 from utils.errors import InputError  # noqa: E402
 from utils.export import evaluate_loaded, export_artifact, load_for_eval  # noqa: E402
-from utils.preprocess import list_images  # noqa: E402
-from utils.quantize import (  # noqa: E402
-    calibration_batches,
-    data_spec,
-    eval_loader,
-    quantize_fx_int8,
-    quantize_onnx_int8,
-    save_quantized_torchscript,
-)
+from utils.quantize import quantize_fx_int8, quantize_onnx_int8, save_quantized_torchscript
 
 FORMAT_COLUMNS = [("model", "model"), ("format", "format"), ("compute", "compute"), ("size_mb", "size (MB)"),
                   ("acc1_pct", "acc@1 (%)"), ("acc5_pct", "acc@5 (%)"), ("latency_ms", "latency (ms, batch 1)"),
@@ -73,13 +68,11 @@ def parse_args(argv=None):
 def test_image(spec, work: Path) -> Path:
     """One real validation image as a file: a Fashion-MNIST test PNG, or the folder's first val image."""
     if spec.dataset:
-        val = Path(spec.dataset) / ("val" if (Path(spec.dataset) / "val").is_dir() else "test")
+        val = val_folder(spec.dataset)
         images = list_images(val)
         if not images:
             raise InputError(f"no validation images in {val}")
         return images[0]
-    from utils.data import save_test_images
-
     return save_test_images(spec.data_root, work / "test_images", count=1)[0]
 
 

@@ -32,8 +32,8 @@ from benchmarks.common import OtherLoad, command_line, contention_note, machine_
 from models import MODEL_NAMES, build_model, model_kwargs  # noqa: E402
 from utils import cli  # noqa: E402
 from utils.complexity import run_flop_counter  # noqa: E402
+from utils.data.preprocess import Preprocess  # noqa: E402
 from utils.precision import bf16_native  # noqa: E402
-from utils.preprocess import Preprocess  # noqa: E402
 from utils.timing import latency_and_throughput, median_seconds  # noqa: E402
 
 ENGINES = ("eager", "eager_bf16_cl", "torchscript", "onnx_fp32", "onnx_int8")
@@ -123,7 +123,7 @@ def onnx_engine(model: torch.nn.Module, engine: str, pre: Preprocess, workdir: P
         write_onnx(copy.deepcopy(model), fp32, pre, meta, opset=17, dynamic_size=False, half=False, exporter="legacy")
     path = fp32
     if engine == "onnx_int8":
-        from utils.quantize import quantize_onnx_int8  # what quantize.py ships: static QDQ, per-channel int8 weights
+        from utils.quantize import quantize_onnx_int8
 
         generator = torch.Generator().manual_seed(0)
         batches = [torch.randn(2, pre.channels, pre.img_size, pre.img_size, generator=generator)

@@ -30,13 +30,13 @@ from tqdm import tqdm  # noqa: E402
 from benchmarks.common import OtherLoad, command_line, contention_note, machine_info, table, write_json  # noqa: E402
 from models import MODEL_NAMES, build_model, model_kwargs  # noqa: E402
 from utils import cli  # noqa: E402
-from utils.data import build_transform, fashion_mnist  # noqa: E402
+from utils.data.datasets import build_transform, fashion_mnist  # noqa: E402
+from utils.data.preprocess import Preprocess  # noqa: E402
+from utils.data.tensor_pipeline import TensorTrainLoader, train_images_tensor  # noqa: E402
 from utils.engine import TrainState, train_one_epoch  # noqa: E402
 from utils.errors import InputError  # noqa: E402
 from utils.precision import bf16_native  # noqa: E402
-from utils.preprocess import Preprocess  # noqa: E402
 from utils.schedule import WarmupCosine  # noqa: E402
-from utils.tensor_pipeline import TensorTrainLoader, train_images_tensor  # noqa: E402
 
 SEED = {"img_size": 224, "precision": "fp32", "memory_format": "nchw", "pipeline": "pil", "compile": "off"}
 COLUMNS = [("model", "model"), ("img_size", "img px"), ("precision", "precision"), ("memory_format", "memory"),

@@ -117,8 +117,8 @@ def load_fcn(weights: str | None = None, device: torch.device | str = "cpu"):
 
     from models import pretrained_state_dict
     from utils.checkpoint import build_from_checkpoint, load_checkpoint
+    from utils.data.preprocess import Preprocess
     from utils.errors import InputError
-    from utils.preprocess import Preprocess
 
     if weights is None:
         state = pretrained_state_dict("resnet18")
@@ -143,7 +143,7 @@ def fcn_image_tensor(img, pre, max_side: int = 0):
     longer side is <= max_side (0 = never shrink)."""
     from PIL import Image
 
-    from utils.preprocess import normalize, to_model_mode
+    from utils.data.preprocess import normalize, to_model_mode
 
     img = to_model_mode(img, pre.channels)
     if max_side and max(img.size) > max_side:

@@ -16,5 +16,5 @@ $PY eval.py --weights weights/FashionMNIST/custom/best.pth --quiet
 # Deploy: export to ONNX (checked against PyTorch), save three real test images as PNG, predict them
 # with ONNX Runtime (no torch import; class names and preprocessing come from the .onnx metadata).
 $PY export.py --weights weights/FashionMNIST/custom/best.pth
-$PY -m utils.data --save_test_images data/test_images --count 3
+$PY save_test_images.py --out data/test_images --count 3
 $PY predict.py --model weights/FashionMNIST/custom/converted_models/custom.onnx --image data/test_images --topk 3

@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = """
 import sys
 from utils import cli
-from utils.preprocess import InputError
+from utils.errors import InputError
 
 def main():
     if sys.argv[1] == "flood":

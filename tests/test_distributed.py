@@ -13,7 +13,7 @@ import torch
 from conftest import ROOT, make_fashion_root
 
 import eval as eval_script
-from utils.sampler import ShardSampler
+from utils.data.samplers import ShardSampler
 
 
 @pytest.mark.parametrize("length,world", [(101, 2), (7, 3), (2, 4)])

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from utils.checkpoint import build_from_checkpoint, load_checkpoint
+from utils.data.loaders import calibration_batches, data_spec
 from utils.export import export_artifact
-from utils.quantize import calibration_batches, data_spec, quantize_onnx_int8
+from utils.quantize import quantize_onnx_int8
 from utils.runtime import artifact_kind
 
 

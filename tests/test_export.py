@@ -12,10 +12,10 @@ import torch
 from conftest import run_script
 
 from models import MODEL_NAMES, build_model, model_kwargs
+from utils.data.preprocess import Preprocess
 from utils.errors import InputError
 from utils.export import FP32_ATOL, FP32_RTOL, export_artifact, load_torchscript
 from utils.io import file_sha256
-from utils.preprocess import Preprocess
 from utils.runtime import OnnxModel, read_torchscript_metadata
 
 SIZE = 32

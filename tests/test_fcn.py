@@ -14,8 +14,8 @@ import fcn_resnet18
 from models import build_model, model_kwargs
 from models.fcn import fcn_from_resnet, largest_region_box
 from utils.checkpoint import atomic_save
+from utils.data.preprocess import Preprocess
 from utils.errors import InputError
-from utils.preprocess import Preprocess
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

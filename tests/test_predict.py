@@ -14,10 +14,10 @@ from PIL import Image
 from torchvision import transforms
 
 from utils.checkpoint import build_from_checkpoint, load_checkpoint
-from utils.data import FASHION_MNIST_CLASSES
+from utils.data.datasets import FASHION_MNIST_CLASSES
+from utils.data.preprocess import load_image
 from utils.errors import InputError
 from utils.export import export_artifact
-from utils.preprocess import load_image
 
 
 @pytest.fixture(scope="module")
@@ -69,10 +69,10 @@ def mode_images(tmp_path_factory, fashion_root):
     # Lossy or palette formats: what the user expects is Pillow's own decoding of the file.
     for name in ("photo.jpg", "palette.png", "cmyk.jpg"):
         expected[name] = np.asarray(Image.open(folder / name).convert("RGB"))
-    # Real test images written by `python -m utils.data --save_test_images` (the demo's way to get inputs).
-    from utils import data
+    # Real test images written by `python save_test_images.py` (the demo's way to get inputs).
+    import save_test_images
 
-    assert data.main(["--save_test_images", str(folder / "saved"), "--count", "3", "--data_root", str(fashion_root)]) == 0
+    assert save_test_images.main(["--out", str(folder / "saved"), "--count", "3", "--data_root", str(fashion_root)]) == 0
     for path in sorted((folder / "saved").iterdir()):
         expected[f"saved/{path.name}"] = np.asarray(Image.open(path).convert("RGB"))
     return folder, expected

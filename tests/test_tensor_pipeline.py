@@ -14,11 +14,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from torchvision.transforms import InterpolationMode
 
-from utils.augment import resolve_augment
-from utils.data import CheckedImageFolder, DataSpec, EvalTransform, build_datasets, build_transform, fashion_mnist
-from utils.errors import InputError
-from utils.preprocess import Preprocess
-from utils.tensor_pipeline import (
+from utils.data.augment import resolve_augment
+from utils.data.datasets import CheckedImageFolder, DataSpec, EvalTransform, build_datasets, build_transform, fashion_mnist
+from utils.data.preprocess import Preprocess
+from utils.data.tensor_pipeline import (
     AugmentParams,
     TensorEvalLoader,
     TensorTrainLoader,
@@ -31,6 +30,7 @@ from utils.tensor_pipeline import (
     sample_params,
     train_images_tensor,
 )
+from utils.errors import InputError
 
 
 def _histogram(values: torch.Tensor, size: int) -> torch.Tensor:
@@ -264,7 +264,8 @@ def test_choose_pipeline(fashion_root, tmp_path):
                 Image.fromarray(np.full((24, 30, 3), 40 * k + n, np.uint8)).save(uniform / split / name / f"{n}.png")
     train_set, val_set, _ = build_datasets(DataSpec(str(uniform)), pre)
     assert choose_pipeline("auto", train_set, val_set, pre)[0] == "tensor"
-    train_loader, val_loader = build_tensor_loaders(train_set, val_set, pre, list(range(6)), 4, 8, torch.device("cpu"), False)
+    train_loader, val_loader = build_tensor_loaders(train_set, val_set, pre, list(range(6)), batch_size=4, eval_batch_size=8,
+                                                    device=torch.device("cpu"), drop_last=False)
     x, y = next(iter(train_loader))
     assert x.shape == (4, 3, 28, 28) and len(train_loader) == 2
     assert next(iter(val_loader))[0].shape == (6, 3, 28, 28)

@@ -9,9 +9,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from utils.data.preprocess import Preprocess
 from utils.errors import InputError
 from utils.io import atomic_path
-from utils.preprocess import Preprocess
 
 
 def atomic_save(obj, path: str | Path) -> None:

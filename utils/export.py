@@ -31,9 +31,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from utils.data.preprocess import Preprocess, list_images, preprocess_file
 from utils.errors import InputError
 from utils.io import atomic_path, file_sha256
-from utils.preprocess import Preprocess, list_images, preprocess_file
 from utils.runtime import TORCHSCRIPT_METADATA_FILE, OnnxModel, decode_metadata
 
 DEFAULT_OPSET = 17
@@ -129,13 +129,15 @@ def real_images(pre: Preprocess, image_spec: list[str] | None = None, train_args
     args = train_args or {}
     dataset, data_root = args.get("dataset"), Path(args.get("data_root") or "data")
     if dataset:
-        val = Path(dataset) / "val" if (Path(dataset) / "val").is_dir() else Path(dataset) / "test"
+        from utils.data.datasets import val_folder
+
+        val = val_folder(dataset)
         paths = list_images(val)[:count] if val.is_dir() else []
         if paths:
             return f"{len(paths)} real images from {val}", np.stack([preprocess_file(p, pre) for p in paths])
         return None
     if _fashion_mnist_test_present(data_root):
-        from utils.data import EvalTransform, fashion_mnist
+        from utils.data.datasets import EvalTransform, fashion_mnist
 
         ds = fashion_mnist(data_root, False, EvalTransform(pre))
         n = min(count, len(ds))

@@ -28,55 +28,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, RandomSampler, Subset
 
-from utils.data import CheckedImageFolder, DataSpec, EvalTransform, build_eval_dataset, fashion_mnist, folder_splits
 from utils.errors import InputError
 from utils.export import build_metadata, quiet_export
 from utils.io import atomic_path, file_sha256, temp_sibling
-from utils.preprocess import Preprocess
 
 FP16_KEEP_KEYS = ("model_name", "num_classes", "classes", "preprocess", "model_kwargs", "epoch", "best_acc1", "args",
                   "torch_version")
-
-
-# ----------------------------------------------------------------------------- data
-
-
-def data_spec(train_args: dict | None, dataset: str | None = None, data_root: str | None = None) -> DataSpec:
-    """The dataset a checkpoint was trained on (from its saved args), unless --dataset/--data_root override it."""
-    args = train_args or {}
-    if dataset or data_root:
-        return DataSpec(dataset, data_root or args.get("data_root") or "data")
-    return DataSpec(args.get("dataset"), args.get("data_root") or "data")
-
-
-def calibration_batches(spec: DataSpec, pre: Preprocess, num_batches: int, batch_size: int, seed: int = 0) -> list[torch.Tensor]:
-    """`num_batches` batches of training images through the eval transform, from a seeded random sample
-    (image folders are sorted by class, so the first images would all be one class)."""
-    tf = EvalTransform(pre)
-    if spec.dataset:
-        train_dir, _ = folder_splits(spec.dataset)
-        ds = CheckedImageFolder(str(train_dir), tf, pre.channels)
-    else:
-        ds = fashion_mnist(spec.data_root, True, tf)
-    gen = torch.Generator().manual_seed(seed)
-    loader = DataLoader(ds, batch_size=batch_size, sampler=RandomSampler(ds, generator=gen))
-    out = []
-    for images, _ in loader:
-        out.append(images)
-        if len(out) == num_batches:
-            break
-    return out
-
-
-def eval_loader(spec: DataSpec, pre: Preprocess, batch_size: int, max_images: int | None = None,
-                num_workers: int = 0) -> tuple[DataLoader, list[str]]:
-    """The validation split (eval transform), optionally only its first `max_images` images."""
-    ds, classes, _ = build_eval_dataset(spec, pre, "val")
-    if max_images and max_images < len(ds):
-        ds = Subset(ds, range(max_images))
-    return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers), classes
 
 
 # ----------------------------------------------------------------------------- FP16

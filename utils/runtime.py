@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from utils.data.preprocess import Preprocess, preprocess_file
 from utils.errors import InputError
-from utils.preprocess import Preprocess, preprocess_file
 
 METADATA_KEYS = ("model_name", "classes", "preprocess", "preprocessing", "precision", "source_checkpoint",
                  "source_sha256", "exporter", "opset", "dynamic_size", "torch_version")
@@ -283,7 +283,7 @@ def report(results: list[Prediction], header: dict, as_json: bool, k: int) -> in
 
 def expand_images(specs: Sequence[str]) -> list[Path]:
     """--image values (files, folders, globs) -> image paths; an empty expansion is an input error."""
-    from utils.preprocess import list_images
+    from utils.data.preprocess import list_images
 
     paths = list_images(list(specs))
     if not paths:

@@ -3,7 +3,7 @@
 Why: the PIL pipeline decodes, upsamples, rotates and normalises every image separately in DataLoader
 workers; on a CPU that costs more than the small network's training step. Here a batch of B images
 is augmented with ONE grid_sample call: each sample gets an affine matrix composing the train recipe of
-`utils.data.build_transform` for the chosen `utils.augment.Augment` policy (the seed's: RandomResizedCrop(resize,
+`utils.data.datasets.build_transform` for the chosen `utils.data.augment.Augment` policy (the seed's: RandomResizedCrop(resize,
 scale 0.8-1, ratio 3/4-4/3) -> RandomRotation(15) -> RandomHorizontalFlip -> CenterCrop(img_size) -> Normalize;
 without a random crop the box is the image's central square, which equals Resize(shorter side) -> CenterCrop).
 The crop, angle, flip and erased box are drawn from the same distributions as torchvision's (same rejection
@@ -12,7 +12,7 @@ rotated in from outside the crop are black (0), as PIL's rotate fills them. The 
 bilinear resampling instead of PIL's bilinear resize followed by a nearest-neighbour rotation.
 
 Validation equals the shared eval transform bit for bit: the val set is resized and centre-cropped once
-with the same PIL code (`utils.preprocess`), kept as uint8, and normalised per batch with the same float32
+with the same PIL code (`utils.data.preprocess`), kept as uint8, and normalised per batch with the same float32
 operations.
 """
 
@@ -29,9 +29,9 @@ from PIL import Image
 from torch.utils.data import Sampler
 from tqdm import tqdm
 
-from utils.augment import Augment, resolve_augment
+from utils.data.augment import Augment, resolve_augment
 from utils.errors import InputError
-from utils.preprocess import Preprocess, center_crop, load_image, resize_shorter, to_model_mode
+from utils.data.preprocess import Preprocess, center_crop, load_image, resize_shorter, scale_and_normalize, to_model_mode
 
 PIPELINES = ("auto", "pil", "tensor")
 CROP_SCALE = (0.8, 1.0)
@@ -242,13 +242,13 @@ def augment_batch(images: torch.Tensor, params: AugmentParams, pre: Preprocess) 
 
 
 def normalize_batch(images: torch.Tensor, pre: Preprocess) -> torch.Tensor:
-    """uint8 (B, C, S, S) -> float32 with exactly the operations of utils.preprocess.normalize (bit-equal)."""
-    x = images.float() / torch.tensor(255.0, dtype=torch.float32, device=images.device)
+    """uint8 (B, C, S, S) -> float32 through utils.data.preprocess's formula (bit-equal to the per-image eval transform)."""
+    x = images.float()
     if x.shape[1] != pre.channels:
         x = x.expand(-1, pre.channels, -1, -1)
     mean = torch.tensor(pre.mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
     std = torch.tensor(pre.std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
-    return (x - mean) / std
+    return scale_and_normalize(x, mean, std)
 
 
 # ----------------------------------------------------------------------------- datasets as tensors
@@ -425,7 +425,7 @@ class TensorEvalLoader:
             yield images, self.targets[index].to(self.device, non_blocking=True)
 
 
-def build_tensor_loaders(train_set, val_set, pre: Preprocess, sampler: Sampler, batch_size: int, eval_batch_size: int,
+def build_tensor_loaders(train_set, val_set, pre: Preprocess, sampler: Sampler, *, batch_size: int, eval_batch_size: int,
                          device: torch.device, drop_last: bool, val_indices=None,
                          augment: Augment | None = None) -> tuple[TensorTrainLoader, TensorEvalLoader]:
     """Train and val loaders of the tensor pipeline for datasets built by utils.data.build_datasets."""

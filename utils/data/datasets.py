@@ -12,10 +12,10 @@ import torch
 from PIL import Image
 from torchvision import datasets, transforms
 
-from utils.augment import Augment, resolve_augment
+from utils.data.augment import Augment, resolve_augment
 from utils.errors import InputError
 from utils.io import atomic_path
-from utils.preprocess import IMAGE_EXTENSIONS, Preprocess, eval_transform, load_image
+from utils.data.preprocess import IMAGE_EXTENSIONS, Preprocess, eval_transform, load_image
 
 FASHION_MNIST_FILES = (
     "train-images-idx3-ubyte",
@@ -142,13 +142,19 @@ class CheckedImageFolder(datasets.ImageFolder):
         return classes, {c: i for i, c in enumerate(classes)}
 
 
+def val_folder(dataset: str | Path) -> Path:
+    """The validation split of an image-folder dataset: `val/`, or `test/` when there is no `val/`."""
+    root = Path(dataset)
+    return root / "val" if (root / "val").is_dir() else root / "test"
+
+
 def folder_splits(dataset: str | Path) -> tuple[Path, Path]:
     """Return (train_dir, val_dir) of an image-folder dataset; `test/` stands in for a missing `val/`."""
     root = Path(dataset)
     if not root.is_dir():
         raise InputError(f"dataset folder not found: {root} (give --dataset a folder holding train/ and val/)")
     train_dir = root / "train"
-    val_dir = root / "val" if (root / "val").is_dir() else root / "test"
+    val_dir = val_folder(root)
     if not train_dir.is_dir():
         raise InputError(f"{root} has no train/ folder: expected {root}/train/<class>/<images> and {root}/val/<class>/<images>")
     if not val_dir.is_dir():
@@ -232,7 +238,7 @@ def build_eval_dataset(spec: DataSpec, pre: Preprocess, split: str = "val"):
 def save_test_images(data_root: str | Path, out_dir: str | Path, count: int = 10, start: int = 0) -> list[Path]:
     """Write Fashion-MNIST test images `start`..`start+count-1` as 28x28 grayscale PNGs named <index>_<class>.png.
 
-    Gives predict.py real inputs with known labels (the label is in the file name).
+    Gives predict.py real inputs with known labels (the label is in the file name); save_test_images.py is its CLI.
     """
     ds = fashion_mnist(data_root, train=False)
     out = Path(out_dir)
@@ -246,24 +252,3 @@ def save_test_images(data_root: str | Path, out_dir: str | Path, count: int = 10
             img.save(tmp)
         written.append(path)
     return written
-
-
-def main(argv=None) -> int:
-    """python -m utils.data --save_test_images DIR [--count N]: real Fashion-MNIST test images as PNG files."""
-    from utils import cli
-
-    p = cli.parser("Save real Fashion-MNIST test images as PNG files (<index>_<class>.png), e.g. for predict.py.")
-    p.add_argument("--save_test_images", required=True, metavar="DIR", help="folder to write the PNG files to")
-    p.add_argument("--count", type=cli.positive(), default=10, help="how many test images")
-    p.add_argument("--start", type=int, default=0, help="index of the first test image")
-    p.add_argument("--data_root", default="data", help="where Fashion-MNIST lives (<data_root>/FashionMNIST/raw/)")
-    args = p.parse_args(argv)
-    paths = save_test_images(args.data_root, args.save_test_images, args.count, args.start)
-    print(f"wrote {len(paths)} images to {args.save_test_images}/ (first: {paths[0].name})" if paths else "no images written")
-    return 0
-
-
-if __name__ == "__main__":
-    from utils import cli as _cli
-
-    _cli.run(main)

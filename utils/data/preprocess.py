@@ -128,15 +128,21 @@ def center_crop(img: Image.Image, size: int) -> Image.Image:
     return img.crop((left, top, left + size, top + size))
 
 
+def scale_and_normalize(pixels, mean, std):
+    """(pixels / 255 - mean) / std for float32 numpy arrays or torch tensors alike (mean/std of the same kind,
+    shaped to broadcast over the channel axis): one formula, the same float32 operations in the same order, so
+    the per-image numpy path (predict, eval) and the batched torch path (tensor pipeline) agree bit for bit."""
+    return (pixels / 255.0 - mean) / std
+
+
 def normalize(img: Image.Image, pre: Preprocess) -> np.ndarray:
     """PIL image -> float32 CHW array scaled to [0, 1] then normalised by mean/std."""
-    arr = np.asarray(img, dtype=np.float32) / np.float32(255.0)
+    arr = np.asarray(img, dtype=np.float32)
     if arr.ndim == 2:
         arr = arr[:, :, None]
-    arr = arr.transpose(2, 0, 1)
     mean = np.asarray(pre.mean, dtype=np.float32)[:, None, None]
     std = np.asarray(pre.std, dtype=np.float32)[:, None, None]
-    return np.ascontiguousarray((arr - mean) / std)
+    return np.ascontiguousarray(scale_and_normalize(arr.transpose(2, 0, 1), mean, std))
 
 
 def eval_transform(img: Image.Image, pre: Preprocess) -> np.ndarray:

@@ -1,0 +1,96 @@
+"""Loaders: the two a training run iterates (train: shuffled, sharded under torchrun; validation: each image once),
+the evaluation loader of the split a checkpoint was trained on, and calibration batches for INT8 quantization.
+
+For training, one decision is made here: the tensor pipeline (dataset as one uint8 tensor, augmented in batches on the training device)
+or per-image PIL transforms in DataLoader workers; see utils.data.tensor_pipeline.choose_pipeline. Both visit the
+same images in the same order for a given seed and epoch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sampler, Subset
+
+from utils.data.augment import Augment
+from utils.data.datasets import CheckedImageFolder, DataSpec, EvalTransform, build_eval_dataset, fashion_mnist, folder_splits
+from utils.data.preprocess import Preprocess
+from utils.data.samplers import ShardSampler
+from utils.data.tensor_pipeline import build_tensor_loaders, choose_pipeline
+
+
+@dataclass
+class TrainLoaders:
+    train: object  # DataLoader or TensorTrainLoader
+    val: object  # DataLoader or TensorEvalLoader
+    sampler: Sampler
+    pipeline: str  # "tensor" or "pil"
+    reason: str  # why that pipeline, shown at start-up
+    seed: int
+
+    def set_epoch(self, epoch: int) -> None:
+        """Each epoch's order depends only on (seed, epoch), so a resumed run repeats it exactly."""
+        if isinstance(self.sampler, DistributedSampler):
+            self.sampler.set_epoch(epoch)
+        else:
+            self.sampler.generator.manual_seed(self.seed + epoch)
+
+
+def build_train_loaders(train_set, val_set, pre: Preprocess, augment: Augment, *, pipeline: str, batch_size: int,
+                        num_workers: int, device: torch.device, seed: int, rank: int = 0, world: int = 1) -> TrainLoaders:
+    """Train and val loaders for datasets built by utils.data.datasets.build_datasets (val batches are twice as large)."""
+    if world > 1:
+        sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=seed)
+        per_rank = len(sampler)
+    else:
+        sampler = RandomSampler(train_set, generator=torch.Generator())
+        per_rank = len(train_set)
+    drop_last = per_rank > batch_size
+    val_sampler = ShardSampler(len(val_set), rank, world)
+    chosen, reason = choose_pipeline(pipeline, train_set, val_set, pre)
+    if chosen == "tensor":
+        train, val = build_tensor_loaders(train_set, val_set, pre, sampler, batch_size=batch_size, eval_batch_size=batch_size * 2,
+                                          device=device, drop_last=drop_last, val_indices=val_sampler, augment=augment)
+    else:
+        pin = device.type == "cuda"
+        train = DataLoader(train_set, batch_size=batch_size, sampler=sampler, num_workers=num_workers, pin_memory=pin,
+                           drop_last=drop_last, persistent_workers=False)
+        val = DataLoader(val_set, batch_size=batch_size * 2, sampler=val_sampler, num_workers=num_workers, pin_memory=pin)
+    return TrainLoaders(train, val, sampler, chosen, reason, seed)
+
+
+def data_spec(train_args: dict | None, dataset: str | None = None, data_root: str | None = None) -> DataSpec:
+    """The dataset a checkpoint was trained on (from its saved args), unless --dataset/--data_root override it."""
+    args = train_args or {}
+    if dataset or data_root:
+        return DataSpec(dataset, data_root or args.get("data_root") or "data")
+    return DataSpec(args.get("dataset"), args.get("data_root") or "data")
+
+
+def calibration_batches(spec: DataSpec, pre: Preprocess, num_batches: int, batch_size: int, seed: int = 0) -> list[torch.Tensor]:
+    """`num_batches` batches of training images through the eval transform, from a seeded random sample
+    (image folders are sorted by class, so the first images would all be one class)."""
+    tf = EvalTransform(pre)
+    if spec.dataset:
+        train_dir, _ = folder_splits(spec.dataset)
+        ds = CheckedImageFolder(str(train_dir), tf, pre.channels)
+    else:
+        ds = fashion_mnist(spec.data_root, True, tf)
+    gen = torch.Generator().manual_seed(seed)
+    loader = DataLoader(ds, batch_size=batch_size, sampler=RandomSampler(ds, generator=gen))
+    out = []
+    for images, _ in loader:
+        out.append(images)
+        if len(out) == num_batches:
+            break
+    return out
+
+
+def eval_loader(spec: DataSpec, pre: Preprocess, batch_size: int, max_images: int | None = None,
+                num_workers: int = 0) -> tuple[DataLoader, list[str]]:
+    """The validation split (eval transform), optionally only its first `max_images` images."""
+    ds, classes, _ = build_eval_dataset(spec, pre, "val")
+    if max_images and max_images < len(ds):
+        ds = Subset(ds, range(max_images))
+    return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers), classes
