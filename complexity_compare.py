@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 
 from utils import cli
-from utils import complexity as cx
+from utils.analysis import complexity as cx
 from utils.io import atomic_write_text
 
 TOOLS = ("fvcore", "ptflops", "thop", "torchscan", "FlopCounterMode")

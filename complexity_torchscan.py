@@ -12,7 +12,7 @@ Examples:
 from __future__ import annotations
 
 from utils import cli
-from utils import complexity as cx
+from utils.analysis import complexity as cx
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from utils import cli
-from utils.complexity import registry_macs
+from utils.analysis.complexity import registry_macs
 from utils.data.datasets import DataSpec, build_eval_dataset
 from utils.engine import per_class_accuracy
 from utils.errors import InputError
@@ -52,13 +52,6 @@ def parse_args(argv=None):
     p.add_argument("--speed_repeats", type=int, default=20, help="timed repeats for latency/throughput (0 = skip timing)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
-
-
-def model_size(model: torch.nn.Module) -> tuple[int, float]:
-    """(parameter count, MB of parameters + buffers as stored)."""
-    params = sum(p.numel() for p in model.parameters())
-    size = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
-    return params, size / 1e6
 
 
 def misclassified_grid(dataset, predictions: torch.Tensor, classes: list[str], path: Path, limit: int = 32) -> Path | None:
@@ -95,19 +88,19 @@ def main(argv=None) -> int:
     device = cli.resolve_device(args.device)
     loaded = load_for_eval(args.weights, device, args.model, args.device)
     info = loaded.info
-    pre = info["preprocess"]
+    pre = info.preprocess
     if pre is None:
         raise InputError(f"{args.weights} stores no preprocessing metadata: re-export it with export.py")
     spec = DataSpec(args.dataset, args.data_root)
     dataset, data_classes, split = build_eval_dataset(spec, pre, args.split)
-    classes = info["classes"] or data_classes
+    classes = info.classes or data_classes
     if data_classes != classes:
         raise InputError(f"the dataset's classes {data_classes[:5]}... differ from the model's {classes[:5]}...: "
                          "evaluate on the dataset the model was trained on")
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
                         pin_memory=loaded.device.type == "cuda")
     stats = evaluate_loaded(loaded, loader, len(classes), args.speed_repeats, not args.quiet, args.save_examples)
-    name = info["model_name"]
+    name = info.model_name
     report = {
         "model": name, "format": loaded.format, "engine": loaded.engine, "precision": loaded.precision,
         "compute": loaded.compute, "weights": str(args.weights),
@@ -117,7 +110,7 @@ def main(argv=None) -> int:
         "confusion_matrix": stats["confusion_matrix"].tolist(), "classes": classes,
         "params": loaded.params, "size_mb": loaded.size_mb, "img_size": pre.img_size, **loaded.extra,
         # MACs per image of the convolutions and matrix products (FlopCounterMode FLOPs / 2; FLOPs = 2 x MACs)
-        "macs": registry_macs(name, len(classes), info.get("model_kwargs"), pre.img_size, pre.channels),
+        "macs": registry_macs(name, len(classes), info.model_kwargs, pre.img_size, pre.channels),
     }
     for key in ("latency_ms", "throughput_img_s", "speed_batch_size"):
         if key in stats:

@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     model, info = build_from_checkpoint(ckpt, args.model)
     engines = ["onnx", "torchscript"] if args.engine == "all" else [args.engine]
     opset = args.opset or (DYNAMO_MIN_OPSET if args.exporter == "dynamo" else DEFAULT_OPSET)
-    real = real_images(info["preprocess"], args.parity_images, ckpt.get("args"))
+    real = real_images(info.preprocess, args.parity_images, ckpt.get("args"))
     if real is None:
         print("note: no real images for the parity check (training data not found): checking random batches only; "
               "pass --parity_images DIR to add real ones")
@@ -75,7 +75,7 @@ def main(argv=None) -> int:
         if args.output:
             output = Path(args.output) if engine == engines[0] else Path(args.output).with_suffix(".pt")
         else:
-            output = default_output(args.weights, info["model_name"], engine, args.half)
+            output = default_output(args.weights, info.model_name, engine, args.half)
         try:
             result = export_artifact(model, info, args.weights, engine, output, opset, args.dynamic_size, args.half,
                                      args.exporter, real, args.atol, args.rtol)

@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.fcn import fcn_image_tensor, largest_region_box, load_fcn, map_to_image, rank_classes, score_geometry
 from utils import cli
+from utils.analysis.fcn import fcn_image_tensor, largest_region_box, load_fcn, map_to_image, rank_classes, score_geometry
 from utils.data.preprocess import eval_transform, load_image
 from utils.errors import InputError
 from utils.io import atomic_write_text
@@ -60,7 +60,7 @@ def analyse(args) -> dict:
     device = cli.resolve_device(args.device)
     img = load_image(args.image)
     fcn, resnet, info = load_fcn(args.weights, device)
-    pre, classes = info["preprocess"], info["classes"]
+    pre, classes = info.preprocess, info.classes
     x_full, shown = fcn_image_tensor(img, pre, args.max_side)
     x_std = torch.from_numpy(eval_transform(img, pre))[None]
     with torch.no_grad():
@@ -81,7 +81,7 @@ def analyse(args) -> dict:
     (fy0, fy1), (fx0, fx1) = geo_y.span(int(iy)), geo_x.span(int(ix))
     return {
         "image": str(args.image), "image_size_hw": [img.size[1], img.size[0]], "fcn_input_hw": [h_img, w_img],
-        "weights": info["source"], "score_map_hw": [h_map, w_map],
+        "weights": info.source, "score_map_hw": [h_map, w_map],
         "receptive_field": {"size": geo_y.size, "stride": geo_y.stride, "padding": geo_y.padding},
         "fcn_top": [{"class": classes[r["index"]], "index": r["index"], "prob": r["prob"], "map_location": r["location"]}
                     for r in ranked],

@@ -44,8 +44,8 @@ def main(argv=None) -> int:
             out = model(torch.from_numpy(x).to(device)).float()
             return (out.mean(dim=(2, 3)) if out.dim() == 4 else out).cpu().numpy()
 
-    classes = resolve_classes(info["classes"], load_class_names(args.classes), info["num_classes"])
-    results = predict_files(forward, paths, info["preprocess"], classes, args.topk, WARMUP_RUNS, args.repeats)
+    classes = resolve_classes(info.classes, load_class_names(args.classes), info.num_classes)
+    results = predict_files(forward, paths, info.preprocess, classes, args.topk, WARMUP_RUNS, args.repeats)
     precision = ckpt.get("precision", "fp32")
     if precision == "fp16":
         precision = "fp16 weights, computed in fp32"

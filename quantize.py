@@ -33,8 +33,9 @@ from pathlib import Path
 
 import torch
 
+from models import count_parameters
 from utils import cli
-from utils.checkpoint import atomic_save, build_from_checkpoint, load_checkpoint
+from utils.checkpoint import build_from_checkpoint, load_checkpoint, save_checkpoint
 from utils.data.loaders import calibration_batches, data_spec, eval_loader
 from utils.errors import InputError
 from utils.export import evaluate_loaded, export_artifact, load_for_eval
@@ -90,11 +91,11 @@ def main(argv=None) -> int:
     if ckpt.get("precision", "fp32") != "fp32":
         raise InputError(f"{args.weights} is already a {ckpt['precision']} checkpoint: quantize the FP32 checkpoint")
     model, info = build_from_checkpoint(ckpt, args.model)
-    name, pre = info["model_name"], info["preprocess"]
+    name, pre = info.model_name, info.preprocess
     spec = data_spec(ckpt.get("args"), args.dataset, args.data_root)
     loader, data_classes = eval_loader(spec, pre, args.batch_size, args.max_images, args.num_workers)
-    if data_classes != info["classes"]:
-        raise InputError(f"the dataset's classes {data_classes[:5]}... differ from the checkpoint's {info['classes'][:5]}...: "
+    if data_classes != info.classes:
+        raise InputError(f"the dataset's classes {data_classes[:5]}... differ from the checkpoint's {info.classes[:5]}...: "
                          "pass the --dataset/--data_root the model was trained on")
     weights = Path(args.weights)
     out_dir = weights.parent / "converted_models"
@@ -119,7 +120,7 @@ def main(argv=None) -> int:
     if args.mode == "fp16":
         if torch_on:
             path = Path(args.output) if args.output else weights.with_name(f"{weights.stem}_fp16.pth")
-            atomic_save(fp16_checkpoint(ckpt, weights), path)
+            save_checkpoint(fp16_checkpoint(ckpt, weights), path)
             row = measure(path, "half-precision checkpoint")
             print(f"FP16 checkpoint {path}: {path.stat().st_size / 1e6:.2f} MB on disk (FP32 weights {rows[0]['size_mb']:.2f} MB; "
                   f"training checkpoint {weights.stat().st_size / 1e6:.2f} MB incl. optimizer state); compute: {row['compute']}")
@@ -145,7 +146,7 @@ def main(argv=None) -> int:
             else:
                 path = Path(args.output) if args.output and args.backend == "pytorch" else out_dir / f"{name}_int8_fx.pt"
                 note = f"torch.ao FX static, {torch.backends.quantized.engine} backend, {len(batches)} calibration batches"
-                params = sum(p.numel() for p in model.parameters())
+                params = count_parameters(model)
                 save_quantized_torchscript(qmodel, path, info, weights, "int8-fx", batches[0][:1], note, params)
                 measure(path, note, torch.device("cpu"))
     else:
@@ -158,7 +159,7 @@ def main(argv=None) -> int:
         example = torch.zeros(1, pre.channels, pre.img_size, pre.img_size)
         note = "torch.ao quantize_dynamic on nn.Linear (int8 weights, activations quantized per batch)"
         save_quantized_torchscript(qmodel, path, info, weights, "int8-dynamic", example, note,
-                                   sum(p.numel() for p in model.parameters()))
+                                   count_parameters(model))
         measure(path, note, torch.device("cpu"))
 
     base = rows[0]["acc1"]

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from utils import cli
-from utils import complexity as cx
-from utils import receptive_field as rf
+from utils.analysis import complexity as cx
+from utils.analysis import receptive_field as rf
 from utils.errors import InputError
 from utils.io import atomic_write_text
 

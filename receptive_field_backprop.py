@@ -30,9 +30,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.fcn import fcn_image_tensor, load_fcn, map_to_image, rank_classes, score_geometry
 from utils import cli
-from utils import receptive_field as rf
+from utils.analysis import receptive_field as rf
+from utils.analysis.fcn import fcn_image_tensor, load_fcn, map_to_image, rank_classes, score_geometry
 from utils.data.preprocess import load_image
 from utils.errors import InputError
 from utils.io import atomic_path, atomic_write_text
@@ -69,8 +69,8 @@ def analyse(args) -> tuple[dict, dict]:
     device = cli.resolve_device(args.device)
     img = load_image(args.image)
     fcn, _, info = load_fcn(args.weights, device)
-    classes = info["classes"]
-    x, shown = fcn_image_tensor(img, info["preprocess"], args.max_side)
+    classes = info.classes
+    x, shown = fcn_image_tensor(img, info.preprocess, args.max_side)
     c, h, w = x.shape[1:]
     with torch.no_grad():
         scores = fcn(x.to(device))[0].float().cpu()
@@ -96,7 +96,7 @@ def analyse(args) -> tuple[dict, dict]:
 
     t_box = rf.support_box(theoretical, 0.0)
     res = {
-        "image": str(args.image), "fcn_input_hw": [h, w], "weights": info["source"],
+        "image": str(args.image), "fcn_input_hw": [h, w], "weights": info.source,
         "predicted_class": classes[cls], "class_index": cls, "score_map_hw": list(cls_map.shape),
         "pixel": list(pixel), "pixel_is_max": args.pixel is None,
         "analytic": {"rf": local[0].size, "stride": local[0].stride, "padding": local[0].padding,

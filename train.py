@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from models import MODEL_NAMES, build_model, model_kwargs
 from models.norm import NORM_TYPES
 from utils import cli
-from utils.checkpoint import atomic_save, load_checkpoint, rng_state, set_rng_state
+from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.data.augment import AUGMENT_CHOICES, resolve_augment
 from utils.data.datasets import DataSpec, build_datasets
 from utils.data.preprocess import Preprocess
@@ -40,6 +40,7 @@ from utils.errors import InputError
 from utils.io import atomic_write_text
 from utils.plots import plot_results
 from utils.schedule import WarmupCosine
+from utils.training.rng import rng_state, set_rng_state
 
 CSV_COLUMNS = ["epoch", "lr", "train_loss", "train_acc1", "val_loss", "val_acc1", "val_acc5", "seconds"]
 
@@ -276,10 +277,10 @@ def main(argv=None) -> int:
                 best_acc1 = row["val_acc1"]
             if main_proc:
                 ckpt_state = checkpoint(epoch)
-                atomic_save(ckpt_state, run_dir / "last.pth")
+                save_checkpoint(ckpt_state, run_dir / "last.pth")
                 finished = epoch
                 if is_best:
-                    atomic_save(ckpt_state, run_dir / "best.pth")
+                    save_checkpoint(ckpt_state, run_dir / "best.pth")
                 write_csv(run_dir / "results.csv", history)
                 if writer is not None:
                     for key in ("train_loss", "train_acc1", "val_loss", "val_acc1", "val_acc5"):
@@ -298,7 +299,7 @@ def main(argv=None) -> int:
         if main_proc:
             # label the save with the last finished epoch and drop later rows, so --resume repeats the rest once
             history[:] = [r for r in history if r["epoch"] <= finished + 1]
-            atomic_save(checkpoint(finished), run_dir / "last.pth")
+            save_checkpoint(checkpoint(finished), run_dir / "last.pth")
             print(f"\ninterrupted in epoch {epoch + 1}: saved {run_dir / 'last.pth'}; continue with --resume", flush=True)
         cleanup()
         return 130

@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from benchmarks.common import ROOT, OtherLoad, command_line, contention_note, machine_info, table, write_json  # noqa: E402
+from models import count_parameters  # noqa: E402
 from utils import cli  # noqa: E402
 from utils.checkpoint import build_from_checkpoint, load_checkpoint  # noqa: E402
 from utils.data.datasets import save_test_images, val_folder  # noqa: E402
@@ -94,7 +95,7 @@ def time_predict(cmd: list[str], runs: int) -> dict:
 def bench_checkpoint(weights: str, args, work: Path) -> tuple[list[dict], list[dict]]:
     ckpt = load_checkpoint(weights)
     model, info = build_from_checkpoint(ckpt)
-    name, pre = info["model_name"], info["preprocess"]
+    name, pre = info.model_name, info.preprocess
     spec = data_spec(ckpt.get("args"), args.dataset, args.data_root)
     loader, classes = eval_loader(spec, pre, args.batch_size, args.max_images)
     work = work / f"{name}_{Path(weights).parent.name}"
@@ -108,7 +109,7 @@ def bench_checkpoint(weights: str, args, work: Path) -> tuple[list[dict], list[d
     try:
         fx = quantize_fx_int8(model, batches)
         targets.append(save_quantized_torchscript(fx, work / f"{name}_int8_fx.pt", info, weights, "int8-fx", batches[0][:1],
-                                                  "torch.ao FX static", sum(p.numel() for p in model.parameters())))
+                                                  "torch.ao FX static", count_parameters(model)))
     except InputError as e:
         print(f"note: {e}", file=sys.stderr)
 

@@ -15,6 +15,7 @@ import torchvision
 from torch import nn
 
 from models.fashion_cnn import FashionCNN
+from models.fcn import fcn_from_resnet
 from models.norm import NORM_TYPES, norm_layer_class
 from utils.errors import InputError
 
@@ -25,10 +26,6 @@ TORCHVISION_NAMES = (
 MODEL_NAMES = ("custom",) + TORCHVISION_NAMES
 ANALYSIS_NAMES = ("fcn_resnet18",)  # analysis-only: ResNet18 made fully convolutional (models/fcn.py)
 SMALL_INPUT_MAX = 64  # at or below this --img_size, "auto" uses the stride-1 stem
-
-
-def list_models() -> list[str]:
-    return list(MODEL_NAMES)
 
 
 def torchvision_classifiers() -> list[str]:
@@ -91,11 +88,10 @@ def build_model(name: str, num_classes: int, pretrained: bool = False, norm_type
         if pretrained:
             raise InputError("--pretrained: there are no ImageNet weights for the custom FashionCNN; drop the flag")
         return FashionCNN(num_classes, img_size, in_channels, norm_type)
-    if name == "fcn_resnet18":
-        from models.fcn import fcn_resnet18
-
-        return fcn_resnet18(num_classes, img_size=img_size, pretrained=pretrained, norm_type=norm_type,
-                            in_channels=in_channels, small_input=small, freeze_backbone=freeze_backbone)
+    if name == "fcn_resnet18":  # the registry's resnet18, made fully convolutional
+        resnet = build_model("resnet18", num_classes, pretrained=pretrained, norm_type=norm_type, img_size=img_size,
+                             in_channels=in_channels, small_input=small, freeze_backbone=freeze_backbone)
+        return fcn_from_resnet(resnet, img_size)
     if name not in torchvision_classifiers():
         raise InputError(f"unknown model {name!r}: choose from {', '.join(MODEL_NAMES + ANALYSIS_NAMES)} "
                          "(analysis scripts also take any torchvision classifier, e.g. vgg16)")
@@ -120,3 +116,8 @@ def model_kwargs(img_size: int, norm_type: str = "BN", in_channels: int = 3, sma
     """The keyword arguments saved in a checkpoint so `build_model` can rebuild the same network."""
     return {"img_size": img_size, "norm_type": norm_type, "in_channels": in_channels,
             "small_input": resolve_small_input(small_input, img_size)}
+
+
+def count_parameters(model: nn.Module) -> int:
+    """All parameters (trainable or frozen), as the params columns everywhere report them."""
+    return sum(p.numel() for p in model.parameters())

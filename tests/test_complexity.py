@@ -16,7 +16,7 @@ import complexity_ptflops
 import complexity_thop
 import complexity_torchscan
 from models import ANALYSIS_NAMES, MODEL_NAMES
-from utils import complexity as cx
+from utils.analysis import complexity as cx
 from utils.errors import InputError
 
 SCRIPTS = {"fvcore": complexity_fvcore, "ptflops": complexity_ptflops, "thop": complexity_thop,

@@ -23,7 +23,7 @@ def artifacts(trained_ckpt, tmp_path_factory):
     export_artifact(model, info, trained_ckpt, "onnx", out / "custom.onnx", log=quiet)
     export_artifact(model, info, trained_ckpt, "onnx", out / "custom_fp16.onnx", half=True, log=quiet)
     export_artifact(model, info, trained_ckpt, "torchscript", out / "custom.pt", log=quiet)
-    batches = calibration_batches(data_spec(ckpt["args"]), info["preprocess"], 4, 32)
+    batches = calibration_batches(data_spec(ckpt["args"]), info.preprocess, 4, 32)
     quantize_onnx_int8(out / "custom.onnx", out / "custom_int8.onnx", batches, {"precision": "int8"})
     return out
 

@@ -12,8 +12,9 @@ from PIL import Image
 
 import fcn_resnet18
 from models import build_model, model_kwargs
-from models.fcn import fcn_from_resnet, largest_region_box
-from utils.checkpoint import atomic_save
+from models.fcn import fcn_from_resnet
+from utils.analysis.fcn import largest_region_box
+from utils.checkpoint import save_checkpoint
 from utils.data.preprocess import Preprocess
 from utils.errors import InputError
 
@@ -25,7 +26,7 @@ def save_random_resnet18_checkpoint(path: Path, img_size: int = 64, classes=("ca
     torch.manual_seed(0)
     kwargs = model_kwargs(img_size, small_input="off")
     model = build_model("resnet18", len(classes), **kwargs)
-    atomic_save({"model_name": "resnet18", "num_classes": len(classes), "classes": list(classes),
+    save_checkpoint({"model_name": "resnet18", "num_classes": len(classes), "classes": list(classes),
                  "preprocess": Preprocess.for_size(img_size).to_dict(), "model_kwargs": kwargs, "epoch": 0,
                  "model": model.state_dict(), "optimizer": None, "scaler": None, "ema": None, "best_acc1": 0.0,
                  "step": 0, "history": [], "args": {}, "rng": None, "torch_version": str(torch.__version__)}, path)
@@ -129,7 +130,7 @@ def test_fcn_script_rejects_other_checkpoints_and_missing_imagenet_weights(tmp_p
     img = tmp_path / "a.png"
     Image.new("RGB", (50, 40), "red").save(img)
     ckpt = tmp_path / "custom.pth"
-    atomic_save({"model_name": "custom", "model": {}, "num_classes": 2}, ckpt)
+    save_checkpoint({"model_name": "custom", "model": {}, "num_classes": 2}, ckpt)
     with pytest.raises(InputError, match="needs a resnet18 checkpoint"):
         fcn_resnet18.main(["--image", str(img), "--weights", str(ckpt), "--out_dir", str(tmp_path)])
     # no ImageNet weights in an empty torch hub cache and no network: one clear error saying where to put the file

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from utils.checkpoint import atomic_save
+from utils.checkpoint import save_checkpoint
 from utils.plots import plot_confusion_matrix, plot_examples, plot_results
 
 
@@ -42,7 +42,7 @@ def biased_ckpt(trained_ckpt, tmp_path) -> Path:
     ckpt = torch.load(trained_ckpt, weights_only=True)
     biases = [k for k, v in ckpt["model"].items() if k.endswith(".bias") and tuple(v.shape) == (ckpt["num_classes"],)]
     ckpt["model"][biases[-1]][0] += 1000.0
-    atomic_save(ckpt, tmp_path / "biased.pth")
+    save_checkpoint(ckpt, tmp_path / "biased.pth")
     return tmp_path / "biased.pth"
 
 

@@ -110,7 +110,7 @@ def test_onnx_predict_is_torch_free_and_matches_pytorch(deployed, mode_images):
     assert doc["summary"]["median_inference_ms"] > 0 and doc["summary"]["load_ms"] > 0
     got = top1_by_image(doc, folder)
     for name, pixels in expected.items():
-        assert got[name] == info["classes"][reference_top1(model, info["preprocess"], pixels)], name
+        assert got[name] == info.classes[reference_top1(model, info.preprocess, pixels)], name
     for p in doc["predictions"]:  # class names came from the artifact (no --classes given)
         probs = [t["prob"] for t in p["top"]]
         assert len(probs) == 3 and probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
@@ -181,9 +181,9 @@ def test_artifact_without_names_needs_classes(deployed, mode_images, tmp_path, c
     captured = capsys.readouterr()
     assert json.loads(captured.out)["predictions"][0]["top"][0]["class"].startswith("class_")
     assert "--classes" in captured.err
-    (tmp_path / "classes.txt").write_text("\n".join(info["classes"]) + "\n")
+    (tmp_path / "classes.txt").write_text("\n".join(info.classes) + "\n")
     assert predict.main(["--model", str(tmp_path / "anonymous.onnx"), "--image", image, "--json",
                          "--classes", str(tmp_path / "classes.txt")]) == 0
-    assert json.loads(capsys.readouterr().out)["predictions"][0]["top"][0]["class"] in info["classes"]
+    assert json.loads(capsys.readouterr().out)["predictions"][0]["top"][0]["class"] in info.classes
     with pytest.raises(InputError, match="10 outputs"):
         predict.main(["--model", str(tmp_path / "anonymous.onnx"), "--image", image, "--classes", "a,b,c"])

@@ -26,7 +26,7 @@ from torch import nn
 import receptive_field
 import receptive_field_backprop
 from models import build_model
-from utils import receptive_field as rf
+from utils.analysis import receptive_field as rf
 from utils.errors import InputError
 
 

@@ -1,27 +1,64 @@
-"""Checkpoint I/O: one format, written atomically, read with weights_only=True."""
+"""Checkpoints: the one format train.py writes, read back safely (weights_only=True) by every other script.
+
+`Checkpoint` documents the keys; `model_info` turns one into the utils.model_info.ModelInfo that export,
+quantize, predict and the analysis scripts read.
+`inference_state` is the one place deciding which weights a checkpoint serves: the EMA's when it has them
+(those are what validation measured), else the raw ones.
+"""
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
+from typing import TypedDict
 
-import numpy as np
 import torch
 from torch import nn
 
+from models import build_model
 from utils.data.preprocess import Preprocess
 from utils.errors import InputError
 from utils.io import atomic_path
+from utils.model_info import ModelInfo
 
 
-def atomic_save(obj, path: str | Path) -> None:
-    """torch.save to a temporary name in the same folder, then rename: a crash never leaves half a file."""
+class Checkpoint(TypedDict, total=False):
+    """What train.py saves (best.pth / last.pth); quantize.py's FP16 checkpoints keep the first group only."""
+
+    # the network and how to feed it: enough to rebuild and use it anywhere
+    model_name: str
+    num_classes: int
+    classes: list[str]
+    preprocess: dict  # utils.data.preprocess.Preprocess.to_dict()
+    model_kwargs: dict  # models.model_kwargs(): img_size, norm_type, in_channels, small_input
+    augment: dict  # utils.data.augment.Augment.to_dict() of the training policy
+    model: dict[str, torch.Tensor]  # state_dict of the trained network
+    ema: dict | None  # utils.training.ema.ModelEMA.state_dict(): {"module", "updates", "decay", "tau"}
+    # training state, for --resume
+    epoch: int  # 0-based index of the last finished epoch
+    step: int  # optimizer steps taken
+    best_acc1: float
+    history: list[dict]  # results.csv rows so far
+    optimizer: dict | None
+    scheduler: dict | None  # absent in checkpoints written before the LRScheduler (derived from `step` then)
+    scaler: dict | None
+    rng: dict  # utils.training.rng.rng_state()
+    args: dict  # train.py's flags
+    torch_version: str
+    # quantize.py --mode fp16
+    precision: str
+    source_checkpoint: str
+    source_sha256: str
+
+
+def save_checkpoint(ckpt: Checkpoint, path: str | Path) -> Path:
+    """torch.save under a temporary name, then rename: a crash never leaves half a checkpoint."""
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        torch.save(ckpt, tmp)
+    return Path(path)
 
 
-def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
-    """Load a project checkpoint safely (no arbitrary unpickling)."""
+def load_checkpoint(path: str | Path, map_location="cpu") -> Checkpoint:
+    """Load a project checkpoint safely: weights_only=True, never arbitrary unpickling."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"checkpoint not found: {path}")
@@ -37,42 +74,28 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     return ckpt
 
 
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64))}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+def inference_state(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
+    """The weights a checkpoint serves: the EMA's when it has them, else the trained network's."""
+    return ckpt["ema"]["module"] if ckpt.get("ema") else ckpt["model"]
 
 
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), 624, 0, 0.0))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def model_info(ckpt: Checkpoint, model_name: str | None = None, source: str = "") -> ModelInfo:
+    return ModelInfo(model_name or ckpt["model_name"], list(ckpt["classes"]), Preprocess.from_dict(ckpt["preprocess"]),
+                     dict(ckpt.get("model_kwargs", {})), ckpt["num_classes"], source)
 
 
-def build_from_checkpoint(ckpt: dict, model_name: str | None = None, use_ema: bool = True) -> tuple[nn.Module, dict]:
-    """Rebuild the network a checkpoint describes and load its weights strictly.
-
-    Returns (model in eval mode, info) where info holds model_name, classes, preprocess.
-    The EMA weights are used when the checkpoint has them (they are what validation measured).
-    """
-    from models import build_model
-
-    name = model_name or ckpt["model_name"]
-    kwargs = dict(ckpt.get("model_kwargs", {}))
-    model = build_model(name, ckpt["num_classes"], **kwargs)
-    state = ckpt["ema"]["module"] if use_ema and ckpt.get("ema") else ckpt["model"]
+def build_from_checkpoint(ckpt: Checkpoint, model_name: str | None = None, use_ema: bool = True,
+                          source: str = "") -> tuple[nn.Module, ModelInfo]:
+    """Rebuild the network a checkpoint describes and load its (EMA) weights strictly, in float32 and eval mode."""
+    info = model_info(ckpt, model_name, source)
+    model = build_model(info.model_name, ckpt["num_classes"], **info.model_kwargs)
+    state = inference_state(ckpt) if use_ema else ckpt["model"]
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         first = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e))
-        raise InputError(f"checkpoint weights do not fit model {name!r}: {first} "
+        raise InputError(f"checkpoint weights do not fit model {info.model_name!r}: {first} "
                          f"(the checkpoint was trained as {ckpt['model_name']!r}; drop --model)") from None
-    info = {"model_name": name, "classes": list(ckpt["classes"]), "num_classes": ckpt["num_classes"],
-            "preprocess": Preprocess.from_dict(ckpt["preprocess"]), "model_kwargs": kwargs}
     return model.eval(), info
+

@@ -31,9 +31,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from models import count_parameters
 from utils.data.preprocess import Preprocess, list_images, preprocess_file
 from utils.errors import InputError
 from utils.io import atomic_path, file_sha256
+from utils.model_info import ModelInfo
 from utils.runtime import TORCHSCRIPT_METADATA_FILE, OnnxModel, decode_metadata
 
 DEFAULT_OPSET = 17
@@ -60,13 +62,13 @@ def describe_preprocess(pre: Preprocess) -> str:
             f"std={list(pre.std)}; layout NCHW float32, {pre.channels} channel(s)")
 
 
-def build_metadata(info: dict, checkpoint: str | Path, precision: str, **extra) -> dict[str, str]:
+def build_metadata(info: ModelInfo, checkpoint: str | Path, precision: str, **extra) -> dict[str, str]:
     """String key/value pairs stored in ONNX metadata_props and in TorchScript's extra files."""
-    pre: Preprocess = info["preprocess"]
+    pre: Preprocess = info.preprocess
     meta = {
-        "model_name": info["model_name"], "classes": json.dumps(list(info["classes"])),
-        "num_classes": str(len(info["classes"])), "preprocess": pre.to_json(), "preprocessing": describe_preprocess(pre),
-        "model_kwargs": json.dumps(info.get("model_kwargs", {}), sort_keys=True), "precision": precision,
+        "model_name": info.model_name, "classes": json.dumps(list(info.classes)),
+        "num_classes": str(len(info.classes)), "preprocess": pre.to_json(), "preprocessing": describe_preprocess(pre),
+        "model_kwargs": json.dumps(info.model_kwargs, sort_keys=True), "precision": precision,
         "source_checkpoint": Path(checkpoint).name, "source_sha256": file_sha256(checkpoint),
         "torch_version": str(torch.__version__), "input": "input: float32 NCHW", "output": "logits: float32 (N, num_classes)",
     }
@@ -328,14 +330,14 @@ class ExportResult:
     method: str  # exporter / scripted / traced
 
 
-def _check_metadata(meta: dict, info: dict) -> None:
-    if meta.get("classes") != list(info["classes"]) or meta.get("model_name") != info["model_name"]:
+def _check_metadata(meta: dict, info: ModelInfo) -> None:
+    if meta.get("classes") != list(info.classes) or meta.get("model_name") != info.model_name:
         raise ParityError("metadata did not survive the round trip (classes/model name differ after reload)")
-    if meta.get("preprocess") != info["preprocess"]:
+    if meta.get("preprocess") != info.preprocess:
         raise ParityError("preprocessing metadata did not survive the round trip")
 
 
-def export_artifact(model: nn.Module, info: dict, checkpoint: str | Path, engine: str, output: str | Path,
+def export_artifact(model: nn.Module, info: ModelInfo, checkpoint: str | Path, engine: str, output: str | Path,
                     opset: int = DEFAULT_OPSET, dynamic_size: bool = False, half: bool = False, exporter: str = "legacy",
                     real: tuple[str, np.ndarray] | None = None, atol: float = FP32_ATOL, rtol: float = FP32_RTOL,
                     log=print) -> ExportResult:
@@ -344,14 +346,14 @@ def export_artifact(model: nn.Module, info: dict, checkpoint: str | Path, engine
     Raises ParityError (temporary file removed, `output` untouched) when a check fails.
     """
     model = model.float().eval().cpu()
-    pre: Preprocess = info["preprocess"]
+    pre: Preprocess = info.preprocess
     output = Path(output)
     if dynamic_size and not supports_dynamic_size(model, pre):
-        raise InputError(f"--dynamic_size: {info['model_name']} has layers of fixed input size (e.g. a Linear on flattened "
+        raise InputError(f"--dynamic_size: {info.model_name} has layers of fixed input size (e.g. a Linear on flattened "
                          f"features) and fails at {probe_size(pre)} px; drop --dynamic_size (fully convolutional or "
                          "global-pooled models such as fcn_resnet18, ResNets, MobileNets support it)")
     precision = "fp16" if half else "fp32"
-    params = sum(p.numel() for p in model.parameters())
+    params = count_parameters(model)
     reference = torch_forward(model)
     batches = random_batches(pre, dynamic_size) + ([real] if real is not None else [])
     with atomic_path(output) as tmp:
@@ -391,7 +393,7 @@ class LoadedModel:
     """Anything eval.py, quantize.py and the benchmark can evaluate: a forward on torch batches plus facts about it."""
 
     forward: Callable[[torch.Tensor], torch.Tensor]
-    info: dict  # model_name, classes (or None), preprocess
+    info: ModelInfo
     format: str  # pytorch, pytorch-fp16, onnx, onnx-fp16, onnx-int8, torchscript, torchscript-int8-fx, ...
     engine: str  # pytorch, onnxruntime, torchscript
     precision: str
@@ -425,7 +427,7 @@ def load_for_eval(path: str | Path, device: torch.device, model_name: str | None
         model, info = build_from_checkpoint(ckpt, model_name)
         precision = ckpt.get("precision", "fp32")
         state = ckpt["ema"]["module"] if ckpt.get("ema") else ckpt["model"]
-        params = sum(p.numel() for p in model.parameters())
+        params = count_parameters(model)
         if precision == "fp16" and device.type == "cuda":
             model, compute = HalfPrecision(model).to(device).eval(), "fp16 on CUDA"
         else:
@@ -439,8 +441,7 @@ def load_for_eval(path: str | Path, device: torch.device, model_name: str | None
         onnx_model = OnnxModel(path, ort_device, threads=ort_threads)
         meta = onnx_model.metadata
         precision = meta.get("precision", "fp32")
-        info = {"model_name": meta.get("model_name", path.stem), "classes": meta.get("classes"), "preprocess": meta.get("preprocess"),
-                "model_kwargs": meta.get("model_kwargs")}
+        info = ModelInfo.from_metadata(meta, path.stem, str(path))
 
         def forward(x: torch.Tensor) -> torch.Tensor:
             return torch.from_numpy(onnx_model(x.cpu().numpy()))
@@ -458,8 +459,7 @@ def load_for_eval(path: str | Path, device: torch.device, model_name: str | None
         print(f"note: {path.name} is a PyTorch-quantized INT8 program, which runs on CPU only: evaluating on CPU")
         meta_device = torch.device("cpu")
     program = program.to(meta_device)
-    info = {"model_name": meta.get("model_name", path.stem), "classes": meta.get("classes"), "preprocess": meta.get("preprocess"),
-            "model_kwargs": meta.get("model_kwargs")}
+    info = ModelInfo.from_metadata(meta, path.stem, str(path))
 
     def ts_forward(x: torch.Tensor) -> torch.Tensor:
         return _logits(program(x))

@@ -29,9 +29,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from models import count_parameters
 from utils.errors import InputError
 from utils.export import build_metadata, quiet_export
 from utils.io import atomic_path, file_sha256, temp_sibling
+from utils.model_info import ModelInfo
 
 FP16_KEEP_KEYS = ("model_name", "num_classes", "classes", "preprocess", "model_kwargs", "epoch", "best_acc1", "args",
                   "torch_version")
@@ -126,7 +128,7 @@ def quantize_fx_int8(model: nn.Module, batches: list[torch.Tensor]) -> nn.Module
 def linear_fraction(model: nn.Module) -> tuple[int, float]:
     """(number of nn.Linear layers, fraction of parameters they hold)."""
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    total = sum(p.numel() for p in model.parameters())
+    total = count_parameters(model)
     in_linear = sum(p.numel() for m in linears for p in m.parameters())
     return len(linears), in_linear / max(total, 1)
 
@@ -147,7 +149,7 @@ def quantize_dynamic_int8(model: nn.Module) -> tuple[nn.Module, str | None]:
         return quantize_dynamic(copy.deepcopy(model).float().cpu().eval(), {nn.Linear}, dtype=torch.qint8), warning
 
 
-def save_quantized_torchscript(qmodel: nn.Module, path: Path, info: dict, checkpoint: str | Path, precision: str,
+def save_quantized_torchscript(qmodel: nn.Module, path: Path, info: ModelInfo, checkpoint: str | Path, precision: str,
                                example: torch.Tensor, note: str, params: int) -> Path:
     """Script (or trace) a quantized model and save it with the export metadata; precision e.g. 'int8-fx'."""
     from utils.runtime import TORCHSCRIPT_METADATA_FILE

@@ -69,6 +69,8 @@ def decode_metadata(props: dict[str, str]) -> dict:
     if "preprocess" in meta:
         raw = meta["preprocess"]
         meta["preprocess"] = Preprocess.from_json(raw) if isinstance(raw, str) else Preprocess.from_dict(raw)
+    if isinstance(meta.get("model_kwargs"), str):
+        meta["model_kwargs"] = json.loads(meta["model_kwargs"])
     if isinstance(meta.get("dynamic_size"), str):
         meta["dynamic_size"] = meta["dynamic_size"] == "true"
     return meta

@@ -20,8 +20,14 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
+from models import MODEL_NAMES, build_model, count_parameters
+from utils import cli
+from utils.analysis.receptive_field import receptive_fields
+from utils.checkpoint import build_from_checkpoint, load_checkpoint
 from utils.errors import InputError
+from utils.io import atomic_write_text
 
 COMPLEXITY_DIR = Path("results/complexity")
 
@@ -86,14 +92,12 @@ def add_model_args(p: argparse.ArgumentParser, default_model: str = "resnet18") 
                    help="input tensor size without the batch dimension; default 3 224 224 (or the checkpoint's)")
     p.add_argument("--weights", default=None, metavar="CKPT",
                    help="project checkpoint (train.py): model, classes and input size come from it")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run the counting forward pass")
+    cli.add_device_arg(p, default="cpu")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout instead of tables")
     p.set_defaults(default_model=default_model)
 
 
 def default_num_classes(name: str) -> int:
-    from models import MODEL_NAMES
-
     return 10 if name in MODEL_NAMES else 1000
 
 
@@ -109,8 +113,6 @@ class AnalysisModel:
 
 def _build(name: str, num_classes: int, img_size: int, in_channels: int, fast_init: bool, meta: bool = False,
            **model_kwargs) -> nn.Module:
-    from models import build_model
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torchvision's googlenet/inception init notices
         if fast_init:
@@ -130,8 +132,6 @@ def load_analysis_model(args: argparse.Namespace, device: torch.device | str = "
     fast_init=True skips weight initialisation (the values do not matter for counting operations);
     meta=True leaves it on the meta device when possible (shapes only: for receptive fields).
     """
-    from utils.checkpoint import build_from_checkpoint, load_checkpoint
-
     if args.input_size is not None and any(v <= 0 for v in args.input_size):
         raise InputError(f"--input_size must be three positive integers C H W, got {' '.join(map(str, args.input_size))}")
     if args.num_classes is not None and args.num_classes <= 0:
@@ -139,10 +139,10 @@ def load_analysis_model(args: argparse.Namespace, device: torch.device | str = "
     if args.weights:
         ckpt = load_checkpoint(args.weights)
         model, info = build_from_checkpoint(ckpt, model_name=args.model)
-        pre = info["preprocess"]
+        pre = info.preprocess
         size = tuple(args.input_size) if args.input_size else (pre.channels, pre.img_size, pre.img_size)
-        return AnalysisModel(model.to(device).eval(), info["model_name"], info["num_classes"], size,
-                             f"checkpoint {args.weights}", info["classes"])
+        return AnalysisModel(model.to(device).eval(), info.model_name, info.num_classes, size,
+                             f"checkpoint {args.weights}", info.classes)
     name = args.model or getattr(args, "default_model", "resnet18")
     num_classes = args.num_classes or default_num_classes(name)
     size = tuple(args.input_size) if args.input_size else (3, 224, 224)
@@ -174,8 +174,6 @@ def result_stem(am: AnalysisModel) -> str:
 
 
 def write_outputs(out_dir: Path, stem: str, text: str, payload: dict) -> tuple[Path, Path]:
-    from utils.io import atomic_write_text
-
     txt, js = out_dir / f"{stem}.txt", out_dir / f"{stem}.json"
     atomic_write_text(txt, text + "\n")
     atomic_write_text(js, json.dumps(payload, indent=2, default=_json_default) + "\n")
@@ -221,7 +219,7 @@ def by_category(by_operator: dict[str, float]) -> dict[str, float]:
 
 
 def _module_params(model: nn.Module) -> dict[str, int]:
-    return {name: sum(p.numel() for p in m.parameters()) for name, m in model.named_modules()}
+    return {name: count_parameters(m) for name, m in model.named_modules()}
 
 
 def _per_module_from_leaves(model: nn.Module, leaf_macs: dict[str, float], extra_root: float = 0.0) -> list[dict]:
@@ -351,7 +349,7 @@ def run_ptflops(model: nn.Module, input_size, device="cpu", backend: str = "pyto
     params = pe.get_model_parameters_number(model)
     return ToolResult("ptflops", pkg_version("ptflops"), int(params), total, 2 * total, "MACs", CONVENTIONS["ptflops"],
                       rows, by_op, by_category(by_op), {"backend": "pytorch", "functional_macs": extra},
-                      ["ptflops counts trainable parameters only"] if params != sum(p.numel() for p in model.parameters()) else [])
+                      ["ptflops counts trainable parameters only"] if params != count_parameters(model) else [])
 
 
 def run_thop(model: nn.Module, input_size, device="cpu") -> ToolResult:
@@ -388,7 +386,7 @@ def run_thop(model: nn.Module, input_size, device="cpu") -> ToolResult:
     zero_types = sorted({t for t in types.values() if t not in known and t != "Identity"})
     if zero_types:
         warns.append("module types thop has no rule for (counted as 0): " + ", ".join(zero_types))
-    true_params = sum(p.numel() for p in model.parameters())
+    true_params = count_parameters(model)
     if int(params) != true_params:
         warns.append(f"thop's params ({int(params):,}) miss parameters of modules it has no rule for (true count {true_params:,})")
     rows = _per_module_from_leaves(model, leaf_macs, float(total) - counted)
@@ -418,8 +416,6 @@ def chain_receptive_field(layers: list[dict]) -> list[dict]:
 
 def is_single_chain(model: nn.Module, input_size, device="cpu") -> bool:
     """True when no two paths meet (no residual add, concatenation or squeeze-excitation multiply)."""
-    from utils.receptive_field import receptive_fields
-
     report = receptive_fields(model, input_size, device=device)
     return not any(row.note.startswith(("merge of", "concatenation")) for row in report.layers)
 
@@ -473,14 +469,12 @@ def run_torchscan(model: nn.Module, input_size, device="cpu") -> ToolResult:
 
 
 def run_flop_counter(model: nn.Module, input_size, device="cpu") -> ToolResult:
-    from torch.utils.flop_counter import FlopCounterMode
-
     x = _input(model, input_size, device)
     with _quiet(), torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(x)
     flops = float(counter.get_total_flops())
     by_op = {str(k): float(v) / 2 for k, v in counter.get_flop_counts().get("Global", {}).items()}
-    params = sum(p.numel() for p in model.parameters())
+    params = count_parameters(model)
     return ToolResult("FlopCounterMode", torch.__version__, params, flops / 2, flops, "FLOPs",
                       CONVENTIONS["FlopCounterMode"], [], by_op, by_category(by_op))
 
@@ -624,8 +618,6 @@ def compare_table(results: list[ToolResult], am: AnalysisModel) -> str:
 
 
 def tool_parser(tool: str, description: str) -> argparse.ArgumentParser:
-    from utils import cli
-
     p = cli.parser(description)
     add_model_args(p)
     p.add_argument("--max_depth", type=int, default=2, help="deepest module level shown in the per-module table (0 = whole model)")
@@ -635,11 +627,9 @@ def tool_parser(tool: str, description: str) -> argparse.ArgumentParser:
 
 def run_tool_cli(tool: str, args: argparse.Namespace, **tool_kwargs) -> int:
     """Load the model the flags describe, count with `tool`, print and write text + JSON."""
-    from utils.cli import resolve_device
-
     if args.max_depth < 0:
         raise InputError(f"--max_depth must be >= 0, got {args.max_depth}")
-    device = resolve_device(args.device)
+    device = cli.resolve_device(args.device)
     am = load_analysis_model(args, device, fast_init=args.weights is None)
     check_forward(am, device)
     res = run_tool(tool, am.model, am.input_size, device, **tool_kwargs)
