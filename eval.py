@@ -29,8 +29,8 @@ from torch.utils.data import DataLoader
 from utils import cli
 from utils.analysis.complexity import registry_macs
 from utils.data.datasets import DataSpec, build_eval_dataset
-from utils.engine import per_class_accuracy
 from utils.errors import InputError
+from utils.evaluation.loop import per_class_accuracy
 from utils.export import evaluate_loaded, load_for_eval
 from utils.io import atomic_write_text
 from utils.plots import plot_confusion_matrix, plot_examples

@@ -7,45 +7,43 @@ Examples:
 
 Writes <path_to_save>/<dataset>/<model>/ with best.pth, last.pth, classes.txt, args.json,
 results.csv and results.png; TensorBoard logs under logs/<dataset>/<model>/<time>/.
+--resume continues a run from its last.pth: the network (model, img_size, norm_type, small_input) and the
+augmentation come from the checkpoint, and a flag that contradicts them is an error.
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import json
-import random
 import signal
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
-from models import MODEL_NAMES, build_model, model_kwargs
+from models import MODEL_NAMES, build_model, count_parameters, model_kwargs
 from models.norm import NORM_TYPES
 from utils import cli
-from utils.checkpoint import load_checkpoint, save_checkpoint
+from utils.checkpoint import load_checkpoint
 from utils.data.augment import AUGMENT_CHOICES, resolve_augment
 from utils.data.datasets import DataSpec, build_datasets
+from utils.data.loaders import build_train_loaders
 from utils.data.preprocess import Preprocess
-from utils.data.samplers import ShardSampler
-from utils.data.tensor_pipeline import build_tensor_loaders, choose_pipeline
 from utils.distributed import barrier, cleanup, init_distributed, is_main_process
-from utils.ema import ModelEMA, unwrap
-from utils.engine import TrainState, evaluate, train_one_epoch
-from utils.errors import InputError
-from utils.io import atomic_write_text
-from utils.plots import plot_results
-from utils.schedule import WarmupCosine
-from utils.training.rng import rng_state, set_rng_state
+from utils.evaluation.loop import evaluate
+from utils.precision import AMP_DTYPES, needs_grad_scaler
+from utils.training.checkpointer import CheckpointSaver, ResumePoint, restore
+from utils.training.ema import ModelEMA
+from utils.training.engine import TrainState, train_one_epoch
+from utils.training.optim import OPTIMIZERS, build_optimizer
+from utils.training.recorder import RunRecorder
+from utils.training.resume import apply_checkpoint_args
+from utils.training.rng import seed_everything
+from utils.training.schedule import WarmupCosine
 
-CSV_COLUMNS = ["epoch", "lr", "train_loss", "train_acc1", "val_loss", "val_acc1", "val_acc5", "seconds"]
+NETWORK_FLAGS = ("model", "img_size", "norm_type", "small_input", "augment", "random_erasing")  # --resume takes these from the checkpoint
 
 
-def parse_args(argv=None):
+def get_args_parser():
     p = cli.parser(__doc__)
     p.add_argument("-m", "--model", default="custom", choices=MODEL_NAMES, help="network to train")
     p.add_argument("-p", "--pretrained", action="store_true",
@@ -67,7 +65,7 @@ def parse_args(argv=None):
                    help="epoch to start at (default: 0, or the one after the checkpoint's with --resume)")
     p.add_argument("--max_epoch", type=cli.positive(), default=10, help="total number of epochs")
     p.add_argument("--eval_epoch", type=cli.positive(), default=1, help="validate every N epochs (and after the last)")
-    p.add_argument("--optimizer", default="adamw", choices=["sgd", "adam", "adamw"], help="optimizer")
+    p.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS, help="optimizer")
     p.add_argument("--base_lr", type=cli.positive(float), default=3e-3,
                    help="peak learning rate after warm-up (3e-3 suits AdamW at batch 64-256; for SGD try 0.1)")
     p.add_argument("--min_lr", type=float, default=1e-6, help="learning rate at the end of the cosine decay")
@@ -81,7 +79,7 @@ def parse_args(argv=None):
     p.add_argument("--ema_decay", type=float, default=0.9999, help="EMA decay (warmed up as decay*(1-exp(-step/2000)))")
     p.add_argument("--fp16", action="store_true",
                    help="mixed precision: float16 autocast + GradScaler on CUDA; bfloat16 autocast on CPU")
-    p.add_argument("--amp_dtype", default="auto", choices=["auto", "float16", "bfloat16"],
+    p.add_argument("--amp_dtype", default="auto", choices=AMP_DTYPES,
                    help="autocast dtype with --fp16 (auto = float16 on CUDA, bfloat16 on CPU)")
     p.add_argument("--channels_last", action="store_true", help="NHWC memory format (faster convolutions on AMX CPUs and tensor cores)")
     p.add_argument("--data_pipeline", default="auto", choices=["auto", "pil", "tensor"],
@@ -93,48 +91,26 @@ def parse_args(argv=None):
     p.add_argument("--cuda", action="store_true", help="require CUDA (error if there is no GPU)")
     cli.add_device_arg(p)
     p.add_argument("--seed", type=int, default=42, help="random seed (each epoch is seeded from it, so resumed runs repeat exactly)")
-    p.add_argument("-r", "--resume", default=None, metavar="CKPT", help="continue from a last.pth (model, optimizer, EMA, RNG, epoch)")
+    p.add_argument("-r", "--resume", default=None, metavar="CKPT",
+                   help="continue from a last.pth (model, optimizer, EMA, RNG, epoch; the network's flags come from it)")
     p.add_argument("--path_to_save", default="weights", help="runs go to <path_to_save>/<dataset>/<model>/")
     p.add_argument("--tensorboard", action="store_true", help="write TensorBoard logs under --log_dir")
     p.add_argument("--log_dir", default="logs", help="TensorBoard root: logs go to <log_dir>/<dataset>/<model>/<time>/")
     p.add_argument("--log_every", type=cli.positive(), default=50, help="training iterations per TensorBoard step point")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    return p.parse_args(argv)
+    return p
 
 
 def raise_keyboard_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def build_optimizer(model: nn.Module, args) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim > 1 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if args.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=args.base_lr, momentum=args.momentum, nesterov=args.momentum > 0)
-    cls = torch.optim.Adam if args.optimizer == "adam" else torch.optim.AdamW
-    return cls(groups, lr=args.base_lr, betas=(args.momentum, 0.999))
-
-
-def write_csv(path: Path, rows: list[dict]) -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in CSV_COLUMNS})
-    atomic_write_text(path, buf.getvalue())
-
-
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    ckpt = load_checkpoint(args.resume) if args.resume else None
+    if ckpt is not None:
+        apply_checkpoint_args(args, ckpt, NETWORK_FLAGS, cli.explicit_dests(parser, argv))
     device = cli.resolve_device(args.device, require_cuda=args.cuda)
     rank, world, local_rank = init_distributed(device.type)
     if device.type == "cuda" and world > 1:
@@ -142,63 +118,23 @@ def main(argv=None) -> int:
     main_proc = is_main_process()
     seed_everything(args.seed + rank)
 
-    spec = DataSpec(args.dataset, args.data_root)
-    pre = Preprocess.for_size(args.img_size)
-    ckpt = load_checkpoint(args.resume) if args.resume else None
-    if ckpt is not None and ckpt["model_name"] != args.model:
-        raise InputError(f"--resume checkpoint was trained as {ckpt['model_name']!r} but --model is {args.model!r}")
+    spec, pre = DataSpec(args.dataset, args.data_root), Preprocess.for_size(args.img_size)
     augment = resolve_augment(args.augment, args.img_size, args.random_erasing)
     train_set, val_set, classes = build_datasets(spec, pre, augment=augment)
-    num_classes = len(classes)
-
-    if world > 1:
-        sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
-        per_rank = len(sampler)
-    else:
-        generator = torch.Generator()
-        sampler = RandomSampler(train_set, generator=generator)
-        per_rank = len(train_set)
-    pin = device.type == "cuda"
-    pipeline, pipeline_reason = choose_pipeline(args.data_pipeline, train_set, val_set, pre)
-    if pipeline == "tensor":
-        train_loader, val_loader = build_tensor_loaders(train_set, val_set, pre, sampler, batch_size=args.batch_size,
-                                                        eval_batch_size=args.batch_size * 2, device=device,
-                                                        drop_last=per_rank > args.batch_size,
-                                                        val_indices=ShardSampler(len(val_set), rank, world), augment=augment)
-    else:
-        train_loader = DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
-                                  pin_memory=pin, drop_last=per_rank > args.batch_size,
-                                  persistent_workers=False)
-        val_loader = DataLoader(val_set, batch_size=args.batch_size * 2, sampler=ShardSampler(len(val_set), rank, world),
-                                num_workers=args.num_workers, pin_memory=pin)
-
+    loaders = build_train_loaders(train_set, val_set, pre, augment, pipeline=args.data_pipeline, batch_size=args.batch_size,
+                                  num_workers=args.num_workers, device=device, seed=args.seed, rank=rank, world=world)
     kwargs = model_kwargs(args.img_size, args.norm_type, pre.channels, args.small_input)
-    model = build_model(args.model, num_classes, pretrained=args.pretrained and ckpt is None,
+    model = build_model(args.model, len(classes), pretrained=args.pretrained and ckpt is None,
                         freeze_backbone=args.freeze_backbone, **kwargs).to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, args)
-    steps_per_epoch = (len(train_loader) + args.accumulation - 1) // args.accumulation
-    schedule = WarmupCosine(optimizer, steps_per_epoch, args.max_epoch, args.wp_epoch, args.base_lr, args.min_lr)
-    scaler = torch.amp.GradScaler("cuda") if args.fp16 and device.type == "cuda" and args.amp_dtype != "bfloat16" else None
-    ema = ModelEMA(model, decay=args.ema_decay) if args.ema else None
-
-    start_epoch, best_acc1, history, step = 0, 0.0, [], 0
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if scaler is not None and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        if ema is not None and ckpt.get("ema"):
-            ema.load_state_dict(ckpt["ema"])
-        start_epoch, best_acc1 = ckpt["epoch"] + 1, ckpt["best_acc1"]
-        history, step = list(ckpt.get("history", [])), ckpt.get("step", 0)
-        if ckpt.get("rng"):
-            set_rng_state(ckpt["rng"])
+    state = build_train_state(args, model, device, steps_per_epoch=-(-len(loaders.train) // args.accumulation))
+    resume = restore(ckpt, model=model, state=state) if ckpt is not None else ResumePoint()
+    del ckpt  # the optimizer state and weights are in place now: free the checkpoint's copy
     if args.start_epoch is not None:
-        start_epoch = args.start_epoch
-        step = start_epoch * steps_per_epoch
-
+        resume.start_epoch = args.start_epoch
+        state.step = args.start_epoch * state.scheduler.total_steps // args.max_epoch
+        state.scheduler.seek(state.step)
     if world > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
     if args.compile:
@@ -206,113 +142,82 @@ def main(argv=None) -> int:
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
 
     run_dir = Path(args.path_to_save) / spec.name / args.model
-    writer = None
+    log_dir = Path(args.log_dir) / spec.name / args.model / time.strftime("%Y%m%d-%H%M%S") if args.tensorboard else None
+    recorder = RunRecorder(run_dir, max_epoch=args.max_epoch, history=resume.history, enabled=main_proc, log_dir=log_dir)
+    recorder.start(classes, vars(args))
+    state.on_log = recorder.log_step
+    identity = {"model_name": args.model, "num_classes": len(classes), "classes": classes, "preprocess": pre.to_dict(),
+                "model_kwargs": kwargs, "augment": augment.to_dict(), "args": vars(args)}
+    saver = CheckpointSaver(run_dir, identity=identity, model=model, state=state, history=recorder.history,
+                            best_acc1=resume.best_acc1, finished=resume.start_epoch - 1, enabled=main_proc)
     if main_proc:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "classes.txt", "\n".join(classes) + "\n")
-        atomic_write_text(run_dir / "args.json", json.dumps(vars(args), indent=2) + "\n")
-        if args.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            log_dir = Path(args.log_dir) / spec.name / args.model / time.strftime("%Y%m%d-%H%M%S")
-            writer = SummaryWriter(str(log_dir))
-            print(f"TensorBoard logs: {log_dir}  (tensorboard --logdir {args.log_dir} --bind_all --port 6006)")
-
-    def on_log(global_step: int, values: dict) -> None:
-        if writer is not None:
-            for key, value in values.items():
-                writer.add_scalar(f"train_step/{key}", value, global_step)
-
-    state = TrainState(optimizer, schedule, scaler, ema, step, args.accumulation, args.clip_grad, args.fp16,
-                       args.amp_dtype, args.channels_last, args.log_every, on_log)
-
-    def checkpoint(epoch: int) -> dict:
-        return {
-            "model_name": args.model, "num_classes": num_classes, "classes": classes,
-            "preprocess": pre.to_dict(), "model_kwargs": kwargs, "augment": augment.to_dict(), "epoch": epoch,
-            "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "ema": ema.state_dict() if ema is not None else None, "best_acc1": best_acc1,
-            "step": state.step, "history": history, "args": vars(args), "rng": rng_state(),
-            "torch_version": str(torch.__version__),
-        }
-
-    if main_proc:
-        print(f"{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params, "
-              f"{len(train_set)} train / {len(val_set)} val images, {num_classes} classes, device {device}"
-              + (f", {world} processes" if world > 1 else "") + f"\ndata pipeline: {pipeline} ({pipeline_reason})"
-              f"\naugmentation: {augment.describe()}")
-
-    if main_proc and start_epoch >= args.max_epoch:
-        print(f"nothing to train: the run already finished epoch {start_epoch} of --max_epoch {args.max_epoch}; "
-              "raise --max_epoch to train longer")
-    epoch = start_epoch
-    finished = start_epoch - 1  # the last epoch whose end-of-epoch last.pth is on disk
+        describe_run(args, model, len(train_set), len(val_set), classes, device, world, loaders, augment, resume, log_dir)
     # SIGTERM (docker stop, kill, job schedulers) behaves like Ctrl-C: save last.pth, then exit. Its own handler, not
     # a copy of SIGINT's: a shell starts background jobs with SIGINT ignored, and copying that would ignore SIGTERM too.
     signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
+    epoch = resume.start_epoch
     try:
-        for epoch in range(start_epoch, args.max_epoch):
+        for epoch in range(resume.start_epoch, args.max_epoch):
             seed_everything(args.seed + 1000 * epoch + rank)  # each epoch's randomness depends only on (seed, epoch)
-            if world > 1:
-                sampler.set_epoch(epoch)
-            else:
-                generator.manual_seed(args.seed + epoch)
-            train_stats = train_one_epoch(model, train_loader, criterion, state, device, epoch + 1, not args.quiet)
-            row = {"epoch": epoch + 1, "lr": train_stats["lr"], "train_loss": train_stats["train_loss"],
-                   "train_acc1": train_stats["train_acc1"], "seconds": round(train_stats["seconds"], 2)}
+            loaders.set_epoch(epoch)
+            stats = train_one_epoch(model, loaders.train, criterion, state, device, epoch + 1, not args.quiet)
+            row = {"epoch": epoch + 1, "lr": stats["lr"], "train_loss": stats["train_loss"], "train_acc1": stats["train_acc1"],
+                   "seconds": round(stats["seconds"], 2)}
             if (epoch + 1) % args.eval_epoch == 0 or epoch + 1 == args.max_epoch:
-                eval_model = ema.module if ema is not None else model
-                val = evaluate(eval_model, val_loader, device, num_classes, criterion, args.fp16, args.amp_dtype,
-                               args.channels_last, not args.quiet)
+                val = validate(model, state.ema, loaders.val, device, len(classes), criterion, args, recorder, epoch + 1)
                 row.update(val_loss=val["loss"], val_acc1=val["acc1"], val_acc5=val["acc5"])
-                if ema is not None and writer is not None:
-                    raw = evaluate(model, val_loader, device, num_classes, criterion, args.fp16, args.amp_dtype,
-                                   args.channels_last, not args.quiet)
-                    for key in ("loss", "acc1", "acc5"):
-                        writer.add_scalar(f"val_no_ema/{key}", raw[key], epoch + 1)
-            history.append(row)
-            is_best = row.get("val_acc1") is not None and row["val_acc1"] > best_acc1
-            if is_best:
-                best_acc1 = row["val_acc1"]
-            if main_proc:
-                ckpt_state = checkpoint(epoch)
-                save_checkpoint(ckpt_state, run_dir / "last.pth")
-                finished = epoch
-                if is_best:
-                    save_checkpoint(ckpt_state, run_dir / "best.pth")
-                write_csv(run_dir / "results.csv", history)
-                if writer is not None:
-                    for key in ("train_loss", "train_acc1", "val_loss", "val_acc1", "val_acc5"):
-                        if row.get(key) is not None:
-                            split, metric = key.split("_", 1)
-                            writer.add_scalar(f"{split}/{metric}", row[key], epoch + 1)
-                    writer.add_scalar("lr", row["lr"], epoch + 1)
-                    writer.flush()
-                val_text = (f"val loss {row['val_loss']:.4f} acc@1 {row['val_acc1']:.4f} acc@5 {row['val_acc5']:.4f}"
-                            if "val_acc1" in row else "no validation")
-                print(f"epoch {epoch + 1}/{args.max_epoch}  train loss {row['train_loss']:.4f} acc@1 "
-                      f"{row['train_acc1']:.4f}  {val_text}  lr {row['lr']:.2e}  {row['seconds']:.1f}s "
-                      f"({train_stats['images_per_s']:.0f} img/s)", flush=True)
+            recorder.add(row)
+            saver.epoch_end(epoch, row.get("val_acc1"))
+            recorder.write_epoch(row, stats["images_per_s"])
             barrier()
     except KeyboardInterrupt:
-        if main_proc:
-            # label the save with the last finished epoch and drop later rows, so --resume repeats the rest once
-            history[:] = [r for r in history if r["epoch"] <= finished + 1]
-            save_checkpoint(checkpoint(finished), run_dir / "last.pth")
-            print(f"\ninterrupted in epoch {epoch + 1}: saved {run_dir / 'last.pth'}; continue with --resume", flush=True)
+        saved = saver.interrupted()
+        if saved:
+            print(f"\ninterrupted in epoch {epoch + 1}: saved {saved}; continue with --resume", flush=True)
         cleanup()
         return 130
     finally:
-        if writer is not None:
-            writer.close()
-
+        recorder.close()
     if main_proc:
-        if history:
-            plot_results(history, run_dir / "results.png")
-        print(f"best val acc@1 {best_acc1:.4f}\nresults saved to {run_dir}/ (best.pth, last.pth, results.csv, results.png)")
+        recorder.plot()
+        print(f"best val acc@1 {saver.best_acc1:.4f}\nresults saved to {run_dir}/ (best.pth, last.pth, results.csv, results.png)")
     cleanup()
     return 0
+
+
+def build_train_state(args, model: nn.Module, device: torch.device, steps_per_epoch: int) -> TrainState:
+    """Optimizer, LR schedule, loss scaler and EMA as the flags ask."""
+    optimizer = build_optimizer(model, args.optimizer, lr=args.base_lr, weight_decay=args.weight_decay, momentum=args.momentum)
+    scheduler = WarmupCosine(optimizer, steps_per_epoch=steps_per_epoch, max_epoch=args.max_epoch, wp_epoch=args.wp_epoch,
+                             base_lr=args.base_lr, min_lr=args.min_lr)
+    return TrainState(optimizer=optimizer, scheduler=scheduler, accumulation=args.accumulation, clip_grad=args.clip_grad,
+                      scaler=torch.amp.GradScaler("cuda", enabled=needs_grad_scaler(device, args.fp16, args.amp_dtype)),
+                      ema=ModelEMA(model, decay=args.ema_decay) if args.ema else None, amp=args.fp16, amp_dtype=args.amp_dtype,
+                      channels_last=args.channels_last, log_every=args.log_every)
+
+
+def describe_run(args, model, num_train: int, num_val: int, classes: list[str], device, world: int, loaders, augment,
+                 resume: ResumePoint, log_dir: Path | None) -> None:
+    """The start-up lines: where logs go, the network, the data, the pipeline and the augmentation."""
+    if log_dir is not None:
+        print(f"TensorBoard logs: {log_dir}  (tensorboard --logdir {args.log_dir} --bind_all --port 6006)")
+    print(f"{args.model}: {count_parameters(model) / 1e6:.2f} M params, {num_train} train / {num_val} val images, "
+          f"{len(classes)} classes, device {device}" + (f", {world} processes" if world > 1 else "")
+          + f"\ndata pipeline: {loaders.pipeline} ({loaders.reason})\naugmentation: {augment.describe()}")
+    if resume.start_epoch >= args.max_epoch:
+        print(f"nothing to train: the run already finished epoch {resume.start_epoch} of --max_epoch {args.max_epoch}; "
+              "raise --max_epoch to train longer")
+
+
+def validate(model, ema, loader, device, num_classes: int, criterion, args, recorder: RunRecorder, epoch: int) -> dict:
+    """Validation metrics of the EMA model when there is one (TensorBoard also gets the raw model's, as val_no_ema/)."""
+    options = {"criterion": criterion, "amp": args.fp16, "amp_dtype": args.amp_dtype, "channels_last": args.channels_last,
+               "show_progress": not args.quiet}
+    val = evaluate(ema.module if ema is not None else model, loader, device, num_classes, **options)
+    if ema is not None and recorder.writer is not None:
+        raw = evaluate(model, loader, device, num_classes, **options)
+        recorder.log_scalars("val_no_ema", {key: raw[key] for key in ("loss", "acc1", "acc5")}, epoch)
+    return val
 
 
 if __name__ == "__main__":

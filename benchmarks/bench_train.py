@@ -18,7 +18,6 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -33,10 +32,11 @@ from utils import cli  # noqa: E402
 from utils.data.datasets import build_transform, fashion_mnist  # noqa: E402
 from utils.data.preprocess import Preprocess  # noqa: E402
 from utils.data.tensor_pipeline import TensorTrainLoader, train_images_tensor  # noqa: E402
-from utils.engine import TrainState, train_one_epoch  # noqa: E402
 from utils.errors import InputError  # noqa: E402
 from utils.precision import bf16_native  # noqa: E402
-from utils.schedule import WarmupCosine  # noqa: E402
+from utils.training.engine import TrainState, train_one_epoch  # noqa: E402
+from utils.training.optim import build_optimizer  # noqa: E402
+from utils.training.schedule import WarmupCosine  # noqa: E402
 
 SEED = {"img_size": 224, "precision": "fp32", "memory_format": "nchw", "pipeline": "pil", "compile": "off"}
 COLUMNS = [("model", "model"), ("img_size", "img px"), ("precision", "precision"), ("memory_format", "memory"),
@@ -120,17 +120,16 @@ def build_loader(config: dict, args, device: torch.device, cache: dict):
 
 def measure(config: dict, args, device: torch.device, cache: dict) -> dict:
     """Warm-up, then the median images/s of `repeats` runs of `steps` full training steps."""
-    import train  # train.py's optimizer (AdamW, no weight decay on biases and norms)
-
     size, bf16, channels_last = config["img_size"], config["precision"] == "bf16", config["memory_format"] == "channels_last"
     model = build_model(config["model"], 10, **model_kwargs(size)).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     if config["compile"] == "on":
         model = torch.compile(model)
-    optimizer = train.build_optimizer(model, SimpleNamespace(optimizer="adamw", base_lr=1e-3, weight_decay=0.05, momentum=0.9))
-    schedule = WarmupCosine(optimizer, 1, 1, 0, 1e-3, 1e-3)  # constant LR
-    state = TrainState(optimizer, schedule, amp=bf16, amp_dtype="bfloat16" if bf16 else "auto", channels_last=channels_last)
+    optimizer = build_optimizer(model, "adamw", lr=1e-3, weight_decay=0.05, momentum=0.9)  # train.py's default optimizer
+    schedule = WarmupCosine(optimizer, steps_per_epoch=1, max_epoch=1, wp_epoch=0, base_lr=1e-3, min_lr=1e-3)  # constant LR
+    state = TrainState(optimizer=optimizer, scheduler=schedule, amp=bf16, amp_dtype="bfloat16" if bf16 else "auto",
+                       channels_last=channels_last)
     criterion = nn.CrossEntropyLoss()
     batches = endless(build_loader(config, args, device, cache))
     try:

@@ -10,8 +10,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from models import build_model, model_kwargs
-from utils.engine import TrainState, evaluate, per_class_accuracy, train_one_epoch
-from utils.schedule import WarmupCosine
+from utils.evaluation.loop import evaluate, per_class_accuracy
+from utils.training.engine import TrainState, train_one_epoch
+from utils.training.schedule import WarmupCosine
 
 CPU = torch.device("cpu")
 
@@ -29,8 +30,8 @@ def _bn_free_cnn(seed: int = 0) -> nn.Module:
 def _train(model: nn.Module, data: TensorDataset, batch_size: int, accumulation: int, steps_per_epoch: int,
            epochs: int = 1) -> TrainState:
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
-    schedule = WarmupCosine(opt, steps_per_epoch, max_epoch=epochs, wp_epoch=1, base_lr=0.05, min_lr=1e-3)
-    state = TrainState(opt, schedule, accumulation=accumulation)
+    schedule = WarmupCosine(opt, steps_per_epoch=steps_per_epoch, max_epoch=epochs, wp_epoch=1, base_lr=0.05, min_lr=1e-3)
+    state = TrainState(optimizer=opt, scheduler=schedule, accumulation=accumulation)
     loader = DataLoader(data, batch_size=batch_size, shuffle=False)
     for epoch in range(epochs):
         train_one_epoch(model, loader, nn.CrossEntropyLoss(), state, CPU, epoch + 1, show_progress=False)
@@ -59,7 +60,7 @@ def test_accumulation_equals_one_big_batch_including_partial_last_window(tiny_da
 
 def test_optimizer_steps_use_the_scheduled_lr(tiny_data):
     model = _bn_free_cnn()
-    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
     schedule = WarmupCosine(opt, steps_per_epoch=3, max_epoch=2, wp_epoch=1, base_lr=0.01, min_lr=0.001)
     seen = []
     original_step = opt.step
@@ -69,7 +70,7 @@ def test_optimizer_steps_use_the_scheduled_lr(tiny_data):
         return original_step(*args, **kwargs)
 
     opt.step = recording_step
-    state = TrainState(opt, schedule, accumulation=4)
+    state = TrainState(optimizer=opt, scheduler=schedule, accumulation=4)
     loader = DataLoader(tiny_data, batch_size=2, shuffle=False)
     stats = [train_one_epoch(model, loader, nn.CrossEntropyLoss(), state, CPU, e, show_progress=False) for e in (1, 2)]
     # warm-up 0.01/3, 0.02/3, 0.01; then cosine from 0.01 (step 3) to 0.001 (step 5, the last)
@@ -81,8 +82,9 @@ def test_optimizer_steps_use_the_scheduled_lr(tiny_data):
 def test_train_one_epoch_reports_loss_and_accuracy_of_what_it_saw(tiny_data):
     model = _bn_free_cnn()
     opt = torch.optim.SGD(model.parameters(), lr=0.0)  # LR 0 keeps the weights: compare with a plain forward
-    schedule = WarmupCosine(opt, 11, 1, 0, 0.0, 0.0)
-    stats = train_one_epoch(model, DataLoader(tiny_data, batch_size=2), nn.CrossEntropyLoss(), TrainState(opt, schedule),
+    schedule = WarmupCosine(opt, steps_per_epoch=11, max_epoch=1, wp_epoch=0, base_lr=0.0, min_lr=0.0)
+    stats = train_one_epoch(model, DataLoader(tiny_data, batch_size=2), nn.CrossEntropyLoss(),
+                            TrainState(optimizer=opt, scheduler=schedule),
                             CPU, 1, show_progress=False)
     x, y = tiny_data.tensors
     with torch.no_grad():

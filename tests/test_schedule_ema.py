@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from utils.ema import ModelEMA, ema_decay
-from utils.schedule import WarmupCosine, lr_at
+from utils.training.ema import ModelEMA, ema_decay
+from utils.training.schedule import WarmupCosine, lr_at
 
 BASE, MIN = 1e-3, 1e-6
 
@@ -40,19 +40,32 @@ def test_lr_is_monotonic_after_warmup_and_without_warmup():
     assert all(a >= b for a, b in zip(values, values[1:]))
 
 
-def test_warmup_cosine_sets_every_param_group():
+def test_warmup_cosine_is_a_torch_scheduler_that_scales_every_param_group():
     model = nn.Linear(2, 2)
-    opt = torch.optim.SGD([{"params": [model.weight]}, {"params": [model.bias], "weight_decay": 0.0}], lr=123.0)
+    # the bias group runs at a tenth of the base LR: the curve is scaled to each group's own initial LR
+    opt = torch.optim.SGD([{"params": [model.weight]}, {"params": [model.bias], "lr": BASE / 10}], lr=BASE)
     schedule = WarmupCosine(opt, steps_per_epoch=10, max_epoch=5, wp_epoch=1, base_lr=BASE, min_lr=MIN)
+    assert isinstance(schedule, torch.optim.lr_scheduler.LRScheduler)
     assert schedule.total_steps == 50 and schedule.warmup_steps == 10
-    lr = schedule.set(0)
-    assert lr == pytest.approx(BASE / 10)
-    assert [g["lr"] for g in opt.param_groups] == [lr, lr]
-    assert schedule.set(49) == pytest.approx(MIN)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([BASE / 10, BASE / 100])  # step 0 of the warm-up
+    assert opt.param_groups[0]["lr"] == lr_at(0, 50, 10, BASE, MIN)  # exactly the curve for groups at base_lr
+    schedule.seek(49)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([MIN, MIN / 10])
+    assert schedule.state_dict() == {"last_epoch": 49}
+    # a resumed run: fresh optimizer + scheduler, then the checkpoint's optimizer state (which carries the old
+    # run's lr/initial_lr) and the scheduler position
+    saved_opt, saved_sched = opt.state_dict(), schedule.state_dict()
+    opt2 = torch.optim.SGD([{"params": [model.weight]}, {"params": [model.bias], "lr": BASE / 10}], lr=BASE)
+    resumed = WarmupCosine(opt2, steps_per_epoch=10, max_epoch=10, wp_epoch=1, base_lr=BASE, min_lr=MIN)  # run extended
+    opt2.load_state_dict(saved_opt)
+    resumed.load_state_dict(saved_sched)
+    assert opt2.param_groups[0]["lr"] == lr_at(49, 100, 10, BASE, MIN)
+    assert opt2.param_groups[1]["lr"] == pytest.approx(lr_at(49, 100, 10, BASE, MIN) / 10)
     # warm-up longer than the run is capped at the run
     short = WarmupCosine(opt, steps_per_epoch=10, max_epoch=1, wp_epoch=3, base_lr=BASE, min_lr=MIN)
     assert short.warmup_steps == 10
-    assert short.set(9) == pytest.approx(BASE)
+    short.seek(9)
+    assert opt.param_groups[0]["lr"] == pytest.approx(BASE)
 
 
 def test_ema_decay_warms_up():

@@ -472,7 +472,7 @@ def load_for_eval(path: str | Path, device: torch.device, model_name: str | None
 def evaluate_loaded(loaded: LoadedModel, loader, num_classes: int, speed_repeats: int = 20, show_progress: bool = True,
                     return_predictions: bool = False) -> dict:
     """acc@1/acc@5/loss/confusion via utils.engine.evaluate's forward hook, then batch-1 latency and throughput."""
-    from utils.engine import evaluate
+    from utils.evaluation.loop import evaluate
     from utils.timing import latency_and_throughput
 
     with torch.inference_mode():

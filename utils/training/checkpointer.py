@@ -1,0 +1,88 @@
+"""The run's checkpoint policy (timm's CheckpointSaver idea): what goes into last.pth and best.pth, when, and
+how a run continues from one.
+
+- last.pth after every finished epoch; best.pth when validation acc@1 improves.
+- Interrupted (Ctrl-C, SIGTERM): last.pth labelled with the last *finished* epoch, so --resume repeats the
+  interrupted epoch once, exactly as an uninterrupted run would have trained it.
+- Resume: model, optimizer, scheduler position, scaler, EMA, RNG, history and best acc@1 come back;
+  the checkpoint is dropped from memory afterwards by the caller.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from utils.checkpoint import Checkpoint, save_checkpoint
+from utils.training.ema import ModelEMA, unwrap
+from utils.training.engine import TrainState
+from utils.training.rng import rng_state, set_rng_state
+
+
+@dataclass
+class ResumePoint:
+    """Where a run starts: epoch 0 of a new run, or after the checkpoint's last finished epoch."""
+
+    start_epoch: int = 0
+    step: int = 0
+    best_acc1: float = 0.0
+    history: list[dict] = field(default_factory=list)
+
+
+def restore(ckpt: Checkpoint, *, model: nn.Module, state: TrainState) -> ResumePoint:
+    """Load a last.pth into the freshly built model, optimizer, scheduler, scaler and EMA; set the RNG."""
+    model.load_state_dict(ckpt["model"])
+    state.optimizer.load_state_dict(ckpt["optimizer"])
+    if state.scaler.is_enabled() and ckpt.get("scaler"):
+        state.scaler.load_state_dict(ckpt["scaler"])
+    if state.ema is not None and ckpt.get("ema"):
+        state.ema.load_state_dict(ckpt["ema"])
+    step = ckpt.get("step", 0)
+    # checkpoints written before the LRScheduler carry no scheduler state: the position is the step count
+    state.scheduler.load_state_dict(ckpt.get("scheduler") or {"last_epoch": step})
+    state.step = step
+    if ckpt.get("rng"):
+        set_rng_state(ckpt["rng"])
+    return ResumePoint(ckpt["epoch"] + 1, step, ckpt["best_acc1"], list(ckpt.get("history", [])))
+
+
+class CheckpointSaver:
+    """Writes last.pth / best.pth of one run. `identity` holds what describes the network (model_name, classes,
+    preprocess, model_kwargs, augment, args, ...); `finished` is the last epoch whose last.pth is on disk."""
+
+    def __init__(self, run_dir: Path, *, identity: dict, model: nn.Module, state: TrainState, history: list[dict],
+                 best_acc1: float = 0.0, finished: int = -1, enabled: bool = True):
+        self.run_dir, self.identity, self.model, self.state = Path(run_dir), identity, model, state
+        self.history, self.best_acc1, self.finished, self.enabled = history, best_acc1, finished, enabled
+
+    def assemble(self, epoch: int) -> Checkpoint:
+        state, ema = self.state, self.state.ema
+        return Checkpoint(
+            **self.identity, epoch=epoch, model=unwrap(self.model).state_dict(), optimizer=state.optimizer.state_dict(),
+            scheduler=state.scheduler.state_dict(), scaler=state.scaler.state_dict() if state.scaler.is_enabled() else None,
+            ema=ema.state_dict() if isinstance(ema, ModelEMA) else None, best_acc1=self.best_acc1, step=state.step,
+            history=self.history, rng=rng_state(), torch_version=str(torch.__version__),
+        )
+
+    def epoch_end(self, epoch: int, val_acc1: float | None) -> bool:
+        """After epoch `epoch` (0-based): track the best acc@1, write last.pth (and best.pth). Returns is_best."""
+        is_best = val_acc1 is not None and val_acc1 > self.best_acc1
+        if is_best:
+            self.best_acc1 = val_acc1
+        if self.enabled:
+            ckpt = self.assemble(epoch)
+            save_checkpoint(ckpt, self.run_dir / "last.pth")
+            self.finished = epoch
+            if is_best:
+                save_checkpoint(ckpt, self.run_dir / "best.pth")
+        return is_best
+
+    def interrupted(self) -> Path | None:
+        """Save last.pth as of the last finished epoch (rows of later epochs dropped from the history)."""
+        if not self.enabled:
+            return None
+        self.history[:] = [r for r in self.history if r["epoch"] <= self.finished + 1]
+        return save_checkpoint(self.assemble(self.finished), self.run_dir / "last.pth")

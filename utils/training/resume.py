@@ -1,0 +1,25 @@
+"""--resume takes the network from the checkpoint (nanoGPT's pattern): the flags that define the network and its
+input come from the checkpoint's saved args, and an explicitly given flag that contradicts them is an input error
+instead of a load_state_dict traceback."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterable
+
+from utils.checkpoint import Checkpoint
+from utils.errors import InputError
+
+
+def apply_checkpoint_args(args: argparse.Namespace, ckpt: Checkpoint, keys: Iterable[str], explicit: set[str]) -> None:
+    """Copy `keys` from the checkpoint's args into `args`; raise InputError when an explicit flag disagrees."""
+    saved = dict(ckpt.get("args") or {})
+    saved.setdefault("model", ckpt["model_name"])  # the one key every checkpoint has, even without saved args
+    conflicts = [f"--{key} {getattr(args, key)} (the checkpoint has {saved[key]})" for key in keys
+                 if key in saved and key in explicit and getattr(args, key) != saved[key]]
+    if conflicts:
+        raise InputError(f"--resume continues the checkpoint's network, but {'; '.join(conflicts)}: drop "
+                         f"{'those flags' if len(conflicts) > 1 else 'that flag'} (to train a different network, start a new run)")
+    for key in keys:
+        if key in saved:
+            setattr(args, key, saved[key])
