@@ -29,11 +29,12 @@ from torch.utils.data import DataLoader
 from utils import cli
 from utils.analysis.complexity import registry_macs
 from utils.data.datasets import DataSpec, build_eval_dataset
+from utils.deploy.artifacts import evaluate_loaded, load_for_eval
 from utils.errors import InputError
 from utils.evaluation.loop import per_class_accuracy
-from utils.export import evaluate_loaded, load_for_eval
+from utils.evaluation.report import default_output, misclassified_grid, write_summary
 from utils.io import atomic_write_text
-from utils.plots import plot_confusion_matrix, plot_examples
+from utils.plots import plot_confusion_matrix
 
 
 def parse_args(argv=None):
@@ -43,7 +44,7 @@ def parse_args(argv=None):
     p.add_argument("--summary", nargs="?", const="results", default=None, metavar="DIR",
                    help="instead of evaluating, merge the JSON reports under DIR (default results/) into one markdown "
                         "table, printed and written to DIR/summary.md")
-    p.add_argument("-m", "--model", default=None, help="override the model name stored in the checkpoint")
+    cli.add_model_override_arg(p)
     cli.add_data_args(p)
     p.add_argument("--split", default="val", help="folder split to evaluate (val falls back to test/); Fashion-MNIST: its test set")
     cli.add_device_arg(p)
@@ -54,33 +55,9 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def misclassified_grid(dataset, predictions: torch.Tensor, classes: list[str], path: Path, limit: int = 32) -> Path | None:
-    """Draw up to `limit` wrongly classified images with true and predicted labels."""
-    images, titles = [], []
-    targets = [int(t) for t in getattr(dataset, "targets", [])] or [dataset[i][1] for i in range(len(dataset))]
-    for i, (pred, true) in enumerate(zip(predictions.tolist(), targets)):
-        if pred != true:
-            img = dataset.samples[i][0] if hasattr(dataset, "samples") else dataset.data[i].numpy()
-            if isinstance(img, str):
-                from utils.data.preprocess import load_image
-
-                img = np.asarray(load_image(img))
-            images.append(np.asarray(img))
-            titles.append(f"true {classes[true]}\npred {classes[pred]}")
-            if len(images) == limit:
-                break
-    return plot_examples(images, titles, path) if images else None
-
-
-def default_output(model_name: str, fmt: str) -> Path:
-    return Path("results") / (f"{model_name}.json" if fmt == "pytorch" else f"{model_name}_{fmt}.json")
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.summary is not None:
-        from summarize_results import write_summary
-
         print(write_summary(Path(args.summary)))
         return 0
     if not args.weights:

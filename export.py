@@ -31,13 +31,14 @@ from pathlib import Path
 
 from utils import cli
 from utils.checkpoint import build_from_checkpoint, load_checkpoint
-from utils.export import DEFAULT_OPSET, DYNAMO_MIN_OPSET, FP32_ATOL, FP32_RTOL, ParityError, default_output, export_artifact, real_images
+from utils.deploy.export import DEFAULT_OPSET, DYNAMO_MIN_OPSET, default_output, export_artifact
+from utils.deploy.parity import FP32_ATOL, FP32_RTOL, ParityError, real_images
 
 
 def parse_args(argv=None):
     p = cli.parser(__doc__)
     p.add_argument("--weights", required=True, metavar="CKPT", help="checkpoint written by train.py")
-    p.add_argument("-m", "--model", default=None, help="override the model name stored in the checkpoint")
+    cli.add_model_override_arg(p)
     p.add_argument("--engine", default="onnx", choices=["onnx", "torchscript", "all"], help="what to export")
     p.add_argument("--opset", type=cli.positive(), default=None,
                    help=f"ONNX opset (default {DEFAULT_OPSET} with the legacy exporter, {DYNAMO_MIN_OPSET} with dynamo)")

@@ -23,32 +23,10 @@ import numpy as np
 
 from utils import cli
 from utils.data.preprocess import Preprocess
+from utils.deploy.metadata import ONNX_SUFFIXES, TORCHSCRIPT_SUFFIXES, artifact_kind
+from utils.deploy.predict import WARMUP_RUNS, add_predict_args, expand_images, load_class_names, predict_files, report, resolve_classes
+from utils.deploy.runtime import OnnxModel, pool_score_map
 from utils.errors import InputError
-from utils.runtime import (
-    ONNX_SUFFIXES,
-    TORCHSCRIPT_SUFFIXES,
-    OnnxModel,
-    artifact_kind,
-    expand_images,
-    load_class_names,
-    predict_files,
-    report,
-    resolve_classes,
-)
-
-WARMUP_RUNS = 3
-
-
-def add_predict_args(p) -> None:
-    """Flags shared with predict_ckpoint.py."""
-    p.add_argument("--image", nargs="+", required=True, metavar="IMG",
-                   help="image file(s), folder(s) (searched recursively) or quoted glob(s) such as 'imgs/*.jpg'")
-    p.add_argument("--topk", type=cli.positive(), default=5, help="how many classes to show per image")
-    p.add_argument("--classes", default=None, metavar="FILE|a,b,c",
-                   help="class names (classes.txt, one per line, or comma-separated); only needed when the model has none")
-    p.add_argument("--json", action="store_true", help="print one JSON document (summary + per-image top-k) instead of text")
-    p.add_argument("--repeats", type=cli.positive(), default=1, help="timed runs per image (the median is reported)")
-    cli.add_device_arg(p)
 
 
 def parse_args(argv=None):
@@ -97,7 +75,7 @@ def load_torchscript(args):
     """Imports torch only here, so the ONNX path never pays for it."""
     import torch
 
-    from utils.export import load_torchscript as load
+    from utils.deploy.artifacts import load_torchscript as load  # torch-dependent: imported only on this path
 
     device = cli.resolve_device(args.device)
     program, meta = load(args.model, device)
@@ -105,9 +83,7 @@ def load_torchscript(args):
 
     def forward(x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            out = program(torch.from_numpy(x).to(device)).float()
-            out = out.mean(dim=(2, 3)) if out.dim() == 4 else out
-            return out.cpu().numpy()
+            return pool_score_map(program(torch.from_numpy(x).to(device)).float()).cpu().numpy()
 
     num = int(meta["num_classes"]) if "num_classes" in meta else None
     return forward, pre, meta, num, str(device)

@@ -15,16 +15,16 @@ import time
 import numpy as np
 import torch
 
-from predict import WARMUP_RUNS, add_predict_args
 from utils import cli
 from utils.checkpoint import build_from_checkpoint, load_checkpoint
-from utils.runtime import expand_images, load_class_names, predict_files, report, resolve_classes
+from utils.deploy.predict import WARMUP_RUNS, add_predict_args, expand_images, load_class_names, predict_files, report, resolve_classes
+from utils.deploy.runtime import pool_score_map
 
 
 def parse_args(argv=None):
     p = cli.parser(__doc__)
     p.add_argument("--weights", required=True, metavar="CKPT", help="checkpoint written by train.py (or quantize.py --mode fp16)")
-    p.add_argument("-m", "--model", default=None, help="override the model name stored in the checkpoint")
+    cli.add_model_override_arg(p)
     add_predict_args(p)
     return p.parse_args(argv)
 
@@ -41,8 +41,7 @@ def main(argv=None) -> int:
 
     def forward(x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            out = model(torch.from_numpy(x).to(device)).float()
-            return (out.mean(dim=(2, 3)) if out.dim() == 4 else out).cpu().numpy()
+            return pool_score_map(model(torch.from_numpy(x).to(device)).float()).cpu().numpy()
 
     classes = resolve_classes(info.classes, load_class_names(args.classes), info.num_classes)
     results = predict_files(forward, paths, info.preprocess, classes, args.topk, WARMUP_RUNS, args.repeats)

@@ -37,11 +37,12 @@ from models import count_parameters
 from utils import cli
 from utils.checkpoint import build_from_checkpoint, load_checkpoint, save_checkpoint
 from utils.data.loaders import calibration_batches, data_spec, eval_loader
+from utils.deploy.artifacts import evaluate_loaded, load_for_eval
+from utils.deploy.export import export_artifact
+from utils.deploy.quantize import fp16_checkpoint, quantize_dynamic_int8, quantize_fx_int8, quantize_onnx_int8, save_quantized_torchscript
+from utils.deploy.runtime import OnnxModel
 from utils.errors import InputError
-from utils.export import evaluate_loaded, export_artifact, load_for_eval
 from utils.io import atomic_write_text, file_sha256, markdown_table
-from utils.quantize import fp16_checkpoint, quantize_dynamic_int8, quantize_fx_int8, quantize_onnx_int8, save_quantized_torchscript
-from utils.runtime import OnnxModel
 
 TABLE_COLUMNS = ("format", "compute", "size (MB)", "acc@1 (%)", "acc@5 (%)", "Δacc@1 (points)", "latency (ms)", "throughput (img/s)")
 
@@ -49,7 +50,7 @@ TABLE_COLUMNS = ("format", "compute", "size (MB)", "acc@1 (%)", "acc@5 (%)", "Δ
 def parse_args(argv=None):
     p = cli.parser(__doc__)
     p.add_argument("--weights", required=True, metavar="CKPT", help="FP32 checkpoint written by train.py")
-    p.add_argument("-m", "--model", default=None, help="override the model name stored in the checkpoint")
+    cli.add_model_override_arg(p)
     p.add_argument("--mode", required=True, choices=["fp16", "int8", "dynamic"], help="what to produce (see above)")
     p.add_argument("--backend", default="all", choices=["all", "onnx", "pytorch"],
                    help="fp16/int8: ONNX artifact, PyTorch artifact or both (dynamic is PyTorch only)")
@@ -57,10 +58,7 @@ def parse_args(argv=None):
     p.add_argument("--output", default=None, metavar="PATH",
                    help="path of the main artifact (fp16: the .pth, or the .onnx with --backend onnx; int8: the ONNX "
                         "file, or the FX .pt with --backend pytorch; dynamic: the .pt)")
-    p.add_argument("--dataset", default=None, metavar="PATH", help="image-folder dataset (default: the checkpoint's)")
-    p.add_argument("--data_root", default=None, help="Fashion-MNIST root (default: the checkpoint's)")
-    p.add_argument("--batch_size", type=cli.positive(), default=32, help="calibration and evaluation batch size")
-    p.add_argument("--num_workers", type=int, default=0, help="DataLoader workers for evaluation")
+    cli.add_data_args(p, batch_size=32, num_workers=0, from_checkpoint=True)
     p.add_argument("--max_images", type=cli.positive(), default=None, help="evaluate on the first N validation images only")
     p.add_argument("--speed_repeats", type=int, default=20, help="timed repeats for latency/throughput (0 = skip)")
     p.add_argument("--results", default=None, metavar="JSON", help="results file (default results/quantization/<model>.json)")

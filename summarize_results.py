@@ -13,77 +13,10 @@ image in convolutions and matrix products (FlopCounterMode; FLOPs = 2 x MACs).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from utils import cli
-from utils.errors import InputError
-from utils.io import atomic_write_text, markdown_table
-
-EVAL_COLUMNS = ("model", "format", "compute", "dataset", "img", "params (M)", "MMACs", "size (MB)", "acc@1 (%)", "acc@5 (%)",
-                "latency (ms, batch 1)", "throughput (img/s)", "device", "report")
-QUANT_COLUMNS = ("model", "format", "compute", "size (MB)", "acc@1 (%)", "acc@5 (%)", "latency (ms, batch 1)",
-                 "throughput (img/s)", "report")
-
-
-def _num(value, fmt: str) -> str:
-    return "" if value is None else format(value, fmt)
-
-
-def _pct(value) -> str:
-    return "" if value is None else f"{100 * value:.2f}"
-
-
-def load_reports(results_dir: Path) -> tuple[list[tuple[Path, dict]], list[tuple[Path, dict]]]:
-    """(eval reports, quantization reports); files that are not ours are skipped."""
-    evals, quants = [], []
-    for path in sorted(results_dir.glob("*.json")):
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        if isinstance(data, dict) and {"model", "acc1", "acc5"} <= data.keys():
-            evals.append((path, data))
-    for path in sorted((results_dir / "quantization").glob("*.json")):
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        if isinstance(data, dict) and isinstance(data.get("rows"), list):
-            quants.append((path, data))
-    return evals, quants
-
-
-def summary_markdown(results_dir: Path) -> str:
-    evals, quants = load_reports(results_dir)
-    if not evals and not quants:
-        raise InputError(f"no reports in {results_dir}/ (run eval.py --weights ... or quantize.py first)")
-    parts = [f"# Results summary ({results_dir}/)"]
-    if evals:
-        rows = []
-        for path, r in sorted(evals, key=lambda pr: (pr[1]["model"], pr[1].get("format", "pytorch"))):
-            rows.append([r["model"], r.get("format", "pytorch"), r.get("compute", ""), f"{r.get('dataset', '')}/{r.get('split', '')}",
-                         r.get("img_size", ""), _num(r["params"] / 1e6 if r.get("params") else None, ".3f"),
-                         _num(r["macs"] / 1e6 if r.get("macs") else None, ".1f"),
-                         _num(r.get("size_mb"), ".2f"), _pct(r["acc1"]), _pct(r["acc5"]), _num(r.get("latency_ms"), ".2f"),
-                         _num(r.get("throughput_img_s"), ".0f"), r.get("device", ""), path.name])
-        parts += ["", "## Accuracy, size and speed per model and format (eval.py)", "", markdown_table(EVAL_COLUMNS, rows)]
-    if quants:
-        rows = []
-        for path, q in quants:
-            for r in q["rows"]:
-                rows.append([q.get("model", ""), r.get("format", ""), r.get("compute", ""), _num(r.get("size_mb"), ".2f"),
-                             _pct(r.get("acc1")), _pct(r.get("acc5")), _num(r.get("latency_ms"), ".2f"),
-                             _num(r.get("throughput_img_s"), ".0f"), f"quantization/{path.name}"])
-        parts += ["", "## Quantization (quantize.py)", "", markdown_table(QUANT_COLUMNS, rows)]
-    return "\n".join(parts) + "\n"
-
-
-def write_summary(results_dir: Path, output: Path | None = None) -> str:
-    """Build the tables, write them to `output` (default <results_dir>/summary.md) and return the markdown."""
-    text = summary_markdown(results_dir)
-    atomic_write_text(output or results_dir / "summary.md", text)
-    return text
+from utils.evaluation.report import write_summary
 
 
 def main(argv=None) -> int:

@@ -37,9 +37,10 @@ from utils.checkpoint import build_from_checkpoint, load_checkpoint  # noqa: E40
 from utils.data.datasets import save_test_images, val_folder  # noqa: E402
 from utils.data.loaders import calibration_batches, data_spec, eval_loader
 from utils.data.preprocess import list_images  # noqa: E402
+from utils.deploy.artifacts import evaluate_loaded, load_for_eval  # noqa: E402
+from utils.deploy.export import export_artifact  # noqa: E402
+from utils.deploy.quantize import quantize_fx_int8, quantize_onnx_int8, save_quantized_torchscript
 from utils.errors import InputError  # noqa: E402
-from utils.export import evaluate_loaded, export_artifact, load_for_eval  # noqa: E402
-from utils.quantize import quantize_fx_int8, quantize_onnx_int8, save_quantized_torchscript
 
 FORMAT_COLUMNS = [("model", "model"), ("format", "format"), ("compute", "compute"), ("size_mb", "size (MB)"),
                   ("acc1_pct", "acc@1 (%)"), ("acc5_pct", "acc@5 (%)"), ("latency_ms", "latency (ms, batch 1)"),
@@ -51,10 +52,8 @@ PREDICT_COLUMNS = [("model", "model"), ("target", "command"), ("wall_s", "proces
 def parse_args(argv=None):
     p = cli.parser(__doc__)
     p.add_argument("--weights", nargs="+", required=True, metavar="CKPT", help="checkpoints written by train.py")
-    p.add_argument("--dataset", default=None, metavar="PATH", help="image-folder dataset (default: each checkpoint's)")
-    p.add_argument("--data_root", default=None, help="Fashion-MNIST root (default: each checkpoint's)")
+    cli.add_data_args(p, batch_size=64, num_workers=0, from_checkpoint=True)
     p.add_argument("--max_images", type=cli.positive(), default=None, help="evaluate on the first N validation images")
-    p.add_argument("--batch_size", type=cli.positive(), default=64, help="evaluation and throughput batch size")
     p.add_argument("--calib_batches", type=cli.positive(), default=10, help="training batches calibrating INT8")
     p.add_argument("--repeats", type=cli.positive(), default=20, help="timed repeats for latency (half for throughput)")
     p.add_argument("--threads", type=int, default=0,
@@ -97,7 +96,7 @@ def bench_checkpoint(weights: str, args, work: Path) -> tuple[list[dict], list[d
     model, info = build_from_checkpoint(ckpt)
     name, pre = info.model_name, info.preprocess
     spec = data_spec(ckpt.get("args"), args.dataset, args.data_root)
-    loader, classes = eval_loader(spec, pre, args.batch_size, args.max_images)
+    loader, classes = eval_loader(spec, pre, args.batch_size, args.max_images, args.num_workers)
     work = work / f"{name}_{Path(weights).parent.name}"
     quiet = lambda *_: None  # noqa: E731
     print(f"{name}: exporting and quantizing into {work}", flush=True)

@@ -100,7 +100,8 @@ def torch_engine(model: torch.nn.Module, engine: str, pre: Preprocess, workdir: 
             with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
                 return fast(x.contiguous(memory_format=torch.channels_last))
         return forward
-    from utils.export import load_torchscript, write_torchscript
+    from utils.deploy.artifacts import load_torchscript
+    from utils.deploy.export import write_torchscript
 
     path = workdir / f"{name}_{pre.img_size}.pt"
     write_torchscript(copy.deepcopy(model), path, pre, {"model_name": name}, half=False)
@@ -114,8 +115,8 @@ def torch_engine(model: torch.nn.Module, engine: str, pre: Preprocess, workdir: 
 
 def onnx_engine(model: torch.nn.Module, engine: str, pre: Preprocess, workdir: Path, name: str, args, threads: int):
     """A forward taking a numpy batch, for ONNX Runtime FP32 / INT8 (CPU execution provider)."""
-    from utils.export import write_onnx
-    from utils.runtime import OnnxModel
+    from utils.deploy.export import write_onnx
+    from utils.deploy.runtime import OnnxModel
 
     fp32 = workdir / f"{name}_{pre.img_size}.onnx"
     if not fp32.is_file():
@@ -123,7 +124,7 @@ def onnx_engine(model: torch.nn.Module, engine: str, pre: Preprocess, workdir: P
         write_onnx(copy.deepcopy(model), fp32, pre, meta, opset=17, dynamic_size=False, half=False, exporter="legacy")
     path = fp32
     if engine == "onnx_int8":
-        from utils.quantize import quantize_onnx_int8
+        from utils.deploy.quantize import quantize_onnx_int8
 
         generator = torch.Generator().manual_seed(0)
         batches = [torch.randn(2, pre.channels, pre.img_size, pre.img_size, generator=generator)

@@ -9,9 +9,9 @@ import torch
 
 from utils.checkpoint import build_from_checkpoint, load_checkpoint
 from utils.data.loaders import calibration_batches, data_spec
-from utils.export import export_artifact
-from utils.quantize import quantize_onnx_int8
-from utils.runtime import artifact_kind
+from utils.deploy.export import export_artifact
+from utils.deploy.metadata import artifact_kind
+from utils.deploy.quantize import quantize_onnx_int8
 
 
 @pytest.fixture(scope="module")

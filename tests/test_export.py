@@ -13,10 +13,14 @@ from conftest import run_script
 
 from models import MODEL_NAMES, build_model, model_kwargs
 from utils.data.preprocess import Preprocess
+from utils.deploy.artifacts import load_torchscript
+from utils.deploy.export import export_artifact
+from utils.deploy.metadata import read_torchscript_metadata
+from utils.deploy.parity import FP32_ATOL, FP32_RTOL
+from utils.deploy.runtime import OnnxModel
 from utils.errors import InputError
-from utils.export import FP32_ATOL, FP32_RTOL, export_artifact, load_torchscript
 from utils.io import file_sha256
-from utils.runtime import OnnxModel, read_torchscript_metadata
+from utils.model_info import ModelInfo
 
 SIZE = 32
 
@@ -25,7 +29,7 @@ def small_model(name: str, tmp_path, size: int = SIZE, classes: int = 10, small_
     """A randomly initialised registry model at `size` px in eval mode, its info and a stand-in source file."""
     torch.manual_seed(0)
     model = build_model(name, classes, **model_kwargs(size, small_input=small_input)).eval()
-    info = {"model_name": name, "classes": [f"c{i}" for i in range(classes)], "preprocess": Preprocess.for_size(size)}
+    info = ModelInfo(name, [f"c{i}" for i in range(classes)], Preprocess.for_size(size))
     source = tmp_path / "source.pth"
     source.write_bytes(b"stand-in checkpoint bytes, only hashed")
     return model, info, source

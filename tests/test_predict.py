@@ -16,8 +16,8 @@ from torchvision import transforms
 from utils.checkpoint import build_from_checkpoint, load_checkpoint
 from utils.data.datasets import FASHION_MNIST_CLASSES
 from utils.data.preprocess import load_image
+from utils.deploy.export import export_artifact
 from utils.errors import InputError
-from utils.export import export_artifact
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,8 @@ import torch
 
 from models import build_model, model_kwargs
 from utils.checkpoint import load_checkpoint
-from utils.export import state_dict_mb
-from utils.quantize import linear_fraction, quantize_dynamic_int8
+from utils.deploy.artifacts import state_dict_mb
+from utils.deploy.quantize import linear_fraction, quantize_dynamic_int8
 
 
 @pytest.fixture()

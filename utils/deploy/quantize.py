@@ -21,7 +21,6 @@ the pinned torch and needs no extra package, so it is used here.
 from __future__ import annotations
 
 import copy
-import json
 import warnings
 from pathlib import Path
 
@@ -30,8 +29,10 @@ import torch
 from torch import nn
 
 from models import count_parameters
+from utils.checkpoint import Checkpoint, inference_state
+from utils.deploy.export import quiet_export, save_torchscript
+from utils.deploy.metadata import build_metadata, write_onnx_metadata
 from utils.errors import InputError
-from utils.export import build_metadata, quiet_export
 from utils.io import atomic_path, file_sha256, temp_sibling
 from utils.model_info import ModelInfo
 
@@ -42,9 +43,9 @@ FP16_KEEP_KEYS = ("model_name", "num_classes", "classes", "preprocess", "model_k
 # ----------------------------------------------------------------------------- FP16
 
 
-def fp16_checkpoint(ckpt: dict, source: str | Path) -> dict:
+def fp16_checkpoint(ckpt: Checkpoint, source: str | Path) -> Checkpoint:
     """A half-precision inference checkpoint: EMA weights if present, float tensors cast to float16."""
-    state = ckpt["ema"]["module"] if ckpt.get("ema") else ckpt["model"]
+    state = inference_state(ckpt)
     out = {k: ckpt[k] for k in FP16_KEEP_KEYS if k in ckpt}
     out.update(model={k: v.half() if v.is_floating_point() else v for k, v in state.items()}, ema=None, precision="fp16",
                source_checkpoint=Path(source).name, source_sha256=file_sha256(source))
@@ -90,10 +91,7 @@ def quantize_onnx_int8(fp32_path: Path, output: Path, batches: list[torch.Tensor
                                 activation_type=QuantType.QUInt8 if activations == "uint8" else QuantType.QInt8,
                                 weight_type=QuantType.QInt8)
             proto = onnx.load(str(tmp))
-            del proto.metadata_props[:]
-            for key, value in {**meta, **metadata_update}.items():
-                entry = proto.metadata_props.add()
-                entry.key, entry.value = key, value
+            write_onnx_metadata(proto, {**meta, **metadata_update})
             onnx.save(proto, str(tmp))
             onnx.checker.check_model(str(tmp), full_check=True)
     finally:
@@ -151,15 +149,8 @@ def quantize_dynamic_int8(model: nn.Module) -> tuple[nn.Module, str | None]:
 
 def save_quantized_torchscript(qmodel: nn.Module, path: Path, info: ModelInfo, checkpoint: str | Path, precision: str,
                                example: torch.Tensor, note: str, params: int) -> Path:
-    """Script (or trace) a quantized model and save it with the export metadata; precision e.g. 'int8-fx'."""
-    from utils.runtime import TORCHSCRIPT_METADATA_FILE
-
-    with quiet_export():
-        try:
-            program, method = torch.jit.script(qmodel), "scripted"
-        except Exception:
-            program, method = torch.jit.trace(qmodel, example), "traced"
-    meta = build_metadata(info, checkpoint, precision, quantization=note, torchscript=method, params=params)
-    with atomic_path(path) as tmp, quiet_export():
-        torch.jit.save(program, str(tmp), _extra_files={TORCHSCRIPT_METADATA_FILE: json.dumps(meta, indent=1)})
+    """Script (or trace) a quantized model and save it atomically with the export metadata; precision e.g. 'int8-fx'."""
+    meta = build_metadata(info, checkpoint, precision, quantization=note, params=params)
+    with atomic_path(path) as tmp:
+        save_torchscript(qmodel, tmp, meta, example)
     return path

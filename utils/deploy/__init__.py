@@ -1,0 +1,1 @@
+"""Deployment: export (ONNX, TorchScript) with parity checks, artifact metadata, ONNX Runtime, prediction, quantization."""

@@ -1,0 +1,134 @@
+"""Opening any artifact for evaluation: a checkpoint (FP32 or FP16), an ONNX file (FP32, FP16, INT8) or a TorchScript
+program, each wrapped as a LoadedModel with one forward on torch batches, so eval.py, quantize.py and the
+benchmarks evaluate every format through the same eval loop."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from models import count_parameters
+from utils.checkpoint import build_from_checkpoint, inference_state, load_checkpoint
+from utils.deploy.metadata import TORCHSCRIPT_METADATA_FILE, artifact_kind, decode_metadata
+from utils.deploy.runtime import OnnxModel, pool_score_map
+from utils.errors import InputError
+from utils.evaluation.loop import evaluate
+from utils.model_info import ModelInfo
+from utils.timing import latency_and_throughput
+
+
+def load_torchscript(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.jit.ScriptModule, dict]:
+    """torch.jit.load plus the metadata export.py stored beside the program."""
+    extra = {TORCHSCRIPT_METADATA_FILE: ""}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # "torch.jit.load is deprecated": nothing the user can act on
+            program = torch.jit.load(str(path), map_location=device, _extra_files=extra)
+    except Exception as e:
+        raise InputError(f"cannot load TorchScript file {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    text = extra[TORCHSCRIPT_METADATA_FILE]
+    meta = decode_metadata(json.loads(text)) if text else {}
+    return program.eval(), meta
+
+
+class HalfPrecision(nn.Module):
+    """Runs the wrapped network in float16 while taking and returning float32 tensors."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model.half()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x.half()).float()
+
+
+@dataclass
+class LoadedModel:
+    """Anything eval.py, quantize.py and the benchmark can evaluate: a forward on torch batches plus facts about it."""
+
+    forward: Callable[[torch.Tensor], torch.Tensor]
+    info: ModelInfo
+    format: str  # pytorch, pytorch-fp16, onnx, onnx-fp16, onnx-int8, torchscript, torchscript-int8-fx, ...
+    engine: str  # pytorch, onnxruntime, torchscript
+    precision: str
+    compute: str  # what actually ran, e.g. "fp32 (fp16 weights upcast on CPU)"
+    device: torch.device  # where the evaluation batches go
+    size_mb: float  # weights as stored (checkpoint) or the artifact file size
+    params: int | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def state_dict_mb(state: dict) -> float:
+    return sum(t.numel() * t.element_size() for t in state.values() if torch.is_tensor(t)) / 1e6
+
+
+def load_for_eval(path: str | Path, device: torch.device, model_name: str | None = None, ort_device: str = "auto",
+                  ort_threads: int = 0) -> LoadedModel:
+    """Open a checkpoint (FP32 or FP16), an .onnx (FP32/FP16/INT8) or a TorchScript .pt for evaluation."""
+    path = Path(path)
+    kind = artifact_kind(path)
+    file_mb = path.stat().st_size / 1e6
+    if kind == "checkpoint":
+        ckpt = load_checkpoint(path)
+        model, info = build_from_checkpoint(ckpt, model_name)
+        precision = ckpt.get("precision", "fp32")
+        state = inference_state(ckpt)
+        params = count_parameters(model)
+        if precision == "fp16" and device.type == "cuda":
+            model, compute = HalfPrecision(model).to(device).eval(), "fp16 on CUDA"
+        else:
+            model = model.to(device)
+            compute = "fp32 (fp16 weights upcast to fp32 on CPU)" if precision == "fp16" else "fp32"
+        return LoadedModel(lambda x: pool_score_map(model(x).float()), info, "pytorch" if precision == "fp32" else f"pytorch-{precision}",
+                           "pytorch", precision, compute, device, state_dict_mb(state), params, {"file_mb": file_mb})
+    if kind == "onnx":
+        import onnxruntime
+
+        onnx_model = OnnxModel(path, ort_device, threads=ort_threads)
+        meta = onnx_model.metadata
+        precision = meta.get("precision", "fp32")
+        info = ModelInfo.from_metadata(meta, path.stem, str(path))
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            return torch.from_numpy(onnx_model(x.cpu().numpy()))
+
+        provider = onnx_model.providers[0]
+        compute = f"{precision} on ONNX Runtime {provider}" + (" (CPU may run FP16 nodes through inserted casts)"
+                                                                if precision == "fp16" and provider == "CPUExecutionProvider" else "")
+        return LoadedModel(forward, info, "onnx" if precision == "fp32" else f"onnx-{precision}", "onnxruntime", precision,
+                           compute, torch.device("cpu"), file_mb, int(meta["params"]) if "params" in meta else None,
+                           {"file_mb": file_mb, "provider": provider, "onnxruntime": onnxruntime.__version__})
+    meta_device = device
+    program, meta = load_torchscript(path, "cpu")
+    precision = meta.get("precision", "fp32")
+    if precision.startswith("int8") and device.type == "cuda":
+        print(f"note: {path.name} is a PyTorch-quantized INT8 program, which runs on CPU only: evaluating on CPU")
+        meta_device = torch.device("cpu")
+    program = program.to(meta_device)
+    info = ModelInfo.from_metadata(meta, path.stem, str(path))
+
+    def ts_forward(x: torch.Tensor) -> torch.Tensor:
+        return pool_score_map(program(x).float())
+
+    return LoadedModel(ts_forward, info, "torchscript" if precision == "fp32" else f"torchscript-{precision}", "torchscript",
+                       precision, f"{precision} TorchScript on {meta_device.type}", meta_device, file_mb,
+                       int(meta["params"]) if "params" in meta else None, {"file_mb": file_mb, "torchscript": meta.get("torchscript")})
+
+
+def evaluate_loaded(loaded: LoadedModel, loader, num_classes: int, speed_repeats: int = 20, show_progress: bool = True,
+                    return_predictions: bool = False) -> dict:
+    """acc@1/acc@5/loss/confusion through the eval loop's forward hook, then batch-1 latency and throughput."""
+    with torch.inference_mode():
+        stats = evaluate(None, loader, loaded.device, num_classes, forward=loaded.forward, show_progress=show_progress,
+                         desc=f"eval {loaded.format}", return_predictions=return_predictions)
+        if speed_repeats > 0:
+            batch = next(iter(loader))[0].to(loaded.device)
+            sync = torch.cuda.synchronize if loaded.device.type == "cuda" else None
+            stats.update(latency_and_throughput(loaded.forward, batch[:1], batch, repeats=speed_repeats, sync=sync))
+    return stats

@@ -1,0 +1,96 @@
+"""Artifact metadata: what export.py stores inside every ONNX file (metadata_props) and TorchScript archive (extra
+file metadata.json), so an artifact alone says what it is, which classes it predicts and how to preprocess images.
+Reading it needs no torch (predict.py's ONNX path); telling artifacts from checkpoints is done here too.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+from utils.data.preprocess import Preprocess
+from utils.errors import InputError
+from utils.io import file_sha256
+from utils.model_info import ModelInfo
+
+TORCHSCRIPT_METADATA_FILE = "metadata.json"
+ONNX_SUFFIXES = (".onnx",)
+TORCHSCRIPT_SUFFIXES = (".pt", ".ts", ".torchscript", ".jit")
+
+
+def artifact_kind(path: str | Path) -> str:
+    """'onnx', 'torchscript' or 'checkpoint', from the extension and (for zip archives) the contents.
+
+    TorchScript archives and torch.save checkpoints are both zip files; only TorchScript holds `code/`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"model file not found: {path}")
+    if path.suffix.lower() in ONNX_SUFFIXES:
+        return "onnx"
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+        if any("/code/" in n for n in names) and any(n.endswith("constants.pkl") for n in names):
+            return "torchscript"
+        return "checkpoint"
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if head[:1] == b"\x08" and b"pytorch" in head.lower():  # an ONNX protobuf (ir_version, producer) without .onnx
+        return "onnx"
+    raise InputError(f"{path} is neither an ONNX file, a TorchScript archive nor a checkpoint written by train.py")
+
+
+def read_torchscript_metadata(path: str | Path) -> dict:
+    """The metadata export.py stores in a TorchScript archive's extra files, read without torch."""
+    with zipfile.ZipFile(path) as zf:
+        name = next((n for n in zf.namelist() if n.endswith(f"/extra/{TORCHSCRIPT_METADATA_FILE}")), None)
+        return decode_metadata(json.loads(zf.read(name))) if name else {}
+
+
+def decode_metadata(props: dict[str, str]) -> dict:
+    """String key/value metadata (ONNX metadata_props) -> typed values (classes list, Preprocess, ...)."""
+    meta = dict(props)
+    if "classes" in meta and isinstance(meta["classes"], str):
+        meta["classes"] = json.loads(meta["classes"])
+    if "preprocess" in meta:
+        raw = meta["preprocess"]
+        meta["preprocess"] = Preprocess.from_json(raw) if isinstance(raw, str) else Preprocess.from_dict(raw)
+    if isinstance(meta.get("model_kwargs"), str):
+        meta["model_kwargs"] = json.loads(meta["model_kwargs"])
+    if isinstance(meta.get("dynamic_size"), str):
+        meta["dynamic_size"] = meta["dynamic_size"] == "true"
+    return meta
+
+
+def describe_preprocess(pre: Preprocess) -> str:
+    """One human-readable line a user of the bare artifact can reimplement."""
+    mode = "RGB" if pre.channels == 3 else "grayscale (L)"
+    return (f"{mode} image, EXIF orientation applied; resize shorter side to {pre.resize} ({pre.interpolation}); "
+            f"center-crop {pre.img_size}x{pre.img_size}; scale to [0, 1]; normalize mean={list(pre.mean)} "
+            f"std={list(pre.std)}; layout NCHW float32, {pre.channels} channel(s)")
+
+
+def build_metadata(info: ModelInfo, checkpoint: str | Path, precision: str, **extra) -> dict[str, str]:
+    """String key/value pairs stored in ONNX metadata_props and in TorchScript's extra files."""
+    import torch  # only exporters call this, and they have torch loaded; readers of metadata must not need it
+
+    pre: Preprocess = info.preprocess
+    meta = {
+        "model_name": info.model_name, "classes": json.dumps(list(info.classes)),
+        "num_classes": str(len(info.classes)), "preprocess": pre.to_json(), "preprocessing": describe_preprocess(pre),
+        "model_kwargs": json.dumps(info.model_kwargs, sort_keys=True), "precision": precision,
+        "source_checkpoint": Path(checkpoint).name, "source_sha256": file_sha256(checkpoint),
+        "torch_version": str(torch.__version__), "input": "input: float32 NCHW", "output": "logits: float32 (N, num_classes)",
+    }
+    meta.update({k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in extra.items()})
+    return meta
+
+
+def write_onnx_metadata(proto, metadata: dict[str, str]) -> None:
+    """Replace an onnx.ModelProto's metadata_props with `metadata` (export.py and quantize.py's INT8 files)."""
+    del proto.metadata_props[:]
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value

@@ -1,0 +1,104 @@
+"""Evaluation reports: the misclassified-examples grid, where eval.py's JSON goes, and the markdown summary that
+merges every report (eval.py --summary, summarize_results.py).
+
+Sizes are MB (10^6 bytes): weights as stored for checkpoints, file size for exported artifacts. MMACs: millions
+of multiply-accumulates per image in convolutions and matrix products (FlopCounterMode; FLOPs = 2 x MACs).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from utils.data.preprocess import load_image
+from utils.errors import InputError
+from utils.io import atomic_write_text, markdown_table
+from utils.plots import plot_examples
+
+EVAL_COLUMNS = ("model", "format", "compute", "dataset", "img", "params (M)", "MMACs", "size (MB)", "acc@1 (%)", "acc@5 (%)",
+                "latency (ms, batch 1)", "throughput (img/s)", "device", "report")
+QUANT_COLUMNS = ("model", "format", "compute", "size (MB)", "acc@1 (%)", "acc@5 (%)", "latency (ms, batch 1)",
+                 "throughput (img/s)", "report")
+
+
+def _num(value, fmt: str) -> str:
+    return "" if value is None else format(value, fmt)
+
+
+def _pct(value) -> str:
+    return "" if value is None else f"{100 * value:.2f}"
+
+
+def load_reports(results_dir: Path) -> tuple[list[tuple[Path, dict]], list[tuple[Path, dict]]]:
+    """(eval reports, quantization reports); files that are not ours are skipped."""
+    evals, quants = [], []
+    for path in sorted(results_dir.glob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(data, dict) and {"model", "acc1", "acc5"} <= data.keys():
+            evals.append((path, data))
+    for path in sorted((results_dir / "quantization").glob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(data, dict) and isinstance(data.get("rows"), list):
+            quants.append((path, data))
+    return evals, quants
+
+
+def summary_markdown(results_dir: Path) -> str:
+    evals, quants = load_reports(results_dir)
+    if not evals and not quants:
+        raise InputError(f"no reports in {results_dir}/ (run eval.py --weights ... or quantize.py first)")
+    parts = [f"# Results summary ({results_dir}/)"]
+    if evals:
+        rows = []
+        for path, r in sorted(evals, key=lambda pr: (pr[1]["model"], pr[1].get("format", "pytorch"))):
+            rows.append([r["model"], r.get("format", "pytorch"), r.get("compute", ""), f"{r.get('dataset', '')}/{r.get('split', '')}",
+                         r.get("img_size", ""), _num(r["params"] / 1e6 if r.get("params") else None, ".3f"),
+                         _num(r["macs"] / 1e6 if r.get("macs") else None, ".1f"),
+                         _num(r.get("size_mb"), ".2f"), _pct(r["acc1"]), _pct(r["acc5"]), _num(r.get("latency_ms"), ".2f"),
+                         _num(r.get("throughput_img_s"), ".0f"), r.get("device", ""), path.name])
+        parts += ["", "## Accuracy, size and speed per model and format (eval.py)", "", markdown_table(EVAL_COLUMNS, rows)]
+    if quants:
+        rows = []
+        for path, q in quants:
+            for r in q["rows"]:
+                rows.append([q.get("model", ""), r.get("format", ""), r.get("compute", ""), _num(r.get("size_mb"), ".2f"),
+                             _pct(r.get("acc1")), _pct(r.get("acc5")), _num(r.get("latency_ms"), ".2f"),
+                             _num(r.get("throughput_img_s"), ".0f"), f"quantization/{path.name}"])
+        parts += ["", "## Quantization (quantize.py)", "", markdown_table(QUANT_COLUMNS, rows)]
+    return "\n".join(parts) + "\n"
+
+
+def write_summary(results_dir: Path, output: Path | None = None) -> str:
+    """Build the tables, write them to `output` (default <results_dir>/summary.md) and return the markdown."""
+    text = summary_markdown(results_dir)
+    atomic_write_text(output or results_dir / "summary.md", text)
+    return text
+
+
+def misclassified_grid(dataset, predictions: torch.Tensor, classes: list[str], path: Path, limit: int = 32) -> Path | None:
+    """Draw up to `limit` wrongly classified images with true and predicted labels."""
+    images, titles = [], []
+    targets = [int(t) for t in getattr(dataset, "targets", [])] or [dataset[i][1] for i in range(len(dataset))]
+    for i, (pred, true) in enumerate(zip(predictions.tolist(), targets)):
+        if pred != true:
+            img = dataset.samples[i][0] if hasattr(dataset, "samples") else dataset.data[i].numpy()
+            if isinstance(img, str):
+                img = np.asarray(load_image(img))
+            images.append(np.asarray(img))
+            titles.append(f"true {classes[true]}\npred {classes[pred]}")
+            if len(images) == limit:
+                break
+    return plot_examples(images, titles, path) if images else None
+
+
+def default_output(model_name: str, fmt: str) -> Path:
+    return Path("results") / (f"{model_name}.json" if fmt == "pytorch" else f"{model_name}_{fmt}.json")
