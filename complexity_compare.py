@@ -14,12 +14,9 @@ Examples:
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 from utils import cli
 from utils.analysis import complexity as cx
-from utils.io import atomic_write_text
+from utils.io import publish_report
 
 TOOLS = ("fvcore", "ptflops", "thop", "torchscan", "FlopCounterMode")
 
@@ -40,15 +37,7 @@ def main(argv: list[str] | None = None) -> int:
                "units": {"params": "parameters", "macs": "multiply-accumulates", "flops": "2 x MACs"},
                "tools": [{k: v for k, v in r.to_dict().items() if k != "per_module"} | {"explanation": cx.explain(r, results[-1])}
                          for r in results]}
-    out_dir = Path(args.out_dir)
-    stem = f"{cx.result_stem(am)}_compare"
-    atomic_write_text(out_dir / f"{stem}.md", text)
-    atomic_write_text(out_dir / f"{stem}.json", json.dumps(payload, indent=2, default=str) + "\n")
-    if args.json:
-        print(json.dumps(payload, default=str))
-    else:
-        print(text)
-        print(f"written: {out_dir / (stem + '.md')} and {out_dir / (stem + '.json')}")
+    publish_report(args.out_dir, f"{cx.result_stem(am)}_compare", text, payload, as_json=args.json, text_suffix=".md")
     return 0
 
 

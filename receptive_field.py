@@ -15,16 +15,13 @@ Examples:
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
 
 from utils import cli
 from utils.analysis import complexity as cx
 from utils.analysis import receptive_field as rf
 from utils.errors import InputError
-from utils.io import atomic_write_text
+from utils.io import publish_report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,15 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     if report.warnings:
         text += "\n" + "\n".join(f"warning: {m}" for m in report.warnings)
     payload = {"model": am.name, "input_size": [c, h, w], "units": "input pixels", **report.to_dict()}
-    out_dir = Path(args.out_dir)
-    stem = cx.result_stem(am)
-    atomic_write_text(out_dir / f"{stem}.txt", text + "\n")
-    atomic_write_text(out_dir / f"{stem}.json", json.dumps(payload, indent=2, default=list) + "\n")
-    if args.json:
-        print(json.dumps(payload, default=list))
-    else:
-        print(text)
-        print(f"\nwritten: {out_dir / (stem + '.txt')} and {out_dir / (stem + '.json')}")
+    publish_report(args.out_dir, cx.result_stem(am), text, payload, as_json=args.json)
     return 0
 
 

@@ -50,6 +50,30 @@ def write_json(path: str | Path, payload, **dumps_kwargs) -> Path:
     return atomic_write_text(path, json.dumps(payload, indent=2, **dumps_kwargs) + "\n")
 
 
+def json_default(value):
+    """json.dumps(default=...) for what reports hold besides JSON types: tuples, sets, torch.Size, numpy/torch scalars."""
+    if isinstance(value, (tuple, set, list)) or type(value).__name__ == "Size":
+        return list(value)
+    if hasattr(value, "item"):
+        return value.item()
+    return str(value)
+
+
+def publish_report(out_dir: str | Path, stem: str, text: str, payload: dict, *, as_json: bool,
+                   text_suffix: str = ".txt") -> tuple[Path, Path]:
+    """Write <stem><text_suffix> and <stem>.json, then print the JSON (as_json) or the text and where both went."""
+    out_dir = Path(out_dir)
+    text_path, json_path = out_dir / f"{stem}{text_suffix}", out_dir / f"{stem}.json"
+    atomic_write_text(text_path, text.rstrip("\n") + "\n")
+    write_json(json_path, payload, default=json_default)
+    if as_json:
+        print(json.dumps(payload, default=json_default))
+    else:
+        print(text)
+        print(f"\nwritten: {text_path} and {json_path}")
+    return text_path, json_path
+
+
 def file_sha256(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

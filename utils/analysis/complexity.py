@@ -27,7 +27,7 @@ from utils import cli
 from utils.analysis.receptive_field import receptive_fields
 from utils.checkpoint import build_from_checkpoint, load_checkpoint
 from utils.errors import InputError
-from utils.io import atomic_write_text
+from utils.io import publish_report
 
 COMPLEXITY_DIR = Path("results/complexity")
 
@@ -171,21 +171,6 @@ def check_forward(am: AnalysisModel, device) -> None:
 def result_stem(am: AnalysisModel) -> str:
     c, h, w = am.input_size
     return f"{am.name}_{h}x{w}" + ("" if c == 3 else f"_c{c}")
-
-
-def write_outputs(out_dir: Path, stem: str, text: str, payload: dict) -> tuple[Path, Path]:
-    txt, js = out_dir / f"{stem}.txt", out_dir / f"{stem}.json"
-    atomic_write_text(txt, text + "\n")
-    atomic_write_text(js, json.dumps(payload, indent=2, default=_json_default) + "\n")
-    return txt, js
-
-
-def _json_default(o):
-    if isinstance(o, (torch.Size, tuple, set)):
-        return list(o)
-    if hasattr(o, "item"):
-        return o.item()
-    return str(o)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -639,10 +624,5 @@ def run_tool_cli(tool: str, args: argparse.Namespace, **tool_kwargs) -> int:
                          "flops": "2 x MACs" if tool != "torchscan" else "torchscan's own FLOPs"},
                **res.to_dict()}
     payload["per_module"] = [r for r in res.per_module if r["depth"] <= args.max_depth]
-    txt, js = write_outputs(Path(args.out_dir), f"{result_stem(am)}_{tool}", text, payload)
-    if args.json:
-        print(json.dumps(payload, default=_json_default))
-    else:
-        print(text)
-        print(f"\nwritten: {txt} and {js}")
+    publish_report(args.out_dir, f"{result_stem(am)}_{tool}", text, payload, as_json=args.json)
     return 0
