@@ -56,6 +56,10 @@ def test_no_import_cycle_and_dependencies_point_down():
     assert not unplaced, f"modules outside the layers of LAYERS: {unplaced}"
     upward = [(m, d) for m, deps in graph.items() for d in deps if layer(d) > layer(m)]
     assert not upward, f"imports pointing up the layers: {upward}"
+    jobs = ("utils.training", "utils.deploy", "utils.analysis")
+    sideways = [(m, d) for m, deps in graph.items() for d in deps
+                for a in jobs for b in jobs if a != b and m.startswith(a) and d.startswith(b)]
+    assert not sideways, f"job packages importing each other: {sideways}"
     visiting, done = set(), set()
 
     def visit(m, stack):
