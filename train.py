@@ -6,7 +6,8 @@ Examples:
   torchrun --nproc_per_node=2 train.py --model custom --img_size 28
 
 Writes <path_to_save>/<dataset>/<model>/ with best.pth, last.pth, classes.txt, args.json,
-results.csv and results.png; TensorBoard logs under logs/<dataset>/<model>/<time>/.
+results.csv and results.png; with --tensorboard, the run's dashboard under <log_dir>/<dataset>/<run dir name>/<time>/
+(continued by --resume).
 --resume continues a run from its last.pth: the network (model, img_size, norm_type, small_input) and the
 augmentation come from the checkpoint, and a flag that contradicts them is an error.
 """
@@ -14,7 +15,6 @@ augmentation come from the checkpoint, and a flag that contradicts them is an er
 from __future__ import annotations
 
 import signal
-import time
 from pathlib import Path
 
 import torch
@@ -32,6 +32,7 @@ from utils.distributed import barrier, cleanup, init_distributed, is_main_proces
 from utils.evaluation.loop import evaluate
 from utils.precision import AMP_DTYPES, needs_grad_scaler
 from utils.training.checkpointer import CheckpointSaver, ResumePoint, restore
+from utils.training.dashboard import TrainingDashboard, evaluation_details
 from utils.training.ema import ModelEMA
 from utils.training.engine import TrainState, train_one_epoch
 from utils.training.optim import OPTIMIZERS, build_optimizer
@@ -94,8 +95,9 @@ def get_args_parser():
     p.add_argument("-r", "--resume", default=None, metavar="CKPT",
                    help="continue from a last.pth (model, optimizer, EMA, RNG, epoch; the network's flags come from it)")
     p.add_argument("--path_to_save", default="weights", help="runs go to <path_to_save>/<dataset>/<model>/")
-    p.add_argument("--tensorboard", action="store_true", help="write TensorBoard logs under --log_dir")
-    p.add_argument("--log_dir", default="logs", help="TensorBoard root: logs go to <log_dir>/<dataset>/<model>/<time>/")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="log the run's dashboard (scalars, HParams, confusion matrix, mistakes, PR curves, graph) under --log_dir")
+    p.add_argument("--log_dir", default="logs", help="TensorBoard root: logs go to <log_dir>/<dataset>/<run dir name>/<time>/")
     p.add_argument("--log_every", type=cli.positive(), default=50, help="training iterations per TensorBoard step point")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
@@ -142,8 +144,9 @@ def main(argv=None) -> int:
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
 
     run_dir = Path(args.path_to_save) / spec.name / args.model
-    log_dir = Path(args.log_dir) / spec.name / args.model / time.strftime("%Y%m%d-%H%M%S") if args.tensorboard else None
-    recorder = RunRecorder(run_dir, max_epoch=args.max_epoch, history=resume.history, enabled=main_proc, log_dir=log_dir)
+    dashboard = TrainingDashboard.open(args, run_dir, spec.name, resume, model=model, state=state, classes=classes, pre=pre,
+                                       augment=augment, device=device, processes=world) if args.tensorboard and main_proc else None
+    recorder = RunRecorder(run_dir, max_epoch=args.max_epoch, history=resume.history, enabled=main_proc, dashboard=dashboard)
     recorder.start(classes, vars(args))
     state.on_log = recorder.log_step
     identity = {"model_name": args.model, "num_classes": len(classes), "classes": classes, "preprocess": pre.to_dict(),
@@ -151,7 +154,7 @@ def main(argv=None) -> int:
     saver = CheckpointSaver(run_dir, identity=identity, model=model, state=state, history=recorder.history,
                             best_acc1=resume.best_acc1, finished=resume.start_epoch - 1, enabled=main_proc)
     if main_proc:
-        describe_run(args, model, len(train_set), len(val_set), classes, device, world, loaders, augment, resume, log_dir)
+        describe_run(args, model, len(train_set), len(val_set), classes, device, world, loaders, augment, resume)
     # SIGTERM (docker stop, kill, job schedulers) behaves like Ctrl-C: save last.pth, then exit. Its own handler, not
     # a copy of SIGINT's: a shell starts background jobs with SIGINT ignored, and copying that would ignore SIGTERM too.
     signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
@@ -197,10 +200,8 @@ def build_train_state(args, model: nn.Module, device: torch.device, steps_per_ep
 
 
 def describe_run(args, model, num_train: int, num_val: int, classes: list[str], device, world: int, loaders, augment,
-                 resume: ResumePoint, log_dir: Path | None) -> None:
-    """The start-up lines: where logs go, the network, the data, the pipeline and the augmentation."""
-    if log_dir is not None:
-        print(f"TensorBoard logs: {log_dir}  (tensorboard --logdir {args.log_dir} --bind_all --port 6006)")
+                 resume: ResumePoint) -> None:
+    """The start-up lines: the network, the data, the pipeline and the augmentation."""
     print(f"{args.model}: {count_parameters(model) / 1e6:.2f} M params, {num_train} train / {num_val} val images, "
           f"{len(classes)} classes, device {device}" + (f", {world} processes" if world > 1 else "")
           + f"\ndata pipeline: {loaders.pipeline} ({loaders.reason})\naugmentation: {augment.describe()}")
@@ -210,13 +211,15 @@ def describe_run(args, model, num_train: int, num_val: int, classes: list[str], 
 
 
 def validate(model, ema, loader, device, num_classes: int, criterion, args, recorder: RunRecorder, epoch: int) -> dict:
-    """Validation metrics of the EMA model when there is one (TensorBoard also gets the raw model's, as val_no_ema/)."""
+    """Validation metrics of the EMA model when there is one (TensorBoard also gets the raw model's, as val_no_ema/).
+    Every process takes the same path: the metrics are summed over processes."""
     options = {"criterion": criterion, "amp": args.fp16, "amp_dtype": args.amp_dtype, "channels_last": args.channels_last,
                "show_progress": not args.quiet}
-    val = evaluate(ema.module if ema is not None else model, loader, device, num_classes, **options)
-    if ema is not None and recorder.writer is not None:
-        raw = evaluate(model, loader, device, num_classes, **options)
-        recorder.log_scalars("val_no_ema", {key: raw[key] for key in ("loss", "acc1", "acc5")}, epoch)
+    val = evaluate(ema.module if ema is not None else model, loader, device, num_classes, **options,
+                   **evaluation_details(args, epoch))
+    raw = evaluate(model, loader, device, num_classes, **options) if ema is not None and args.tensorboard else None
+    if recorder.dashboard is not None:
+        recorder.dashboard.add_evaluation(epoch, val, raw)
     return val
 
 

@@ -1,4 +1,5 @@
-"""Headless plots (matplotlib Agg): training curves and confusion matrices, written atomically as PNG."""
+"""Headless plots (matplotlib Agg): training curves, confusion matrices and example grids. Each picture is built
+once as a matplotlib figure, then written atomically as PNG and/or logged to TensorBoard (utils.tensorboard)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,11 @@ def save_figure(fig, path: str | Path) -> Path:
     finally:
         plt.close(fig)
     return Path(path)
+
+
+def close_figures(*figures) -> None:
+    for fig in figures:
+        plt.close(fig)
 
 
 def plot_results(rows: list[dict], path: str | Path) -> Path:
@@ -54,8 +60,9 @@ def plot_results(rows: list[dict], path: str | Path) -> Path:
     return save_figure(fig, path)
 
 
-def plot_confusion_matrix(cm: np.ndarray, classes: list[str], path: str | Path, title: str = "") -> Path:
-    """Counts on the left, row-normalised (recall per true class) on the right."""
+def confusion_matrix_figure(cm: np.ndarray, classes: list[str], title: str = ""):
+    """Counts on the left, row-normalised (recall per true class) on the right; class names on both axes.
+    One figure for the PNG and for TensorBoard."""
     cm = np.asarray(cm)
     norm = cm / np.clip(cm.sum(1, keepdims=True), 1, None)
     n = len(classes)
@@ -75,17 +82,28 @@ def plot_confusion_matrix(cm: np.ndarray, classes: list[str], path: str | Path, 
                     ax.text(j, i, format(data[i, j], fmt), ha="center", va="center", fontsize=6,
                             color="white" if data[i, j] > peak / 2 else "black")
     fig.tight_layout()
-    return save_figure(fig, path)
+    return fig
 
 
-def plot_examples(images: list[np.ndarray], titles: list[str], path: str | Path, cols: int = 8) -> Path:
-    """A grid of HWC uint8 images with a title each (misclassified examples)."""
+def plot_confusion_matrix(cm: np.ndarray, classes: list[str], path: str | Path, title: str = "") -> Path:
+    return save_figure(confusion_matrix_figure(cm, classes, title), path)
+
+
+def examples_figure(images: list[np.ndarray], titles: list[str], cols: int = 8):
+    """A grid of HWC (or HW) uint8 images with a title each, pixels drawn as they are (no smoothing)."""
+    cols = max(1, min(cols, len(images)))
     rows = max(1, (len(images) + cols - 1) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.8, rows * 2.0), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, img, title in zip(axes.flat, images, titles):
-        ax.imshow(img.squeeze(), cmap="gray" if img.ndim == 2 or img.shape[-1] == 1 else None)
+        ax.imshow(img.squeeze(), cmap="gray" if img.ndim == 2 or img.shape[-1] == 1 else None, vmin=0, vmax=255,
+                  interpolation="nearest")
         ax.set_title(title, fontsize=7)
     fig.tight_layout()
-    return save_figure(fig, path)
+    return fig
+
+
+def plot_examples(images: list[np.ndarray], titles: list[str], path: str | Path, cols: int = 8) -> Path:
+    """The examples grid as a PNG (misclassified examples)."""
+    return save_figure(examples_figure(images, titles, cols), path)
