@@ -115,13 +115,15 @@ def _hparams_summary(tag: str, plugin_data):
     return summary
 
 
-def experiment_summary(hparam_types: dict[str, type], metrics: dict[str, str]):
+def experiment_summary(hparam_types: dict[str, type], metrics: dict[str, str], shown: tuple[str, ...] = ()):
     """The HParams experiment: hparam names and types (no value domains, so the summary is the same for every run of
-    a log directory and TensorBoard, which reads one run's, lines them all up) and the metric tags to tabulate."""
+    a log directory and TensorBoard, which reads one run's, lines them all up) and the metric tags to tabulate, the
+    first five shown by default. `shown`: the hparams TensorBoard lists first and shows by default (it shows five,
+    those marked as differing between runs first)."""
     from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
 
     experiment = api_pb2.Experiment(
-        hparam_infos=[api_pb2.HParamInfo(name=name, type=api_pb2.DataType.Value(HPARAM_TYPES[kind]))
+        hparam_infos=[api_pb2.HParamInfo(name=name, type=api_pb2.DataType.Value(HPARAM_TYPES[kind]), differs=name in shown)
                       for name, kind in hparam_types.items()],
         metric_infos=[api_pb2.MetricInfo(name=api_pb2.MetricName(tag=tag), display_name=label) for tag, label in metrics.items()])
     return _hparams_summary(metadata.EXPERIMENT_TAG, plugin_data_pb2.HParamsPluginData(experiment=experiment))

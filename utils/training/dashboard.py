@@ -2,8 +2,8 @@
 
 - HParams: the flags that matter and the final and best metrics, the same keys and types for every run of a
   --log_dir, so runs line up in the HParams table and parallel-coordinates view.
-- Scalars per epoch: train/ and val/ loss and acc@1 (acc@5), lr, images/s, epoch seconds, peak memory, the raw
-  model's val_no_ema/ beside the EMA's, best/ and run/train_minutes; per iteration (every --log_every):
+- Scalars per epoch: train/ and val/ loss and acc@1 (acc@5), lr, images/s, time/ (epoch seconds, training
+  minutes), memory/ peaks, the raw model's val_no_ema/ beside the EMA's, best/; per iteration (every --log_every):
   train_step/ loss, acc1, lr, images/s and the gradient norm (measured on the device, read at the log points'
   existing host sync).
 - Images at capped evaluations (IMAGE_EVALUATIONS per run): the confusion matrix, the misclassified validation
@@ -55,6 +55,7 @@ HPARAMS = {"model": str, "dataset": str, "img_size": int, "pretrained": bool, "b
            "processes": int, "optimizer": str, "base_lr": float, "weight_decay": float, "label_smoothing": float,
            "augment": str, "random_erasing": float, "precision": str, "channels_last": bool, "ema": bool,
            "max_epoch": int, "seed": int}
+HPARAMS_SHOWN = ("model", "img_size", "optimizer", "base_lr", "augment")  # the HParams table's default columns
 # scalar tag -> column title in the HParams table (the last value logged is the run's value)
 METRICS = {"val/acc1": "val acc@1 (last)", "val/acc5": "val acc@5 (last)", "val/loss": "val loss (last)",
            "best/val_acc1": "best val acc@1", "best/val_acc5": "val acc@5 at best", "best/val_loss": "val loss at best",
@@ -142,7 +143,7 @@ class TrainingDashboard:
         values = {**{key: getattr(args, key) for key in HPARAMS if hasattr(args, key)}, "dataset": dataset,
                   "augment": augment.name, "precision": precision_name(args, self.device), "processes": processes}
         hparams = {key: kind(values[key]) for key, kind in HPARAMS.items()}
-        self.writer.file_writer.add_summary(experiment_summary(HPARAMS, METRICS))
+        self.writer.file_writer.add_summary(experiment_summary(HPARAMS, METRICS, HPARAMS_SHOWN))
         self.writer.file_writer.add_summary(session_start_summary(hparams, group_name=self.name))
         net = unwrap(model)
         example = torch.zeros(1, self.pre.channels, self.pre.img_size, self.pre.img_size, device=self.device)
