@@ -34,6 +34,7 @@ import train
 from utils.checkpoint import build_from_checkpoint, load_checkpoint
 from utils.data.datasets import FASHION_MNIST_CLASSES, DataSpec, build_eval_dataset
 from utils.evaluation.dashboard import tag_name
+from utils.tensorboard import add_graph, open_writer
 from utils.training.dashboard import HPARAMS, METRICS, evaluation_details, image_epochs
 
 N_TRAIN, N_VAL, BATCH, LOG_EVERY = 160, 80, 32, 2  # 5 iterations per epoch; log points at iterations 2, 4, 5
@@ -291,3 +292,24 @@ def test_image_evaluations_are_capped_and_every_process_asks_the_same():
     args = argparse.Namespace(tensorboard=True, max_epoch=300, eval_epoch=1)
     assert set(evaluation_details(args, 1)) == {"pr_thresholds", "keep_mistakes"} and evaluation_details(args, 2) == {}
     assert evaluation_details(argparse.Namespace(tensorboard=False, max_epoch=3, eval_epoch=1), 1) == {}
+
+
+def test_a_network_that_cannot_be_traced_is_skipped_with_a_one_line_note(tmp_path):
+    class Untraceable(torch.nn.Module):  # returns no tensor: torch.jit.trace refuses it
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(1, 2, 3)
+
+        def forward(self, x):
+            self.conv(x)
+            return None
+
+    model = Untraceable().train()
+    writer = open_writer(tmp_path)
+    try:
+        note = add_graph(writer, model, torch.zeros(1, 1, 8, 8))
+        assert add_graph(writer, torch.nn.Conv2d(1, 2, 3), torch.zeros(1, 1, 8, 8)) is None
+    finally:
+        writer.close()
+    assert note and "\n" not in note, note
+    assert model.training  # the mode it had
