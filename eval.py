@@ -34,7 +34,7 @@ from utils.data.datasets import DataSpec, build_eval_dataset
 from utils.deploy.artifacts import evaluate_loaded, load_for_eval
 from utils.errors import InputError
 from utils.evaluation.dashboard import MISTAKES_SHOWN, detail_options, evaluation_figures, log_eval_report
-from utils.evaluation.loop import per_class_accuracy, per_class_precision
+from utils.evaluation.loop import TTA_CHOICES, per_class_accuracy, per_class_precision
 from utils.evaluation.report import default_output, write_summary
 from utils.io import atomic_write_text
 from utils.plots import close_figures, save_figure
@@ -52,6 +52,9 @@ def parse_args(argv=None):
     p.add_argument("--split", default="val", help="folder split to evaluate (val falls back to test/); Fashion-MNIST: its test set")
     cli.add_device_arg(p)
     p.add_argument("--output", default=None, help="JSON report path (default results/<model>.json)")
+    p.add_argument("--tta", default="none", choices=TTA_CHOICES,
+                   help="test-time augmentation: flip = average the logits of each image and its horizontal mirror "
+                        "(twice the compute; the report's acc@1 is then the TTA accuracy)")
     p.add_argument("--save_examples", action="store_true",
                    help="also save misclassified_examples.png (the first wrong predictions as the model saw them)")
     cli.add_tensorboard_args(p, "the evaluation", "eval/<report name>")
@@ -82,12 +85,12 @@ def main(argv=None) -> int:
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
                         pin_memory=loaded.device.type == "cuda")
     details = detail_options() if args.tensorboard else {"keep_mistakes": MISTAKES_SHOWN} if args.save_examples else {}
-    stats = evaluate_loaded(loaded, loader, len(classes), args.speed_repeats, not args.quiet, **details)
+    stats = evaluate_loaded(loaded, loader, len(classes), args.speed_repeats, not args.quiet, tta=args.tta, **details)
     name = info.model_name
     report = {
         "model": name, "format": loaded.format, "engine": loaded.engine, "precision": loaded.precision,
         "compute": loaded.compute, "weights": str(args.weights),
-        "dataset": spec.name, "split": split, "num_images": stats["num_images"],
+        "dataset": spec.name, "split": split, "num_images": stats["num_images"], "tta": args.tta,
         "loss": stats["loss"], "acc1": stats["acc1"], "acc5": stats["acc5"],
         "per_class_acc": per_class_accuracy(stats["confusion_matrix"], classes),
         "per_class_precision": per_class_precision(stats["confusion_matrix"], classes),
@@ -111,7 +114,8 @@ def main(argv=None) -> int:
     if args.save_examples and "misclassified" in figures:
         grid = save_figure(figures.pop("misclassified"), out.with_name("misclassified_examples.png"))
     close_figures(*figures.values())
-    print(f"{name} [{loaded.format}, {loaded.compute}] on {spec.name}/{split} ({stats['num_images']} images): "
+    tta = f", {args.tta} TTA" if args.tta != "none" else ""
+    print(f"{name} [{loaded.format}, {loaded.compute}{tta}] on {spec.name}/{split} ({stats['num_images']} images): "
           f"acc@1 {stats['acc1']:.4f}  acc@5 {stats['acc5']:.4f}  loss {stats['loss']:.4f}")
     params = f"params {loaded.params / 1e6:.3f} M  " if loaded.params else ""
     params += f"{report['macs'] / 1e6:.1f} MMACs/image  " if report["macs"] else ""

@@ -19,6 +19,8 @@ from tqdm import tqdm
 from utils.distributed import all_reduce_sum, all_reduce_sum_, is_main_process
 from utils.precision import autocast
 
+TTA_CHOICES = ("none", "flip")
+
 
 def progress(iterable, enabled: bool, **kwargs):
     """tqdm bar only on rank 0, on a terminal, and when not asked to be quiet."""
@@ -113,13 +115,16 @@ class MistakeBuffer:
 def evaluate(model: nn.Module | None, loader, device: torch.device, num_classes: int, *, criterion: nn.Module | None = None,
              amp: bool = False, amp_dtype: str = "auto", channels_last: bool = False, show_progress: bool = True,
              forward: Callable[[torch.Tensor], torch.Tensor] | None = None, desc: str = "val",
-             return_predictions: bool = False, pr_thresholds: int = 0, keep_mistakes: int = 0) -> dict:
+             return_predictions: bool = False, tta: str = "none", pr_thresholds: int = 0, keep_mistakes: int = 0) -> dict:
     """Mean loss over the whole set, acc@1, acc@5 (capped at num_classes) and the confusion matrix.
 
     Metrics are summed over processes under torchrun. `forward` replaces `model(images)` for
     engines that are not nn.Modules (ONNX Runtime, TorchScript on another device, ...).
+    tta="flip": the logits are the mean of the image's and its horizontal mirror's (test-time augmentation).
     pr_thresholds > 0 adds "pr_curves" (PRCurves); keep_mistakes > 0 adds "mistakes" (Mistakes, at most that many).
     """
+    if tta not in TTA_CHOICES:
+        raise ValueError(f"unknown tta {tta!r}: choose from {', '.join(TTA_CHOICES)}")
     if model is not None:
         model.eval()
     criterion = criterion or nn.CrossEntropyLoss()
@@ -137,8 +142,12 @@ def evaluate(model: nn.Module | None, loader, device: torch.device, num_classes:
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with amp_context:
-            logits = forward(images) if forward is not None else model(images)
-        logits = logits.float()
+            logits = (forward(images) if forward is not None else model(images)).float()
+            if tta == "flip":
+                mirrored = images.flip(-1)
+                if channels_last:
+                    mirrored = mirrored.contiguous(memory_format=torch.channels_last)
+                logits = (logits + (forward(mirrored) if forward is not None else model(mirrored)).float()) / 2
         loss_sum += criterion(logits, targets).double() * targets.shape[0]
         seen += targets.shape[0]
         acc1.update(logits, targets)

@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from utils.data.augment import Augment
 from utils.data.preprocess import Preprocess, denormalize
+from utils.distributed import world_size
 from utils.evaluation.dashboard import detail_options, evaluation_figures, log_evaluation, log_per_class, per_class_table
 from utils.plots import close_figures, examples_figure
 from utils.precision import autocast_dtype
@@ -90,10 +90,11 @@ def run_log_dir(args, run_dir: Path, dataset: str, previous: str | None) -> tupl
     return Path(args.log_dir) / dataset / run_dir.name / time.strftime("%Y%m%d-%H%M%S"), False
 
 
-def precision_name(args, device: torch.device) -> str:
-    if not args.fp16:
+def precision_name(state, device: torch.device) -> str:
+    """What the training state really runs (--fp16 may have fallen back to float32): fp32, fp16 or bf16."""
+    if not state.amp:
         return "fp32"
-    return {torch.float16: "fp16", torch.bfloat16: "bf16"}[autocast_dtype(device, args.amp_dtype)]
+    return {torch.float16: "fp16", torch.bfloat16: "bf16"}[autocast_dtype(device, state.amp_dtype)]
 
 
 class TrainingDashboard:
@@ -117,37 +118,39 @@ class TrainingDashboard:
         self.ended = False
 
     @classmethod
-    def open(cls, args, run_dir: Path, dataset: str, resume, *, model: nn.Module, state, classes: list[str],
-             pre: Preprocess, augment: Augment, device: torch.device, processes: int) -> TrainingDashboard:
+    def open(cls, args, run_dir: Path, resume, identity: dict, *, model: nn.Module, state, device: torch.device) -> TrainingDashboard:
         """Choose the directory (stored in args as tensorboard_dir, so the checkpoint carries it), log the start
-        and attach to the training state (gradient norm, the first batch's picture)."""
+        and attach to the training state (gradient norm, the first batch's picture). `identity`: the checkpoint's
+        description of the network (classes, preprocess, augment)."""
+        dataset = run_dir.parent.name  # <path_to_save>/<dataset>/<run name>
         log_dir, continued = run_log_dir(args, run_dir, dataset, resume.log_dir)
         args.tensorboard_dir = str(log_dir)
-        board = cls(log_dir, classes=classes, pre=pre, device=device, max_epoch=args.max_epoch, eval_epoch=args.eval_epoch,
-                    start_epoch=resume.start_epoch, step=state.step, continued=continued,
-                    name=Path(os.path.relpath(log_dir, args.log_dir)).as_posix())
-        print(f"TensorBoard logs: {log_dir}" + (f" (continued after step {state.step})" if continued else "")
-              + f"  (tensorboard --logdir {args.log_dir} --bind_all --port 6006)")
-        board.log_start(args, dataset, model, augment, processes, state.step)
+        board = cls(log_dir, classes=identity["classes"], pre=Preprocess.from_dict(identity["preprocess"]), device=device,
+                    max_epoch=args.max_epoch, eval_epoch=args.eval_epoch, start_epoch=resume.start_epoch, step=state.step,
+                    continued=continued, name=Path(os.path.relpath(log_dir, args.log_dir)).as_posix())
+        if continued:
+            print(f"TensorBoard: continuing {log_dir} after optimizer step {state.step} (what it logged later is dropped)")
+        board.log_start(args, state, dataset, identity["augment"]["name"], model)
         state.track_grad_norm = True
         state.on_first_batch = board.log_training_batch
         return board
 
-    def log_start(self, args, dataset: str, model: nn.Module, augment: Augment, processes: int, step: int) -> None:
+    def log_start(self, args, state, dataset: str, augment: str, model: nn.Module) -> None:
         """Text at every (re)start; the HParams session and the graph once per run."""
+        step, processes = state.step, world_size()
         add_markdown(self.writer, "run/command_line", f"```\n{command_line()}\n```", step)
         add_markdown(self.writer, "run/args", f"```json\n{json.dumps(vars(args), indent=2, default=str)}\n```", step)
         add_markdown(self.writer, "run/environment", environment_markdown(self.device, processes), step)
         if self.continued:
             return
-        values = {**{key: getattr(args, key) for key in HPARAMS if hasattr(args, key)}, "dataset": dataset,
-                  "augment": augment.name, "precision": precision_name(args, self.device), "processes": processes}
+        values = {**{key: getattr(args, key) for key in HPARAMS if hasattr(args, key)}, "dataset": dataset, "augment": augment,
+                  "precision": precision_name(state, self.device), "channels_last": state.channels_last, "processes": processes}
         hparams = {key: kind(values[key]) for key, kind in HPARAMS.items()}
         self.writer.file_writer.add_summary(experiment_summary(HPARAMS, METRICS, HPARAMS_SHOWN))
         self.writer.file_writer.add_summary(session_start_summary(hparams, group_name=self.name))
         net = unwrap(model)
         example = torch.zeros(1, self.pre.channels, self.pre.img_size, self.pre.img_size, device=self.device)
-        if args.channels_last:
+        if state.channels_last:
             example = example.contiguous(memory_format=torch.channels_last)
         note = add_graph(self.writer, net, example)
         if note:

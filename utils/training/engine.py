@@ -38,8 +38,10 @@ class TrainState:
     log_every: int = 50
     # (step, {"loss", "acc1", "lr", "images_per_s"[, "grad_norm"]}) at every log point
     on_log: Callable[[int, dict], None] | None = None
+    mix: Callable | None = None  # (images, int targets) -> (mixed images, soft targets): Mixup/CutMix on the batch
     track_grad_norm: bool = False  # measure the gradient norm of every step (also measured whenever clip_grad > 0)
-    on_first_batch: Callable[[torch.Tensor, torch.Tensor], None] | None = None  # called once, with the next epoch's first batch
+    # called once with the next epoch's first batch as the network gets it (after Mixup/CutMix) and its (dominant) labels
+    on_first_batch: Callable[[torch.Tensor, torch.Tensor], None] | None = None
 
     def __post_init__(self):
         if self.scaler is None:
@@ -74,7 +76,9 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, state: Train
     """One pass over `loader`; the optimizer steps every `accumulation` micro-batches and after the last one.
 
     Each micro-batch's mean loss is divided by the number of micro-batches in its window, so k
-    micro-batches of b samples give the gradient of one batch of k*b samples.
+    micro-batches of b samples give the gradient of one batch of k*b samples. With `state.mix` (Mixup/CutMix) the
+    loss is the cross-entropy against the soft targets, and train acc@1 counts predictions equal to the label with
+    the larger mixing weight.
     """
     model.train()
     num_batches = len(loader)
@@ -93,11 +97,15 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, state: Train
     for i, (images, targets) in enumerate(bar):
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
+        labels = targets
+        if state.mix is not None:
+            images, targets = state.mix(images, targets)
+            labels = targets.argmax(1)
         if state.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         if state.on_first_batch is not None:
             paused = time.perf_counter()
-            state.on_first_batch(images, targets)
+            state.on_first_batch(images, labels)
             state.on_first_batch = None
             drawing = time.perf_counter() - paused  # the dashboard's drawing is not training time
             start, last_log = start + drawing, last_log + drawing
@@ -116,8 +124,8 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, state: Train
                 finite = torch.isfinite(norm)
                 grad_window += torch.stack([torch.where(finite, norm.double(), 0.0), finite.double()])
             lr = state.shown_lr(lr)
-        n = targets.shape[0]
-        batch = torch.stack([loss.detach().double() * n, (logits.detach().argmax(1) == targets).sum().double()])
+        n = labels.shape[0]
+        batch = torch.stack([loss.detach().double() * n, (logits.detach().argmax(1) == labels).sum().double()])
         totals += batch
         window += batch
         seen += n
