@@ -32,17 +32,18 @@ sys.path.insert(0, str(ROOT))
 from utils.errors import InputError  # noqa: E402
 from utils.io import atomic_path  # noqa: E402
 
-# name -> (URL fragment, window width, height); the legacy dashboards keep their state in the fragment
+# name -> (URL fragment, window width, height in CSS pixels, device scale factor); the legacy dashboards keep their tag
+# filter and smoothing in the fragment. Image cards are small: the images page is rendered at twice the resolution.
 DASHBOARDS = {
-    "scalars": ("#scalars&_smoothingWeight=0", 1600, 1300),
-    "images": ("#images", 1600, 1500),
-    "hparams": ("#hparams", 1600, 900),
-    "pr_curves": ("#pr_curves", 1600, 1100),
-    "text": ("#text", 1600, 1100),
+    "scalars": ("#scalars&_smoothingWeight=0&tagFilter=%5E(val%7Ctrain)%2F", 1600, 1000, 1),
+    "images": ("#images&tagFilter=%5E(val%7Ctrain)%2F", 1100, 1000, 2),
+    "hparams": ("#hparams", 1600, 700, 1),
+    "pr_curves": ("#pr_curves", 1600, 1100, 1),
+    "text": ("#text", 1600, 1100, 1),
 }
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--hide-scrollbars", "--force-device-scale-factor=1"]
+                  "--hide-scrollbars"]
 
 
 def free_port() -> int:
@@ -68,9 +69,10 @@ def wait_for_runs(base: str, server: subprocess.Popen, timeout: float = 120) -> 
     raise InputError(f"tensorboard served no run from the log directory within {timeout:.0f} s")
 
 
-def screenshot(chromium: str, url: str, out: Path, width: int, height: int, budget_ms: int) -> None:
+def screenshot(chromium: str, url: str, out: Path, width: int, height: int, scale: int, budget_ms: int) -> None:
     with tempfile.TemporaryDirectory(prefix="chromium-profile-") as profile, atomic_path(out) as tmp:
         cmd = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--window-size={width},{height}",
+               f"--force-device-scale-factor={scale}",
                f"--virtual-time-budget={budget_ms}", f"--screenshot={tmp}", url]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=budget_ms / 1000 + 120)
         if proc.returncode != 0 or not tmp.is_file():
@@ -99,9 +101,9 @@ def main(argv: list[str] | None = None) -> int:
         runs = wait_for_runs(base, server)
         print(f"tensorboard on {base}: {len(runs)} runs")
         for name in args.dashboards:
-            fragment, width, height = DASHBOARDS[name]
+            fragment, width, height, scale = DASHBOARDS[name]
             out = Path(args.out) / f"tensorboard_{name}.png"
-            screenshot(args.chromium, f"{base}/{fragment}", out, width, height, args.budget)
+            screenshot(args.chromium, f"{base}/{fragment}", out, width, height, scale, args.budget)
             print(f"{name}: {out}")
     finally:
         os.killpg(server.pid, signal.SIGTERM)
