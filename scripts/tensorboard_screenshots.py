@@ -36,7 +36,7 @@ from utils.io import atomic_path  # noqa: E402
 # filter and smoothing in the fragment. Image cards are small: the images page is rendered at twice the resolution.
 DASHBOARDS = {
     "scalars": ("#scalars&_smoothingWeight=0&tagFilter=%5E(val%7Ctrain)%2F", 1600, 1000, 1),
-    "images": ("#images&tagFilter=%5E(val%7Ctrain)%2F", 1100, 1000, 2),
+    "images": ("#images&tagFilter=%5E(val%7Ctrain)%2F", 1100, 1160, 2),
     "hparams": ("#hparams", 1600, 700, 1),
     "pr_curves": ("#pr_curves", 1600, 1100, 1),
     "text": ("#text", 1600, 1100, 1),

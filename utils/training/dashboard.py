@@ -158,7 +158,7 @@ class TrainingDashboard:
         self.writer.flush()
 
     def log_training_batch(self, images: torch.Tensor, targets: torch.Tensor) -> None:
-        """The first training batch of this process's first epoch, de-normalised, titled with the classes."""
+        """The first training batch after each (re)start, de-normalised, titled with its classes (Mixup: the dominant one)."""
         images = images[:PREVIEW_IMAGES].detach().float().cpu()
         titles = ([self.classes[t] for t in targets[:PREVIEW_IMAGES].tolist()] if targets.ndim == 1
                   else [""] * len(images))
