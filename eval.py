@@ -3,6 +3,7 @@
 Examples:
   python eval.py --weights weights/FashionMNIST/custom/best.pth
   python eval.py --weights best.pth --dataset path/to/folder --save_examples
+  python eval.py --weights weights/FashionMNIST/custom/best.pth --tensorboard                # also logs/eval/custom/
   python eval.py --weights weights/FashionMNIST/custom/converted_models/custom.onnx     # ONNX Runtime
   python eval.py --weights weights/FashionMNIST/custom/converted_models/custom.pt       # TorchScript
   python eval.py --weights weights/FashionMNIST/custom/best_fp16.pth                   # FP16 checkpoint
@@ -13,7 +14,9 @@ or a TorchScript .pt (FP32, FP16 or PyTorch-quantized INT8). Model name, classes
 come from the checkpoint or the artifact's metadata. Writes the JSON (default results/<model>.json
 for checkpoints, results/<model>_<format>.json for other formats, with "format", "engine",
 "precision" and "compute" fields) and a confusion-matrix PNG beside it. FP16 checkpoints run in
-FP16 on CUDA; on CPU their weights are upcast to FP32 (the report says which).
+FP16 on CUDA; on CPU their weights are upcast to FP32 (the report says which). --tensorboard logs the same
+evaluation (metrics, per-class accuracy and precision, confusion matrix, PR curves, misclassified images) as the run
+<log_dir>/eval/<report name>/, so a checkpoint and its ONNX, TorchScript and INT8 versions compare side by side.
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ import json
 import platform
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -31,10 +33,11 @@ from utils.analysis.complexity import registry_macs
 from utils.data.datasets import DataSpec, build_eval_dataset
 from utils.deploy.artifacts import evaluate_loaded, load_for_eval
 from utils.errors import InputError
-from utils.evaluation.loop import TTA_CHOICES, per_class_accuracy
-from utils.evaluation.report import default_output, misclassified_grid, write_summary
+from utils.evaluation.dashboard import MISTAKES_SHOWN, detail_options, evaluation_figures, log_eval_report
+from utils.evaluation.loop import TTA_CHOICES, per_class_accuracy, per_class_precision
+from utils.evaluation.report import default_output, write_summary
 from utils.io import atomic_write_text
-from utils.plots import plot_confusion_matrix
+from utils.plots import close_figures, save_figure
 
 
 def parse_args(argv=None):
@@ -52,7 +55,9 @@ def parse_args(argv=None):
     p.add_argument("--tta", default="none", choices=TTA_CHOICES,
                    help="test-time augmentation: flip = average the logits of each image and its horizontal mirror "
                         "(twice the compute; the report's acc@1 is then the TTA accuracy)")
-    p.add_argument("--save_examples", action="store_true", help="also save misclassified_examples.png (a grid of wrong predictions)")
+    p.add_argument("--save_examples", action="store_true",
+                   help="also save misclassified_examples.png (the first wrong predictions as the model saw them)")
+    cli.add_tensorboard_args(p, "the evaluation", "eval/<report name>")
     p.add_argument("--speed_repeats", type=int, default=20, help="timed repeats for latency/throughput (0 = skip timing)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
@@ -79,7 +84,8 @@ def main(argv=None) -> int:
                          "evaluate on the dataset the model was trained on")
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
                         pin_memory=loaded.device.type == "cuda")
-    stats = evaluate_loaded(loaded, loader, len(classes), args.speed_repeats, not args.quiet, args.save_examples, args.tta)
+    details = detail_options() if args.tensorboard else {"keep_mistakes": MISTAKES_SHOWN} if args.save_examples else {}
+    stats = evaluate_loaded(loaded, loader, len(classes), args.speed_repeats, not args.quiet, tta=args.tta, **details)
     name = info.model_name
     report = {
         "model": name, "format": loaded.format, "engine": loaded.engine, "precision": loaded.precision,
@@ -87,6 +93,7 @@ def main(argv=None) -> int:
         "dataset": spec.name, "split": split, "num_images": stats["num_images"], "tta": args.tta,
         "loss": stats["loss"], "acc1": stats["acc1"], "acc5": stats["acc5"],
         "per_class_acc": per_class_accuracy(stats["confusion_matrix"], classes),
+        "per_class_precision": per_class_precision(stats["confusion_matrix"], classes),
         "confusion_matrix": stats["confusion_matrix"].tolist(), "classes": classes,
         "params": loaded.params, "size_mb": loaded.size_mb, "img_size": pre.img_size, **loaded.extra,
         # MACs per image of the convolutions and matrix products (FlopCounterMode FLOPs / 2; FLOPs = 2 x MACs)
@@ -99,9 +106,14 @@ def main(argv=None) -> int:
 
     out = Path(args.output) if args.output else default_output(name, loaded.format)
     atomic_write_text(out, json.dumps(report, indent=2) + "\n")
+    figures = evaluation_figures(stats, classes, pre, title=f"{name} ({loaded.format})")
+    board = log_eval_report(Path(args.log_dir) / "eval" / out.stem, report, stats, figures) if args.tensorboard else None
     cm_name = "confusion_matrix.png" if loaded.format == "pytorch" else f"confusion_matrix_{loaded.format}.png"
-    cm_png = plot_confusion_matrix(np.array(report["confusion_matrix"]), classes, out.with_name(cm_name),
-                                   title=f"{name} ({loaded.format})")
+    cm_png = save_figure(figures.pop("confusion_matrix"), out.with_name(cm_name))
+    grid = None
+    if args.save_examples and "misclassified" in figures:
+        grid = save_figure(figures.pop("misclassified"), out.with_name("misclassified_examples.png"))
+    close_figures(*figures.values())
     tta = f", {args.tta} TTA" if args.tta != "none" else ""
     print(f"{name} [{loaded.format}, {loaded.compute}{tta}] on {spec.name}/{split} ({stats['num_images']} images): "
           f"acc@1 {stats['acc1']:.4f}  acc@5 {stats['acc5']:.4f}  loss {stats['loss']:.4f}")
@@ -112,11 +124,11 @@ def main(argv=None) -> int:
              f"(batch {report['speed_batch_size']}) on {loaded.device}" if "latency_ms" in report else ""))
     worst = sorted(report["per_class_acc"].items(), key=lambda kv: kv[1])[:3]
     print("lowest per-class acc@1: " + ", ".join(f"{c} {a:.3f}" for c, a in worst))
-    if args.save_examples:
-        grid = misclassified_grid(dataset, stats["predictions"], classes, out.with_name("misclassified_examples.png"))
-        if grid:
-            print(f"misclassified examples: {grid}")
+    if grid:
+        print(f"misclassified examples: {grid}")
     print(f"report: {out}\nconfusion matrix: {cm_png}")
+    if board:
+        print(f"TensorBoard: {board}  (tensorboard --logdir {args.log_dir} --port 6006)")
     return 0
 
 

@@ -11,6 +11,7 @@ maximum score, and writes to results/fcn/<image>/:
   overlay.png     the image with the map (each unit drawn at its receptive-field centre), the max location
                   and the bounding box of the largest region of the thresholded map
   result.json     everything printed
+With --tensorboard the two pictures and the result also go to TensorBoard, as the run <log_dir>/fcn/<image name>/.
 
 Without --weights it uses torchvision's ImageNet ResNet18 weights (1000 ImageNet classes); they must be
 downloadable or already in the torch hub cache. With --weights, a project resnet18 checkpoint and its classes.
@@ -33,6 +34,7 @@ from utils.analysis.fcn import fcn_image_tensor, largest_region_box, load_fcn, m
 from utils.data.preprocess import eval_transform, load_image
 from utils.errors import InputError
 from utils.io import atomic_write_text
+from utils.tensorboard import add_figure, add_markdown, open_writer
 
 
 def build_parser():
@@ -48,6 +50,7 @@ def build_parser():
     p.add_argument("--out_dir", default="results/fcn", help="results go to <out_dir>/<image name>/")
     cli.add_device_arg(p)
     p.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
+    cli.add_tensorboard_args(p, "the score map, the overlay and the result", "fcn/<image name>")
     return p
 
 
@@ -96,7 +99,8 @@ def analyse(args) -> dict:
     }
 
 
-def save_figures(res: dict, out_dir: Path) -> dict[str, str]:
+def save_figures(res: dict, out_dir: Path, writer=None) -> dict[str, str]:
+    """score_map.png and overlay.png; the same figures to TensorBoard when a writer is given."""
     import matplotlib.patches as patches
     import matplotlib.pyplot as plt
 
@@ -111,6 +115,8 @@ def save_figures(res: dict, out_dir: Path) -> dict[str, str]:
     ax.set_xlabel("map x")
     ax.set_ylabel("map y")
     fig.colorbar(im, ax=ax, label="logit")
+    if writer is not None:
+        add_figure(writer, "fcn/score_map", fig)
     paths = {"score_map": str(save_png(fig, out_dir / "score_map.png"))}
 
     heat = map_to_image(cls_map, centers_y, centers_x, image.shape[:2])
@@ -129,6 +135,8 @@ def save_figures(res: dict, out_dir: Path) -> dict[str, str]:
     ax.legend(loc="lower right", fontsize=8)
     ax.set_title(f"FCN ResNet18: '{name}' ({res['fcn_top'][0]['prob']:.1%} at its best location)")
     ax.axis("off")
+    if writer is not None:
+        add_figure(writer, "fcn/overlay", fig)
     paths["overlay"] = str(save_png(fig, out_dir / "overlay.png"))
     return paths
 
@@ -137,10 +145,18 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     res = analyse(args)
     out_dir = Path(args.out_dir) / Path(args.image).stem
-    res["files"] = save_figures(res, out_dir)
-    res.pop("_arrays")
-    res["files"]["result"] = str(out_dir / "result.json")
-    atomic_write_text(out_dir / "result.json", json.dumps(res, indent=2) + "\n")
+    board = Path(args.log_dir) / "fcn" / Path(args.image).stem if args.tensorboard else None
+    writer = open_writer(board, purge_step=0) if board else None  # purge: a rerun replaces the image's earlier run
+    try:
+        res["files"] = save_figures(res, out_dir, writer)
+        res.pop("_arrays")
+        res["files"]["result"] = str(out_dir / "result.json")
+        atomic_write_text(out_dir / "result.json", json.dumps(res, indent=2) + "\n")
+        if writer is not None:
+            add_markdown(writer, "fcn/result", f"```json\n{json.dumps(res, indent=2)}\n```")
+    finally:
+        if writer is not None:
+            writer.close()
     if args.json:
         print(json.dumps(res))
         return 0
@@ -157,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
           f"image centre (y, x) = ({m['image_center_yx'][0]:.0f}, {m['image_center_yx'][1]:.0f})")
     box = res["region_box"]
     print(f"region box (top, left, bottom, right): {tuple(box) if box else 'none'} - {res['region_note']}")
-    print(f"\nwritten: {', '.join(res['files'].values())}")
+    print(f"\nwritten: {', '.join(res['files'].values())}" + (f"\nTensorBoard: {board}" if board else ""))
     return 0
 
 

@@ -15,7 +15,8 @@ Boxes come from the gradient magnitude normalised to a maximum of 1: the theoret
 value, the others from values above --threshold. Written to results/receptive_field/<image>/:
 max_activation.png (image, score map, max unit, its boxes), receptive_field.png (the three gradients with
 their boxes), theoretical_grad.npy / effective_grad.npy / net_grad.npy (raw (C, H, W) input gradients) and
-result.json.
+result.json. With --tensorboard the pictures, each field's normalised |gradient| as an image, and the result also go
+to TensorBoard, as the run <log_dir>/receptive_field/<image name>/.
 
 Examples:
     python receptive_field_backprop.py --image photo.jpg
@@ -36,6 +37,7 @@ from utils.analysis.fcn import fcn_image_tensor, load_fcn, map_to_image, rank_cl
 from utils.data.preprocess import load_image
 from utils.errors import InputError
 from utils.io import atomic_path, atomic_write_text
+from utils.tensorboard import add_figure, add_markdown, open_writer
 
 
 def build_parser():
@@ -53,6 +55,7 @@ def build_parser():
     p.add_argument("--out_dir", default="results/receptive_field", help="results go to <out_dir>/<image name>/")
     cli.add_device_arg(p)
     p.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
+    cli.add_tensorboard_args(p, "the pictures, the three fields and the result", "receptive_field/<image name>")
     return p
 
 
@@ -118,7 +121,21 @@ def _norm(grad: np.ndarray) -> np.ndarray:
     return mag / peak if peak > 0 else mag
 
 
-def save_outputs(res: dict, arrays: dict, out_dir: Path) -> dict[str, str]:
+def field_image(key: str, grad: np.ndarray) -> np.ndarray:
+    """A field as a 0-1 grey image at the input's resolution: black outside its support, 0.05-1 inside (the
+    theoretical field on a log scale, as in receptive_field.png)."""
+    heat = _norm(grad)
+    inside = heat > 0
+    out = np.zeros(heat.shape, dtype=np.float32)
+    if inside.any():
+        values = np.log10(heat[inside]) if key == "theoretical" else heat[inside]
+        low, high = values.min(), values.max()
+        out[inside] = 0.05 + 0.95 * ((values - low) / (high - low) if high > low else 1.0)
+    return out
+
+
+def save_outputs(res: dict, arrays: dict, out_dir: Path, writer=None) -> dict[str, str]:
+    """The gradients (.npy) and the two pictures; with a writer, the same figures and each field to TensorBoard."""
     import matplotlib.patches as patches
     import matplotlib.pyplot as plt
 
@@ -154,6 +171,8 @@ def save_outputs(res: dict, arrays: dict, out_dir: Path) -> dict[str, str]:
     which = "max" if res["pixel_is_max"] else "chosen"
     ax.set_title(f"'{res['predicted_class']}': {which} unit {tuple(res['pixel'])} of the score map")
     ax.axis("off")
+    if writer is not None:
+        add_figure(writer, "receptive_field/max_activation", fig)
     files["max_activation"] = str(save_png(fig, out_dir / "max_activation.png"))
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 5 * image.shape[0] / max(image.shape[1], 1) + 0.8))
@@ -166,9 +185,13 @@ def save_outputs(res: dict, arrays: dict, out_dir: Path) -> dict[str, str]:
         if key == "theoretical":  # its values span many orders of magnitude: show the support on a log scale
             heat = np.where(heat > 0, np.log10(np.maximum(heat, 1e-300)), np.nan)
         ax.imshow(heat, cmap="inferno", alpha=0.65)
+        if writer is not None:  # the field alone, pixel for pixel
+            writer.add_image(f"receptive_field/{key}", field_image(key, arrays[key]), dataformats="HW")
         rect(ax, box, color, "box")
         ax.set_title(title + ("\nlog10 |grad|" if key == "theoretical" else "\n|grad| / max"), fontsize=10)
         ax.axis("off")
+    if writer is not None:
+        add_figure(writer, "receptive_field/fields", fig)
     files["receptive_field"] = str(save_png(fig, out_dir / "receptive_field.png"))
     return files
 
@@ -177,9 +200,17 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     res, arrays = analyse(args)
     out_dir = Path(args.out_dir) / Path(args.image).stem
-    res["files"] = save_outputs(res, arrays, out_dir)
-    res["files"]["result"] = str(out_dir / "result.json")
-    atomic_write_text(out_dir / "result.json", json.dumps(res, indent=2) + "\n")
+    board = Path(args.log_dir) / "receptive_field" / Path(args.image).stem if args.tensorboard else None
+    writer = open_writer(board, purge_step=0) if board else None  # purge: a rerun replaces the image's earlier run
+    try:
+        res["files"] = save_outputs(res, arrays, out_dir, writer)
+        res["files"]["result"] = str(out_dir / "result.json")
+        atomic_write_text(out_dir / "result.json", json.dumps(res, indent=2) + "\n")
+        if writer is not None:
+            add_markdown(writer, "receptive_field/result", f"```json\n{json.dumps(res, indent=2)}\n```")
+    finally:
+        if writer is not None:
+            writer.close()
     if args.json:
         print(json.dumps(res))
         return 0
@@ -197,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"effective (grad)   : non-zero {fmt(res['effective']['support_box'])}; > {res['threshold']:g} of peak "
           f"{fmt(res['effective']['box'])}")
     print(f"net field of class : > {res['threshold']:g} of peak {fmt(res['net']['box'])}")
-    print(f"\nwritten: {', '.join(res['files'].values())}")
+    print(f"\nwritten: {', '.join(res['files'].values())}" + (f"\nTensorBoard: {board}" if board else ""))
     return 0
 
 

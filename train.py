@@ -6,7 +6,8 @@ Examples:
   torchrun --nproc_per_node=2 train.py --model custom --img_size 28
 
 Writes <path_to_save>/<dataset>/<model>/ with best.pth, last.pth, classes.txt, args.json,
-results.csv and results.png; TensorBoard logs under logs/<dataset>/<model>/<time>/.
+results.csv and results.png; with --tensorboard, the run's dashboard under <log_dir>/<dataset>/<run dir name>/<time>/
+(continued by --resume).
 --resume continues a run from its last.pth: the network (model, img_size, norm_type, small_input) and the
 augmentation come from the checkpoint, and a flag that contradicts them is an error.
 """
@@ -33,6 +34,7 @@ from utils.distributed import barrier, cleanup, init_distributed, is_main_proces
 from utils.evaluation.loop import TTA_CHOICES, evaluate
 from utils.precision import AMP_DTYPES, Precision, needs_grad_scaler, resolve_precision
 from utils.training.checkpointer import CheckpointSaver, ResumePoint, restore
+from utils.training.dashboard import TrainingDashboard, evaluation_details
 from utils.training.ema import ModelEMA
 from utils.training.engine import TrainState, train_one_epoch
 from utils.training.length import TrainingLength
@@ -127,8 +129,9 @@ def get_args_parser():
     p.add_argument("-r", "--resume", default=None, metavar="CKPT",
                    help="continue from a last.pth (model, optimizer, EMA, RNG, epoch; the network's flags come from it)")
     p.add_argument("--path_to_save", default="weights", help="runs go to <path_to_save>/<dataset>/<model>/")
-    p.add_argument("--tensorboard", action="store_true", help="write TensorBoard logs under --log_dir")
-    p.add_argument("--log_dir", default="logs", help="TensorBoard root: logs go to <log_dir>/<dataset>/<model>/<time>/")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="log the run's dashboard (scalars, HParams, confusion matrix, mistakes, PR curves, graph) under --log_dir")
+    p.add_argument("--log_dir", default="logs", help="TensorBoard root: logs go to <log_dir>/<dataset>/<run dir name>/<time>/")
     p.add_argument("--log_every", type=cli.positive(), default=50, help="training iterations per TensorBoard step point")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
@@ -228,8 +231,9 @@ def wrap_model(model: nn.Module, compile_model: bool, world: int, device: torch.
 def open_run(args, run_dir: Path, identity: dict, model: nn.Module, state: TrainState, resume: ResumePoint,
              device: torch.device, main_proc: bool) -> tuple[RunRecorder, CheckpointSaver, TrainingLength]:
     """The run's records (results.csv, TensorBoard), checkpoint policy and length policy, started."""
-    log_dir = Path(args.log_dir) / run_dir.parent.name / run_dir.name / time.strftime("%Y%m%d-%H%M%S") if args.tensorboard else None
-    recorder = RunRecorder(run_dir, max_epoch=args.max_epoch, history=resume.history, enabled=main_proc, log_dir=log_dir)
+    dashboard = TrainingDashboard.open(args, run_dir, resume, identity, model=model, state=state,
+                                       device=device) if args.tensorboard and main_proc else None
+    recorder = RunRecorder(run_dir, max_epoch=args.max_epoch, history=resume.history, enabled=main_proc, dashboard=dashboard)
     recorder.start(identity["classes"], vars(args))
     state.on_log = recorder.log_step
     saver = CheckpointSaver(run_dir, identity=identity, model=model, state=state, history=recorder.history,
@@ -274,14 +278,16 @@ def describe_run(args, model, num_train: int, num_val: int, classes: list[str], 
 def validate(model, state: TrainState, loader, device, num_classes: int, criterion, args, recorder: RunRecorder, epoch: int,
              tta: str = "none") -> dict:
     """Validation loss/acc@1/acc@5 of the EMA model when there is one (TensorBoard also gets the raw model's, as
-    val_no_ema/). With tta, the keys are suffixed _tta and the result is printed."""
+    val_no_ema/, and the evaluation's pictures). With tta, the keys are suffixed _tta and the result is printed.
+    Every process takes the same path: the metrics are summed over processes."""
     options = {"criterion": criterion, "amp": state.amp, "amp_dtype": state.amp_dtype, "channels_last": state.channels_last,
                "show_progress": not args.quiet, "tta": tta}
-    ema = state.ema
-    val = evaluate(ema.module if ema is not None else model, loader, device, num_classes, **options)
-    if ema is not None and recorder.writer is not None and tta == "none":
-        raw = evaluate(model, loader, device, num_classes, **options)
-        recorder.log_scalars("val_no_ema", {key: raw[key] for key in ("loss", "acc1", "acc5")}, epoch)
+    ema, board = state.ema, args.tensorboard and tta == "none"
+    val = evaluate(ema.module if ema is not None else model, loader, device, num_classes, **options,
+                   **(evaluation_details(args, epoch) if board else {}))
+    raw = evaluate(model, loader, device, num_classes, **options) if ema is not None and board else None
+    if board and recorder.dashboard is not None:
+        recorder.dashboard.add_evaluation(epoch, val, raw)
     suffix = "" if tta == "none" else "_tta"
     out = {f"val_{key}{suffix}": val[key] for key in ("loss", "acc1", "acc5")}
     if tta != "none" and recorder.enabled:

@@ -16,7 +16,7 @@ from conftest import ROOT, run_script
 LEGACY_CKPT = ROOT / "tests" / "fixtures" / "legacy_c29c9b5_custom8_ema.pth"  # written by train.py at commit c29c9b5
 # layer of each package or module (lower = more basic); an import may only point to the same or a lower layer
 LAYERS = {"utils.errors": 0, "utils.io": 0, "utils.cli": 0, "utils.timing": 0, "utils.plots": 0, "utils.distributed": 0,
-          "utils.precision": 0, "utils.data": 1, "utils.model_info": 1, "models": 1, "utils.checkpoint": 2,
+          "utils.precision": 0, "utils.tensorboard": 0, "utils.data": 1, "utils.model_info": 1, "models": 1, "utils.checkpoint": 2,
           "utils.evaluation": 2, "utils.training": 3, "utils.deploy": 3, "utils.analysis": 3}
 TORCH_FREE = ("utils.errors", "utils.io", "utils.cli", "utils.data.preprocess", "utils.model_info", "utils.deploy.metadata",
               "utils.deploy.runtime", "utils.deploy.predict")

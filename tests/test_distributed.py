@@ -11,6 +11,8 @@ import sys
 import pytest
 import torch
 from conftest import ROOT, make_fashion_root
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.util import tensor_util
 
 import eval as eval_script
 from utils.data.samplers import ShardSampler
@@ -39,7 +41,13 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
     run_dir = out / "FashionMNIST" / "custom"
     assert sorted(p.name for p in run_dir.iterdir()) == sorted(
         ["best.pth", "last.pth", "classes.txt", "args.json", "results.csv", "results.png"])
-    assert len(list(logs.rglob("events.out.tfevents.*"))) == 1  # one SummaryWriter (its file name holds the pid)
+    (event_file,) = logs.rglob("events.out.tfevents.*")  # one SummaryWriter (its file name holds the pid)
+    board = EventAccumulator(str(event_file.parent), size_guidance={"tensors": 0})
+    board.Reload()
+    # the PR counts are summed over both processes: at threshold 0 every one of the 101 images counts for each class
+    for tag in ("val_pr/Bag", "val_pr/Shirt"):
+        counts = tensor_util.make_ndarray(board.Tensors(tag)[-1].tensor_proto)  # rows TP, FP, TN, FN, precision, recall
+        assert counts[0, 0] + counts[1, 0] == 101, tag
 
     last = torch.load(run_dir / "last.pth", map_location="cpu", weights_only=True)
     assert last["step"] == 2 * (100 // 20)  # each process trains on its half of the 200 images

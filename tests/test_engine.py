@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.tensorboard.summary import compute_curve
 
 from models import build_model, model_kwargs
 from utils.evaluation.loop import evaluate, per_class_accuracy
@@ -124,3 +126,50 @@ def test_evaluate_caps_top5_at_the_number_of_classes():
     x, y = torch.randn(6, 2), torch.tensor([0, 1, 2, 0, 1, 2])
     stats = evaluate(nn.Linear(2, 3), DataLoader(TensorDataset(x, y), batch_size=4), CPU, 3, show_progress=False)
     assert stats["acc5"] == 1.0  # top-3 of 3 classes always contains the target
+
+
+def test_log_points_report_the_mean_gradient_norm_and_the_first_batch_once(tiny_data):
+    model = _bn_free_cnn()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # LR 0 keeps the weights: every norm can be recomputed by hand
+    schedule = WarmupSchedule(opt, steps_per_epoch=11, max_epoch=1, wp_epoch=0, base_lr=0.0, min_lr=0.0)
+    points, first = [], []
+    state = TrainState(optimizer=opt, scheduler=schedule, log_every=3, track_grad_norm=True,
+                       on_log=lambda step, values: points.append((step, values)),
+                       on_first_batch=lambda images, targets: first.append((images.clone(), targets.clone())))
+    train_one_epoch(model, DataLoader(tiny_data, batch_size=2), nn.CrossEntropyLoss(), state, CPU, 1, show_progress=False)
+    x, y = tiny_data.tensors
+    norms = []
+    for i in range(0, 22, 2):  # 11 batches of 2, one optimizer step each
+        model.zero_grad()
+        nn.functional.cross_entropy(model(x[i:i + 2]), y[i:i + 2]).backward()
+        norms.append(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()])).item())
+    assert [step for step, _ in points] == [3, 6, 9, 11]
+    for (_, values), window in zip(points, ([0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10])):
+        assert values["grad_norm"] == pytest.approx(np.mean([norms[i] for i in window]), rel=1e-5)
+        assert values["images_per_s"] > 0
+    assert len(first) == 1 and torch.equal(first[0][0], x[:2]) and torch.equal(first[0][1], y[:2])
+    assert state.on_first_batch is None
+
+
+def test_evaluate_collects_tensorboards_pr_counts_and_the_first_mistakes():
+    g = torch.Generator().manual_seed(1)
+    num_classes, n = 6, 203
+    x, y = torch.randn(n, 5, generator=g), torch.randint(0, num_classes, (n,), generator=g)
+    model = nn.Linear(5, num_classes)
+    stats = evaluate(model, DataLoader(TensorDataset(x, y), batch_size=16), CPU, num_classes, show_progress=False,
+                     pr_thresholds=127, keep_mistakes=10)
+    with torch.no_grad():
+        probs = model(x).softmax(1)
+    curves = stats["pr_curves"]
+    for c in range(num_classes):  # TensorBoard's own add_pr_curve computation, from all probabilities at once
+        expected = compute_curve((y == c).numpy(), probs[:, c].numpy(), num_thresholds=127)
+        for row, counts in enumerate((curves.tp, curves.fp, curves.tn, curves.fn)):
+            assert np.array_equal(counts[c], expected[row]), (c, row)
+        np.testing.assert_allclose(curves.precision[c], expected[4], rtol=1e-6)
+        np.testing.assert_allclose(curves.recall[c], expected[5], rtol=1e-6)
+    wrong = (probs.argmax(1) != y).nonzero().flatten()[:10]
+    assert len(wrong) == 10
+    mistakes = stats["mistakes"]
+    assert torch.equal(mistakes.images, x[wrong]) and torch.equal(mistakes.targets, y[wrong])
+    assert torch.equal(mistakes.predictions, probs.argmax(1)[wrong])
+    torch.testing.assert_close(mistakes.confidence, probs.max(1).values[wrong])

@@ -4,6 +4,7 @@ run, the per-epoch tags and exactly the values in the run's results.csv."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -15,6 +16,7 @@ import sys
 import time
 import urllib.parse
 import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -45,10 +47,50 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def get_json(base: str, path: str, **params):
+def get_bytes(base: str, path: str, **params) -> bytes:
     url = f"{base}{path}" + (f"?{urllib.parse.urlencode(params)}" if params else "")
-    with urllib.request.urlopen(url, timeout=10) as response:
-        return json.loads(response.read())
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return response.read()
+
+
+def get_json(base: str, path: str, **params):
+    return json.loads(get_bytes(base, path, **params))
+
+
+@contextlib.contextmanager
+def serve(log_dir: Path, output: Path, ready: Callable[[str], bool]) -> Iterator[str]:
+    """The real server (the command `make tensorboard` runs) on `log_dir` at 127.0.0.1 and a free port; yields its
+    base URL once `ready(base)` is true, and stops it (with its data-server child) afterwards."""
+    port = free_port()
+    cmd = make_tensorboard_command()
+    cmd[cmd.index("--logdir") + 1] = str(log_dir)
+    cmd[cmd.index("--port") + 1] = str(port)
+    cmd[cmd.index("--bind_all"):cmd.index("--bind_all") + 1] = ["--host", "127.0.0.1"]  # loopback only in tests
+    base = f"http://127.0.0.1:{port}"
+    # Own session: the server and its data-server child are stopped together by process group.
+    log = open(output, "w+")
+    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline, last_error = time.monotonic() + READY_TIMEOUT_S, None
+        while time.monotonic() < deadline:
+            assert server.poll() is None, f"tensorboard exited with {server.returncode}: {output.read_text()}"
+            try:
+                if ready(base):
+                    break
+            except OSError as e:  # not listening yet, or still loading
+                last_error = e
+            time.sleep(0.3)
+        else:
+            pytest.fail(f"tensorboard served no complete data within {READY_TIMEOUT_S} s: {last_error}")
+        yield base
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=15)
+        log.close()
 
 
 @pytest.fixture(scope="module")
@@ -74,32 +116,16 @@ def test_make_tensorboard_serves_logs_on_all_interfaces_port_6006():
 
 def test_tensorboard_serves_the_training_scalars(tensorboard_run, tmp_path):
     log_dir, rows = tensorboard_run
-    port = free_port()
-    cmd = make_tensorboard_command()
-    cmd[cmd.index("--logdir") + 1] = str(log_dir)
-    cmd[cmd.index("--port") + 1] = str(port)
-    cmd[cmd.index("--bind_all"):cmd.index("--bind_all") + 1] = ["--host", "127.0.0.1"]  # loopback only in tests
-    base = f"http://127.0.0.1:{port}"
-    # Own session: the server and its data-server child are stopped together by process group.
-    output = open(tmp_path / "tensorboard.log", "w+")
-    server = subprocess.Popen(cmd, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline, tags, last_error = time.monotonic() + READY_TIMEOUT_S, {}, None
-        while time.monotonic() < deadline:
-            assert server.poll() is None, f"tensorboard exited with {server.returncode}: {(tmp_path / 'tensorboard.log').read_text()}"
-            try:
-                tags = get_json(base, "/data/plugin/scalars/tags")
-                if tags and all(set(TAG_TO_COLUMN) <= set(t) for t in tags.values()):
-                    break
-            except OSError as e:  # not listening yet, or still loading
-                last_error = e
-            time.sleep(0.3)
-        else:
-            pytest.fail(f"tensorboard served no complete run within {READY_TIMEOUT_S} s: {tags or last_error}")
 
+    def ready(base: str) -> bool:
+        tags = get_json(base, "/data/plugin/scalars/tags")
+        return bool(tags) and all(set(TAG_TO_COLUMN) <= set(t) for t in tags.values())
+
+    with serve(log_dir, tmp_path / "tensorboard.log", ready) as base:
+        tags = get_json(base, "/data/plugin/scalars/tags")
         runs = get_json(base, "/data/runs")
         (run,) = runs
-        assert run.startswith("FashionMNIST/custom/"), run  # <log_dir>/<dataset>/<model>/<time>/
+        assert run.startswith("FashionMNIST/custom/"), run  # <log_dir>/<dataset>/<run dir name>/<time>/
         assert set(TAG_TO_COLUMN) <= set(tags[run])
         for tag, column in TAG_TO_COLUMN.items():
             points = get_json(base, "/data/plugin/scalars/scalars", run=run, tag=tag)  # [[wall_time, step, value], ...]
@@ -107,11 +133,3 @@ def test_tensorboard_serves_the_training_scalars(tensorboard_run, tmp_path):
             # TensorBoard keeps float32: equal to the CSV's float64 up to float32 rounding.
             assert [p[2] for p in points] == pytest.approx([float(r[column]) for r in rows], rel=1e-6, abs=1e-9), tag
         assert float(rows[-1]["val_acc1"]) > 0.5  # the logged run learned (10 classes: chance 0.1)
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait(timeout=15)
-        output.close()

@@ -44,6 +44,12 @@ def add_data_args(p: argparse.ArgumentParser, *, batch_size: int = 64, num_worke
                    help="DataLoader worker processes (0 = load in the main process)")
 
 
+def add_tensorboard_args(p: argparse.ArgumentParser, what: str, where: str) -> None:
+    """--tensorboard and --log_dir for scripts that log `what` to TensorBoard under <log_dir>/`where`/."""
+    p.add_argument("--tensorboard", action="store_true", help=f"also log {what} to TensorBoard under <log_dir>/{where}/")
+    p.add_argument("--log_dir", default="logs", help="TensorBoard root (serve it with: tensorboard --logdir logs --port 6006)")
+
+
 def explicit_dests(p: argparse.ArgumentParser, argv: Sequence[str] | None) -> set[str]:
     """The destinations of the flags actually given on the command line (not left at their defaults)."""
     probe = copy.deepcopy(p)

@@ -33,6 +33,13 @@ def is_main_process() -> bool:
     return not is_distributed() or dist.get_rank() == 0
 
 
+def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over all processes in place (no-op in a single process)."""
+    if is_distributed():
+        dist.all_reduce(tensor)
+    return tensor
+
+
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     """Sum a few scalars over all processes (no-op in a single process)."""
     if not is_distributed():

@@ -135,6 +135,15 @@ def scale_and_normalize(pixels, mean, std):
     return (pixels / 255.0 - mean) / std
 
 
+def denormalize(chw: np.ndarray, pre: Preprocess) -> np.ndarray:
+    """A normalised CHW float array (the network's input) back to an HWC uint8 picture: the inverse of
+    scale_and_normalize, clipped to 0-255, so a grid shows the images as the network sees them."""
+    mean = np.asarray(pre.mean, dtype=np.float32)[:, None, None]
+    std = np.asarray(pre.std, dtype=np.float32)[:, None, None]
+    pixels = (np.asarray(chw, dtype=np.float32) * std + mean) * 255.0
+    return np.clip(np.rint(pixels), 0, 255).astype(np.uint8).transpose(1, 2, 0)
+
+
 def normalize(img: Image.Image, pre: Preprocess) -> np.ndarray:
     """PIL image -> float32 CHW array scaled to [0, 1] then normalised by mean/std."""
     arr = np.asarray(img, dtype=np.float32)

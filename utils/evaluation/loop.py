@@ -1,16 +1,22 @@
-"""The eval loop, written once: validation during training, eval.py on checkpoints and exported artifacts, quantize.py."""
+"""The eval loop, written once: validation during training, eval.py on checkpoints and exported artifacts, quantize.py.
+
+Besides the metrics it can collect, in the same pass and on the device, what a dashboard shows: per-class
+precision-recall counts (`pr_thresholds`) and the first misclassified images (`keep_mistakes`).
+"""
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 from tqdm import tqdm
 
-from utils.distributed import all_reduce_sum, is_main_process
+from utils.distributed import all_reduce_sum, all_reduce_sum_, is_main_process
 from utils.precision import autocast
 
 TTA_CHOICES = ("none", "flip")
@@ -22,16 +28,100 @@ def progress(iterable, enabled: bool, **kwargs):
                 dynamic_ncols=True, leave=False, **kwargs)
 
 
+@dataclass
+class PRCurves:
+    """Per-class precision-recall curves at `num_thresholds` thresholds k / (num_thresholds - 1); every array is
+    (num_classes, num_thresholds): counts of true/false positives/negatives for `probability >= threshold`."""
+
+    tp: np.ndarray
+    fp: np.ndarray
+    tn: np.ndarray
+    fn: np.ndarray
+    precision: np.ndarray
+    recall: np.ndarray
+
+    @property
+    def num_thresholds(self) -> int:
+        return self.tp.shape[1]
+
+
+class PRCounter:
+    """Per-class histograms of the softmax probability, binned as TensorBoard's pr_curve summary bins them
+    (bucket floor(p * (T - 1))): constant memory whatever the set size, no host sync, summed over processes."""
+
+    def __init__(self, num_classes: int, num_thresholds: int, device: torch.device):
+        self.num_classes, self.num_thresholds = num_classes, num_thresholds
+        self.hist = torch.zeros(2, num_classes * num_thresholds, dtype=torch.float64, device=device)  # positives, negatives
+        self.offsets = torch.arange(num_classes, device=device) * num_thresholds
+
+    def update(self, probs: torch.Tensor, targets: torch.Tensor) -> None:
+        bucket = (probs.float() * (self.num_thresholds - 1)).floor().long().clamp_(0, self.num_thresholds - 1)
+        index = (bucket + self.offsets).flatten()
+        positive = nn.functional.one_hot(targets.long(), self.num_classes).flatten().double()
+        self.hist[0].scatter_add_(0, index, positive)
+        self.hist[1].scatter_add_(0, index, 1.0 - positive)
+
+    def compute(self) -> PRCurves:
+        """TensorBoard's formulas (tensorboard.plugins.pr_curve): counts at or above each threshold."""
+        hist = all_reduce_sum_(self.hist.clone()).view(2, self.num_classes, self.num_thresholds).cpu().numpy()
+        tp, fp = (np.cumsum(h[:, ::-1], axis=1)[:, ::-1] for h in hist)
+        tn, fn = fp[:, :1] - fp, tp[:, :1] - tp
+        return PRCurves(tp, fp, tn, fn, tp / np.maximum(1e-7, tp + fp), tp / np.maximum(1e-7, tp + fn))
+
+
+@dataclass
+class Mistakes:
+    """Misclassified images as the network received them (normalised CHW, CPU) with their labels."""
+
+    images: torch.Tensor
+    targets: torch.Tensor
+    predictions: torch.Tensor
+    confidence: torch.Tensor  # softmax probability of the predicted class
+
+
+class MistakeBuffer:
+    """The first `limit` misclassified images in loader order, kept on the device: each wrong image is copied to its
+    slot (a running count decides it), every other image to a spare slot, so no batch waits for the host.
+    Under torchrun each process keeps its own shard's mistakes."""
+
+    def __init__(self, limit: int):
+        self.limit, self.slots, self.count = limit, None, None
+
+    def update(self, images: torch.Tensor, targets: torch.Tensor, probs: torch.Tensor) -> None:
+        confidence, predictions = probs.max(1)
+        if self.slots is None:
+            n, device = self.limit + 1, images.device
+            self.slots = Mistakes(images.new_zeros((n, *images.shape[1:]), dtype=torch.float32),
+                                  torch.zeros(n, dtype=torch.long, device=device), torch.zeros(n, dtype=torch.long, device=device),
+                                  torch.zeros(n, device=device))
+            self.count = torch.zeros((), dtype=torch.long, device=device)
+        wrong = predictions != targets
+        slot = self.count + wrong.long().cumsum(0) - 1
+        slot = torch.where(wrong & (slot < self.limit), slot, self.limit)
+        for buffer, values in ((self.slots.images, images.float()), (self.slots.targets, targets.long()),
+                               (self.slots.predictions, predictions), (self.slots.confidence, confidence.float())):
+            buffer.index_copy_(0, slot, values)
+        self.count += wrong.sum()
+
+    def compute(self) -> Mistakes:
+        if self.slots is None:
+            return Mistakes(torch.zeros(0), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), torch.zeros(0))
+        n = min(int(self.count), self.limit)
+        return Mistakes(*(t[:n].cpu() for t in (self.slots.images, self.slots.targets, self.slots.predictions,
+                                                 self.slots.confidence)))
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module | None, loader, device: torch.device, num_classes: int, *, criterion: nn.Module | None = None,
              amp: bool = False, amp_dtype: str = "auto", channels_last: bool = False, show_progress: bool = True,
              forward: Callable[[torch.Tensor], torch.Tensor] | None = None, desc: str = "val",
-             return_predictions: bool = False, tta: str = "none") -> dict:
+             return_predictions: bool = False, tta: str = "none", pr_thresholds: int = 0, keep_mistakes: int = 0) -> dict:
     """Mean loss over the whole set, acc@1, acc@5 (capped at num_classes) and the confusion matrix.
 
     Metrics are summed over processes under torchrun. `forward` replaces `model(images)` for
     engines that are not nn.Modules (ONNX Runtime, TorchScript on another device, ...).
     tta="flip": the logits are the mean of the image's and its horizontal mirror's (test-time augmentation).
+    pr_thresholds > 0 adds "pr_curves" (PRCurves); keep_mistakes > 0 adds "mistakes" (Mistakes, at most that many).
     """
     if tta not in TTA_CHOICES:
         raise ValueError(f"unknown tta {tta!r}: choose from {', '.join(TTA_CHOICES)}")
@@ -45,6 +135,8 @@ def evaluate(model: nn.Module | None, loader, device: torch.device, num_classes:
     amp_context = autocast(device, amp, amp_dtype)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: no host sync per batch
     seen, predictions = 0, []
+    pr = PRCounter(num_classes, pr_thresholds, device) if pr_thresholds > 0 else None
+    mistakes = MistakeBuffer(keep_mistakes) if keep_mistakes > 0 else None
     for images, targets in progress(loader, show_progress, desc=desc):
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         if channels_last:
@@ -63,15 +155,32 @@ def evaluate(model: nn.Module | None, loader, device: torch.device, num_classes:
         confusion.update(logits, targets)
         if return_predictions:
             predictions.append(logits.argmax(1).cpu())
+        if pr is not None or mistakes is not None:
+            probs = logits.softmax(1)
+            if pr is not None:
+                pr.update(probs, targets)
+            if mistakes is not None:
+                mistakes.update(images, targets, probs)
     loss_sum, seen = all_reduce_sum([loss_sum.item(), seen], device)
     cm = confusion.compute().cpu()
     out = {"loss": loss_sum / max(seen, 1), "acc1": acc1.compute().item(), "acc5": acc5.compute().item(),
            "num_images": int(seen), "confusion_matrix": cm}
     if return_predictions:
         out["predictions"] = torch.cat(predictions) if predictions else torch.zeros(0, dtype=torch.long)
+    if pr is not None:
+        out["pr_curves"] = pr.compute()
+    if mistakes is not None:
+        out["mistakes"] = mistakes.compute()
     return out
 
 
 def per_class_accuracy(confusion: torch.Tensor, classes: list[str]) -> dict[str, float]:
+    """Recall of each true class (rows of the confusion matrix), 0 for a class without images."""
     totals = confusion.sum(1).clamp(min=1)
+    return {c: float(confusion[i, i] / totals[i]) for i, c in enumerate(classes)}
+
+
+def per_class_precision(confusion: torch.Tensor, classes: list[str]) -> dict[str, float]:
+    """Share of each class's predictions that were right (columns of the confusion matrix), 0 if never predicted."""
+    totals = confusion.sum(0).clamp(min=1)
     return {c: float(confusion[i, i] / totals[i]) for i, c in enumerate(classes)}

@@ -1,4 +1,4 @@
-"""Evaluation reports: the misclassified-examples grid, where eval.py's JSON goes, and the markdown summary that
+"""Evaluation reports: the misclassified-examples figure, where eval.py's JSON goes, and the markdown summary that
 merges every report (eval.py --summary, summarize_results.py).
 
 Sizes are MB (10^6 bytes): weights as stored for checkpoints, file size for exported artifacts. MMACs: millions
@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
-
-from utils.data.preprocess import load_image
+from utils.data.preprocess import Preprocess, denormalize
 from utils.errors import InputError
 from utils.io import atomic_write_text, markdown_table
-from utils.plots import plot_examples
+from utils.plots import examples_figure
+
+if TYPE_CHECKING:  # the eval loop imports torch; summarize_results.py needs only the tables
+    from utils.evaluation.loop import Mistakes
 
 EVAL_COLUMNS = ("model", "format", "compute", "dataset", "img", "params (M)", "MMACs", "size (MB)", "acc@1 (%)", "acc@5 (%)",
                 "latency (ms, batch 1)", "throughput (img/s)", "device", "report")
@@ -84,20 +85,15 @@ def write_summary(results_dir: Path, output: Path | None = None) -> str:
     return text
 
 
-def misclassified_grid(dataset, predictions: torch.Tensor, classes: list[str], path: Path, limit: int = 32) -> Path | None:
-    """Draw up to `limit` wrongly classified images with true and predicted labels."""
-    images, titles = [], []
-    targets = [int(t) for t in getattr(dataset, "targets", [])] or [dataset[i][1] for i in range(len(dataset))]
-    for i, (pred, true) in enumerate(zip(predictions.tolist(), targets)):
-        if pred != true:
-            img = dataset.samples[i][0] if hasattr(dataset, "samples") else dataset.data[i].numpy()
-            if isinstance(img, str):
-                img = np.asarray(load_image(img))
-            images.append(np.asarray(img))
-            titles.append(f"true {classes[true]}\npred {classes[pred]}")
-            if len(images) == limit:
-                break
-    return plot_examples(images, titles, path) if images else None
+def mistakes_figure(mistakes: Mistakes, classes: list[str], pre: Preprocess):
+    """The misclassified images as the network saw them (de-normalised), titled with the true class, the predicted
+    one and its probability; None when there is no mistake."""
+    if len(mistakes.targets) == 0:
+        return None
+    images = [denormalize(image.numpy(), pre) for image in mistakes.images]
+    titles = [f"true {classes[t]}\npred {classes[p]} {c:.0%}" for t, p, c in
+              zip(mistakes.targets.tolist(), mistakes.predictions.tolist(), mistakes.confidence.tolist())]
+    return examples_figure(images, titles)
 
 
 def default_output(model_name: str, fmt: str) -> Path:

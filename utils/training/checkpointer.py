@@ -30,6 +30,7 @@ class ResumePoint:
     step: int = 0
     best_acc1: float = 0.0
     history: list[dict] = field(default_factory=list)
+    log_dir: str | None = None  # the run's TensorBoard directory (train.py --tensorboard), continued on resume
 
     def start_at(self, epoch: int, state: TrainState) -> None:
         """--start_epoch: begin at `epoch` (0-based), with the LR schedule at that epoch's first step."""
@@ -52,7 +53,8 @@ def restore(ckpt: Checkpoint, *, model: nn.Module, state: TrainState) -> ResumeP
     state.step = step
     if ckpt.get("rng"):
         set_rng_state(ckpt["rng"])
-    return ResumePoint(ckpt["epoch"] + 1, step, ckpt["best_acc1"], list(ckpt.get("history", [])))
+    return ResumePoint(ckpt["epoch"] + 1, step, ckpt["best_acc1"], list(ckpt.get("history", [])),
+                       (ckpt.get("args") or {}).get("tensorboard_dir"))
 
 
 class CheckpointSaver:

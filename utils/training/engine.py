@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from utils.distributed import all_reduce_sum
+from utils.distributed import all_reduce_sum, world_size
 from utils.evaluation.loop import progress
 from utils.precision import autocast
 
@@ -36,8 +36,12 @@ class TrainState:
     amp_dtype: str = "auto"
     channels_last: bool = False
     log_every: int = 50
-    on_log: Callable[[int, dict], None] | None = None  # (step, {"loss", "acc1", "lr"}) at every log point
+    # (step, {"loss", "acc1", "lr", "images_per_s"[, "grad_norm"]}) at every log point
+    on_log: Callable[[int, dict], None] | None = None
     mix: Callable | None = None  # (images, int targets) -> (mixed images, soft targets): Mixup/CutMix on the batch
+    track_grad_norm: bool = False  # measure the gradient norm of every step (also measured whenever clip_grad > 0)
+    # called once with the next epoch's first batch as the network gets it (after Mixup/CutMix) and its (dominant) labels
+    on_first_batch: Callable[[torch.Tensor, torch.Tensor], None] | None = None
 
     def __post_init__(self):
         if self.scaler is None:
@@ -48,11 +52,15 @@ class TrainState:
         return self.optimizer.param_groups[0]["lr"] if self.step < self.scheduler.total_steps else previous
 
 
-def optimizer_step(model: nn.Module, state: TrainState) -> None:
-    """Unscale, clip, step (skipped by the scaler on inf/NaN gradients), zero, update the EMA, advance the LR."""
+def optimizer_step(model: nn.Module, state: TrainState) -> torch.Tensor | None:
+    """Unscale, clip, step (skipped by the scaler on inf/NaN gradients), zero, update the EMA, advance the LR.
+    Returns the total gradient norm before clipping (a device tensor) when clipping or tracking measured it."""
     state.scaler.unscale_(state.optimizer)
+    norm = None
     if state.clip_grad > 0:
-        nn.utils.clip_grad_norm_(model.parameters(), state.clip_grad)
+        norm = nn.utils.clip_grad_norm_(model.parameters(), state.clip_grad)
+    elif state.track_grad_norm:
+        norm = nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
     state.scaler.step(state.optimizer)
     state.scaler.update()
     state.optimizer.zero_grad(set_to_none=True)
@@ -60,6 +68,7 @@ def optimizer_step(model: nn.Module, state: TrainState) -> None:
         state.ema.update(model)
     state.step += 1
     state.scheduler.step()
+    return norm
 
 
 def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, state: TrainState, device: torch.device,
@@ -78,10 +87,11 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, state: Train
     # [loss sum, correct] over the epoch and since the last log point, summed on the device in micro-batch order
     totals = torch.zeros(2, dtype=torch.float64, device=device)
     window = torch.zeros(2, dtype=torch.float64, device=device)
+    grad_window = torch.zeros(2, dtype=torch.float64, device=device)  # [sum of finite gradient norms, their count]
     seen = window_seen = 0
     loss_sum = correct = 0.0
     lr = state.optimizer.param_groups[0]["lr"]
-    start = time.perf_counter()
+    start = last_log = time.perf_counter()
     bar = progress(loader, show_progress, total=num_batches, desc=f"epoch {epoch}")
     state.optimizer.zero_grad(set_to_none=True)
     for i, (images, targets) in enumerate(bar):
@@ -93,6 +103,12 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, state: Train
             labels = targets.argmax(1)
         if state.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
+        if state.on_first_batch is not None:
+            paused = time.perf_counter()
+            state.on_first_batch(images, labels)
+            state.on_first_batch = None
+            drawing = time.perf_counter() - paused  # the dashboard's drawing is not training time
+            start, last_log = start + drawing, last_log + drawing
         window_start = (i // k) * k
         window_len = min(k, num_batches - window_start)
         last_in_window = i == window_start + window_len - 1
@@ -103,7 +119,10 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, state: Train
                 loss = criterion(logits, targets)
             state.scaler.scale(loss / window_len).backward()
         if last_in_window:
-            optimizer_step(model, state)
+            norm = optimizer_step(model, state)
+            if norm is not None:
+                finite = torch.isfinite(norm)
+                grad_window += torch.stack([torch.where(finite, norm.double(), 0.0), finite.double()])
             lr = state.shown_lr(lr)
         n = labels.shape[0]
         batch = torch.stack([loss.detach().double() * n, (logits.detach().argmax(1) == labels).sum().double()])
@@ -112,16 +131,23 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, state: Train
         seen += n
         window_seen += n
         if (i + 1) % state.log_every == 0 or i + 1 == num_batches:
-            loss_sum, correct, window_loss, window_correct = torch.cat([totals, window]).tolist()  # the one host sync
+            synced = torch.cat([totals, window, grad_window]).tolist()  # the one host sync
+            loss_sum, correct, window_loss, window_correct, grad_sum, grad_count = synced
+            now = time.perf_counter()
             if not math.isfinite(window_loss):
                 raise FloatingPointError(f"the training loss became {window_loss / window_seen:g} in epoch {epoch} "
                                          f"(by batch {i + 1} of {num_batches}): lower --base_lr, add --clip_grad 1.0, "
                                          "or train without --fp16")
             if state.on_log is not None:
-                state.on_log(state.step, {"loss": window_loss / window_seen, "acc1": window_correct / window_seen, "lr": lr})
+                values = {"loss": window_loss / window_seen, "acc1": window_correct / window_seen, "lr": lr,
+                          "images_per_s": window_seen * world_size() / max(now - last_log, 1e-9)}
+                if grad_count:
+                    values["grad_norm"] = grad_sum / grad_count  # mean over the optimizer steps since the last point
+                state.on_log(state.step, values)
             window.zero_()
-            window_seen = 0
-            elapsed = time.perf_counter() - start
+            grad_window.zero_()
+            window_seen, last_log = 0, now
+            elapsed = now - start
             bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}", lr=f"{lr:.2e}",
                             img_s=f"{seen / max(elapsed, 1e-9):.0f}", refresh=False)
     seconds = time.perf_counter() - start

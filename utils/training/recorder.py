@@ -1,4 +1,5 @@
-"""What a training run shows and keeps per epoch: results.csv, TensorBoard scalars, the epoch line, results.png."""
+"""What a training run shows and keeps per epoch: results.csv, the epoch line, results.png, and (with --tensorboard)
+everything its TrainingDashboard logs (utils/training/dashboard.py)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,13 @@ import csv
 import io
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from utils.io import atomic_write_text
 from utils.plots import plot_results
+
+if TYPE_CHECKING:
+    from utils.training.dashboard import TrainingDashboard
 
 CSV_COLUMNS = ["epoch", "lr", "train_loss", "train_acc1", "val_loss", "val_acc1", "val_acc5", "seconds"]
 EXTRA_COLUMNS = ["val_loss_tta", "val_acc1_tta", "val_acc5_tta"]  # only when train.py --tta ran
@@ -19,15 +24,11 @@ class RunRecorder:
     checkpoints it may save carry it."""
 
     def __init__(self, run_dir: Path, *, max_epoch: int, history: list[dict] | None = None, enabled: bool = True,
-                 log_dir: Path | None = None):
+                 dashboard: TrainingDashboard | None = None):
         self.run_dir, self.max_epoch, self.enabled = Path(run_dir), max_epoch, enabled
         self.history: list[dict] = list(history or [])
-        self.writer = None
-        self.log_dir = str(log_dir) if log_dir is not None else None
-        if enabled and log_dir is not None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(self.log_dir)
+        self.dashboard = dashboard if enabled else None
+        self.log_dir = str(self.dashboard.log_dir) if self.dashboard is not None else None
 
     def start(self, classes: list[str], args: dict) -> None:
         """classes.txt and args.json, written when the run begins."""
@@ -40,19 +41,15 @@ class RunRecorder:
         """The run's length changed (--time_budget): record it in args (and so in the checkpoints) and args.json."""
         if max_epoch != self.max_epoch:
             self.max_epoch = args.max_epoch = max_epoch
+            if self.dashboard is not None:
+                self.dashboard.max_epoch = max_epoch
             if self.enabled:
                 atomic_write_text(self.run_dir / "args.json", json.dumps(vars(args), indent=2) + "\n")
 
     def log_step(self, step: int, values: dict) -> None:
         """Per-iteration training values (every --log_every micro-batches) as train_step/<key> scalars."""
-        if self.writer is not None:
-            for key, value in values.items():
-                self.writer.add_scalar(f"train_step/{key}", value, step)
-
-    def log_scalars(self, prefix: str, values: dict, epoch: int) -> None:
-        if self.writer is not None:
-            for key, value in values.items():
-                self.writer.add_scalar(f"{prefix}/{key}", value, epoch)
+        if self.dashboard is not None:
+            self.dashboard.log_step(step, values)
 
     def add(self, row: dict) -> None:
         self.history.append(row)
@@ -69,17 +66,12 @@ class RunRecorder:
                 self.write_csv()
 
     def write_epoch(self, row: dict, images_per_s: float) -> None:
-        """results.csv rewritten with every row, the epoch's scalars to TensorBoard, one line on stdout."""
+        """results.csv rewritten with every row, the epoch to TensorBoard, one line on stdout."""
         if not self.enabled:
             return
         self.write_csv()
-        if self.writer is not None:
-            for key in ("train_loss", "train_acc1", "val_loss", "val_acc1", "val_acc5"):
-                if row.get(key) is not None:
-                    split, metric = key.split("_", 1)
-                    self.writer.add_scalar(f"{split}/{metric}", row[key], row["epoch"])
-            self.writer.add_scalar("lr", row["lr"], row["epoch"])
-            self.writer.flush()
+        if self.dashboard is not None:
+            self.dashboard.epoch_end(row, self.history, images_per_s)
         val_text = (f"val loss {row['val_loss']:.4f} acc@1 {row['val_acc1']:.4f} acc@5 {row['val_acc5']:.4f}"
                     if "val_acc1" in row else "no validation")
         print(f"epoch {row['epoch']}/{self.max_epoch}  train loss {row['train_loss']:.4f} acc@1 {row['train_acc1']:.4f}  "
@@ -100,6 +92,6 @@ class RunRecorder:
             plot_results(self.history, self.run_dir / "results.png")
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
+        if self.dashboard is not None:
+            self.dashboard.close()
+            self.dashboard = None
