@@ -283,6 +283,8 @@ def validate(model, state: TrainState, loader, device, num_classes: int, criteri
     options = {"criterion": criterion, "amp": state.amp, "amp_dtype": state.amp_dtype, "channels_last": state.channels_last,
                "show_progress": not args.quiet, "tta": tta}
     ema, board = state.ema, args.tensorboard and tta == "none"
+    if ema is not None:
+        ema.sync_buffers()  # under torchrun, validate (and save) rank 0's BatchNorm statistics on every process
     val = evaluate(ema.module if ema is not None else model, loader, device, num_classes, **options,
                    **(evaluation_details(args, epoch) if board else {}))
     raw = evaluate(model, loader, device, num_classes, **options) if ema is not None and board else None

@@ -32,7 +32,7 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
            "--model", "custom", "--img_size", "28", "--max_epoch", "2", "--wp_epoch", "0", "--batch_size", "20",
            "--num_workers", "0", "--data_root", str(data_root), "--path_to_save", str(out), "--quiet",
-           "--tensorboard", "--log_dir", str(logs), "--base_lr", "3e-3"]
+           "--tensorboard", "--log_dir", str(logs), "--base_lr", "3e-3", "--ema", "--ema_decay", "0.9"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "2 processes" in proc.stdout
@@ -62,8 +62,9 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
                              str(report_path), "--speed_repeats", "0", "--num_workers", "0", "--device", "cpu", "--quiet"]) == 0
     report = json.loads(report_path.read_text())
     assert report["num_images"] == 101
-    # the 2-process validation summed over both shards equals a single-process eval of the same weights:
-    # a padded or repeated image would shift the mean loss of 101 images
+    # the 2-process validation summed over both shards equals a single-process eval of the same (EMA) weights:
+    # a padded or repeated image would shift the mean loss of 101 images, and so would a process validating its own
+    # EMA BatchNorm statistics instead of rank 0's
     assert float(row["val_loss"]) == pytest.approx(report["loss"], rel=1e-5)
     assert float(row["val_acc1"]) == pytest.approx(report["acc1"], abs=1e-7)
     assert float(row["val_acc5"]) == pytest.approx(report["acc5"], abs=1e-7)

@@ -57,7 +57,8 @@ def test_checkpoints_load_with_weights_only_and_hold_every_key(trained_run):
         assert ckpt["model_kwargs"] == {"img_size": 28, "norm_type": "BN", "in_channels": 3, "small_input": True}
         assert ckpt["ema"] is None and ckpt["scaler"] is None
         # --augment auto at 28 px resolves to flips only, recorded with the resolved parameters
-        assert ckpt["augment"] == {"name": "light", "crop_scale": None, "rotation": 0.0, "flip": 0.5, "erasing": 0.0}
+        assert ckpt["augment"] == {"name": "light", "crop_scale": None, "rotation": 0.0, "flip": 0.5, "erasing": 0.0,
+                                   "crop_padding": 0, "auto_augment": "none"}
         assert set(ckpt["rng"]) >= {"torch", "python", "numpy"}
         assert ckpt["torch_version"] == str(torch.__version__)
     val_acc = [float(r["val_acc1"]) for r in rows]

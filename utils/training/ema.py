@@ -11,8 +11,11 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
+
+from utils.distributed import is_distributed
 
 
 def ema_decay(updates: int, decay: float = 0.9999, tau: float = 2000.0) -> float:
@@ -56,6 +59,15 @@ class ModelEMA:
     def update(self, model: nn.Module) -> None:
         self.updates += 1
         self.averaged.update_parameters(unwrap(model))
+
+    @torch.no_grad()
+    def sync_buffers(self) -> None:
+        """Under torchrun: give every process rank 0's EMA buffers (BatchNorm statistics). The parameters agree on
+        every rank (same all-reduced gradients), but each process's BatchNorm statistics follow its own batches, so
+        without this each process would validate a slightly different network than the one rank 0 saves."""
+        if is_distributed():
+            for buffer in self.module.buffers():
+                dist.broadcast(buffer, src=0)
 
     def state_dict(self) -> dict:
         return {"module": self.module.state_dict(), "updates": self.updates, "decay": self.decay, "tau": self.tau}
