@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.tensorboard.summary import compute_curve
 
 from models import build_model, model_kwargs
-from utils.evaluation.loop import evaluate, per_class_accuracy
+from utils.evaluation.loop import class_metrics, evaluate, per_class_accuracy
 from utils.training.engine import TrainState, train_one_epoch
 from utils.training.schedule import WarmupSchedule
 
@@ -173,3 +173,23 @@ def test_evaluate_collects_tensorboards_pr_counts_and_the_first_mistakes():
     assert torch.equal(mistakes.images, x[wrong]) and torch.equal(mistakes.targets, y[wrong])
     assert torch.equal(mistakes.predictions, probs.argmax(1)[wrong])
     torch.testing.assert_close(mistakes.confidence, probs.max(1).values[wrong])
+
+
+def test_precision_recall_f1_and_balanced_accuracy_equal_a_hand_computation():
+    # a known confusion matrix (rows: true class, columns: predicted): [[5, 2, 0], [0, 3, 1], [1, 0, 4]]
+    pairs = [(0, 0)] * 5 + [(0, 1)] * 2 + [(1, 1)] * 3 + [(1, 2)] + [(2, 0)] + [(2, 2)] * 4
+    y = torch.tensor([t for t, _ in pairs])
+    logits = nn.functional.one_hot(torch.tensor([p for _, p in pairs]), 3).float()
+    stats = evaluate(nn.Identity(), DataLoader(TensorDataset(logits, y), batch_size=4), CPU, 3, show_progress=False)
+    assert stats["confusion_matrix"].tolist() == [[5, 2, 0], [0, 3, 1], [1, 0, 4]]
+    m = class_metrics(stats, ["a", "b", "c"])
+    precision, recall = [5 / 6, 3 / 5, 4 / 5], [5 / 7, 3 / 4, 4 / 5]
+    f1 = [2 * p * r / (p + r) for p, r in zip(precision, recall)]
+    support = [7, 4, 5]
+    for name, values in (("precision", precision), ("recall", recall), ("f1", f1)):
+        assert list(m[name].values()) == pytest.approx(values, rel=1e-6)
+        assert m[f"{name}_macro"] == pytest.approx(sum(values) / 3, rel=1e-6)
+        assert m[f"{name}_weighted"] == pytest.approx(sum(v * n for v, n in zip(values, support)) / 16, rel=1e-6)
+    assert m["balanced_accuracy"] == pytest.approx(sum(recall) / 3, rel=1e-6)
+    assert m["support"] == {"a": 7, "b": 4, "c": 5}
+    assert list(m["recall"].values()) == pytest.approx(list(per_class_accuracy(stats["confusion_matrix"], ["a", "b", "c"]).values()))

@@ -13,7 +13,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
-from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassConfusionMatrix,
+    MulticlassF1Score,
+    MulticlassPrecision,
+    MulticlassRecall,
+)
 from tqdm import tqdm
 
 from utils.distributed import all_reduce_sum, all_reduce_sum_, is_main_process
@@ -132,6 +138,9 @@ def evaluate(model: nn.Module | None, loader, device: torch.device, num_classes:
     acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro").to(device)
     acc5 = MulticlassAccuracy(num_classes, top_k=top5, average="micro").to(device)
     confusion = MulticlassConfusionMatrix(num_classes).to(device)
+    # per class (average=None); class_metrics() derives the macro and weighted averages and balanced accuracy
+    per_class = {name: cls(num_classes, average=None).to(device) for name, cls in
+                 (("precision", MulticlassPrecision), ("recall", MulticlassRecall), ("f1", MulticlassF1Score))}
     amp_context = autocast(device, amp, amp_dtype)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: no host sync per batch
     seen, predictions = 0, []
@@ -153,6 +162,8 @@ def evaluate(model: nn.Module | None, loader, device: torch.device, num_classes:
         acc1.update(logits, targets)
         acc5.update(logits, targets)
         confusion.update(logits, targets)
+        for metric in per_class.values():
+            metric.update(logits, targets)
         if return_predictions:
             predictions.append(logits.argmax(1).cpu())
         if pr is not None or mistakes is not None:
@@ -164,7 +175,8 @@ def evaluate(model: nn.Module | None, loader, device: torch.device, num_classes:
     loss_sum, seen = all_reduce_sum([loss_sum.item(), seen], device)
     cm = confusion.compute().cpu()
     out = {"loss": loss_sum / max(seen, 1), "acc1": acc1.compute().item(), "acc5": acc5.compute().item(),
-           "num_images": int(seen), "confusion_matrix": cm}
+           "num_images": int(seen), "confusion_matrix": cm,
+           **{name: metric.compute().cpu() for name, metric in per_class.items()}}
     if return_predictions:
         out["predictions"] = torch.cat(predictions) if predictions else torch.zeros(0, dtype=torch.long)
     if pr is not None:
@@ -184,3 +196,20 @@ def per_class_precision(confusion: torch.Tensor, classes: list[str]) -> dict[str
     """Share of each class's predictions that were right (columns of the confusion matrix), 0 if never predicted."""
     totals = confusion.sum(0).clamp(min=1)
     return {c: float(confusion[i, i] / totals[i]) for i, c in enumerate(classes)}
+
+
+def class_metrics(stats: dict, classes: list[str]) -> dict:
+    """Per-class precision, recall and F1 (torchmetrics, from the eval loop), their macro average (each class counts
+    once) and weighted average (each class by its number of images), and balanced accuracy (the mean recall over the
+    classes that have images, as scikit-learn defines it). Recall of a class is its per-class accuracy."""
+    support = stats["confusion_matrix"].sum(1).double()
+    weights = support / support.sum().clamp(min=1)
+    out = {"support": {c: int(n) for c, n in zip(classes, support.tolist())}}
+    for name in ("precision", "recall", "f1"):
+        values = stats[name].double()
+        out[name] = {c: float(v) for c, v in zip(classes, values.tolist())}
+        out[f"{name}_macro"] = float(values.mean())
+        out[f"{name}_weighted"] = float((values * weights).sum())
+    present = support > 0
+    out["balanced_accuracy"] = float(stats["recall"].double()[present].mean()) if present.any() else 0.0
+    return out
