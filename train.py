@@ -28,7 +28,7 @@ from utils.data.augment import AUGMENT_CHOICES, resolve_augment
 from utils.data.datasets import DataSpec, build_datasets
 from utils.data.loaders import build_train_loaders
 from utils.data.preprocess import Preprocess
-from utils.distributed import barrier, cleanup, init_distributed, is_main_process
+from utils.distributed import barrier, cleanup, init_distributed, is_distributed, is_main_process
 from utils.evaluation.loop import evaluate
 from utils.precision import AMP_DTYPES, needs_grad_scaler
 from utils.training.checkpointer import CheckpointSaver, ResumePoint, restore
@@ -113,7 +113,7 @@ def main(argv=None) -> int:
         apply_checkpoint_args(args, ckpt, NETWORK_FLAGS, cli.explicit_dests(parser, argv))
     device = cli.resolve_device(args.device, require_cuda=args.cuda)
     rank, world, local_rank = init_distributed(device.type)
-    if device.type == "cuda" and world > 1:
+    if device.type == "cuda" and is_distributed():
         device = torch.device("cuda", local_rank)
     main_proc = is_main_process()
     seed_everything(args.seed + rank)
@@ -135,7 +135,7 @@ def main(argv=None) -> int:
         resume.start_epoch = args.start_epoch
         state.step = args.start_epoch * state.scheduler.total_steps // args.max_epoch
         state.scheduler.seek(state.step)
-    if world > 1:
+    if is_distributed():  # under torchrun, even with one process
         model = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
     if args.compile:
         model = torch.compile(model)
