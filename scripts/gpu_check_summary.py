@@ -41,7 +41,8 @@ def parse_args(argv=None):
 
 
 def read_steps(out: Path) -> list[dict]:
-    """steps.tsv -> [{name, kind, rc, seconds, limit, command}] (rc None for a step that did not run)."""
+    """steps.tsv -> [{name, kind, rc, seconds, limit, command, optional}] (rc None for a step that did not run; its
+    command column holds the reason)."""
     steps = []
     path = out / "steps.tsv"
     if not path.is_file():
@@ -49,9 +50,10 @@ def read_steps(out: Path) -> list[dict]:
     for line in path.read_text().splitlines():
         if not line.strip():
             continue
-        name, kind, rc, seconds, limit, command = (line.split("\t") + [""] * 6)[:6]
+        name, kind, rc, seconds, limit, command, optional = (line.split("\t") + [""] * 7)[:7]
         steps.append({"name": name, "kind": kind, "rc": None if rc in ("", "-") else int(rc),
-                      "seconds": float(seconds or 0), "limit": float(limit or 0), "command": command})
+                      "seconds": float(seconds or 0), "limit": float(limit or 0), "command": command,
+                      "optional": optional.strip() == "1"})
     return steps
 
 
@@ -168,13 +170,20 @@ def torchrun_result(step: dict, out: Path, target: float, device: str) -> dict:
     return result
 
 
+def all_passed(steps: list[dict]) -> bool:
+    """Every step passed, except optional ones that were skipped (an optional step that ran and failed counts)."""
+    return bool(steps) and all(s.get("status") == "passed" or (s.get("optional") and s.get("status") == "skipped")
+                               for s in steps)
+
+
 def summarise(out: Path, target: float = 0.93, budget: float | None = None) -> dict:
     machine = json.loads((out / "machine.json").read_text()) if (out / "machine.json").is_file() else {}
     device = machine.get("device", "cuda")
     steps = []
     for step in read_steps(out):
-        entry = {"name": step["name"], "kind": step["kind"], "rc": step["rc"], "wall_seconds": step["seconds"],
-                 "limit_seconds": step["limit"], "command": step["command"], "log": f"{step['name']}.log"}
+        entry = {"name": step["name"], "kind": step["kind"], "optional": step["optional"], "rc": step["rc"],
+                 "wall_seconds": step["seconds"], "limit_seconds": step["limit"], "command": step["command"],
+                 "log": f"{step['name']}.log"}
         if step["rc"] is None:
             entry.update(status="skipped", reason=step["command"] or "not run")
         elif step["kind"] == "pytest":
@@ -188,7 +197,7 @@ def summarise(out: Path, target: float = 0.93, budget: float | None = None) -> d
     fastest = min(reached) if reached else None
     return {
         "schema": SCHEMA, "dry_run": device != "cuda", "machine": machine,
-        "ok": bool(steps) and all(s["status"] == "passed" for s in steps),
+        "ok": all_passed(steps),
         "total_seconds": round(sum(s["wall_seconds"] for s in steps), 1), "budget_seconds": budget,
         "target_acc1": target,
         "fastest_to_target": {"step": fastest[1], "seconds": fastest[0]} if fastest else None,
@@ -228,7 +237,7 @@ def check_summary(summary: dict) -> list[str]:
                     problems.append(f"{where}: {key} missing or not a finite number")
             if isinstance(s.get("test_acc1"), (int, float)) and not 0 <= s["test_acc1"] <= 1:
                 problems.append(f"{where}: test_acc1 {s['test_acc1']} is not a fraction")
-    if summary["ok"] != (bool(summary["steps"]) and all(s.get("status") == "passed" for s in summary["steps"])):
+    if summary["ok"] != all_passed(summary["steps"]):
         problems.append("ok disagrees with the steps' status")
     return problems
 

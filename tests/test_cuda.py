@@ -281,8 +281,8 @@ def test_gpu_evaluation_equals_cpu_within_fp16_tolerance(device, trained_ckpt, f
         reports[where] = json.loads(out.read_text())
     gpu, cpu = reports[device.type], reports["cpu"]
     assert gpu["device"].startswith(device.type) and gpu["num_images"] == cpu["num_images"] == 160
-    assert gpu["loss"] == pytest.approx(cpu["loss"], rel=1e-3, abs=1e-4)
-    assert abs(gpu["acc1"] - cpu["acc1"]) <= 1 / 160
+    assert gpu["loss"] == pytest.approx(cpu["loss"], rel=2e-2, abs=2e-3)  # TF32 keeps ~3 decimal digits per product
+    assert abs(gpu["acc1"] - cpu["acc1"]) <= 2 / 160
 
 
 def test_torchscript_and_compile_forward_equal_eager(device, trained_ckpt):
@@ -355,7 +355,7 @@ def test_predict_ckpoint_on_the_gpu_equals_the_cpu(device, gpu_trained_run, tmp_
     for a, b in zip(gpu["predictions"], cpu["predictions"]):
         assert a["image"] == b["image"]
         assert a["top"][0]["class"] == b["top"][0]["class"]
-        assert np.allclose([p["prob"] for p in a["top"]], [p["prob"] for p in b["top"]], atol=1e-3)
+        assert np.allclose([p["prob"] for p in a["top"]], [p["prob"] for p in b["top"]], atol=5e-3)  # TF32 on the GPU
 
 
 def test_resume_after_sigkill_on_the_gpu_equals_an_uninterrupted_run(device, tmp_path_factory, record_property):

@@ -123,8 +123,8 @@ def test_summary_of_synthetic_step_results(tmp_path, trained_run, capsys):
     steps = [("pytest_cuda", "pytest", "1", "80", "170"), ("torchrun_nccl", "torchrun", "0", "20", "60"),
              ("e2e_resnet18", "train", "0", "25", "80"), ("e2e_speedrun", "train", "124", "60", "60"),
              ("e2e_speedrun_compile", "train", "-", "0", "0")]
-    (out / "steps.tsv").write_text("".join(f"{n}\t{k}\t{rc}\t{s}\t{limit}\t{'the budget was used up' if rc == '-' else 'python ...'}\n"
-                                           for n, k, rc, s, limit in steps))
+    (out / "steps.tsv").write_text("".join(f"{n}\t{k}\t{rc}\t{s}\t{limit}\t{'the budget was used up' if rc == '-' else 'python ...'}"
+                                           f"\t{int(n.endswith('compile'))}\n" for n, k, rc, s, limit in steps))
 
     assert summary_script.main(["--out", str(out), "--budget", "290"]) == 1  # a failed step: exit 1
     printed = capsys.readouterr()
@@ -160,8 +160,11 @@ def test_summary_of_synthetic_step_results(tmp_path, trained_run, capsys):
     assert speedrun["status"] == "failed" and speedrun["precision"] == "bf16"
     assert speedrun["reason"] == "train.py exited 124 (time limit); 2 of 6 epochs in results.csv"
     assert speedrun["seconds_to_target"] == 4.5  # reached 0.93 before the limit: still counted as measured
-    assert by_name["e2e_speedrun_compile"] == dict(by_name["e2e_speedrun_compile"], status="skipped", rc=None,
+    assert by_name["e2e_speedrun_compile"] == dict(by_name["e2e_speedrun_compile"], status="skipped", rc=None, optional=True,
                                                    reason="the budget was used up")
+    # only the failures make the check fail: with them passed, a skipped optional step leaves it ok, a required one not
+    passed = [dict(s, status="passed") if s["status"] == "failed" else s for s in summary["steps"]]
+    assert summary_script.all_passed(passed) and not summary_script.all_passed(passed + [dict(passed[-1], optional=False)])
     assert summary["fastest_to_target"] == {"step": "e2e_speedrun", "seconds": 4.5}
     assert summary["moonshot"]["met"] is True and summary["budget_seconds"] == 290
 
