@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The CUDA path, proven in one command on a GPU machine (about 4 minutes on one H200; --budget caps it, 290 s):
+# The CUDA path, proven in one command on a GPU machine, within --budget seconds (default 290: under 5 minutes):
 #   1. pytest_cuda: `pytest -m cuda`, the tests marked cuda (tests/test_cuda.py: fp16 + GradScaler, bf16, EMA,
 #      channels_last, accumulation, tensor pipeline, evaluation, TorchScript/torch.compile, ONNX export of a
 #      GPU-trained model, predict_ckpoint.py --device cuda, resume after SIGKILL)
