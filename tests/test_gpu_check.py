@@ -209,3 +209,21 @@ def test_dry_run_of_the_whole_script_on_the_cpu(tmp_path):
         assert (out / f"{name}.log").is_file() or status[name] == "skipped"
     assert (out / "gpu_check.log").is_file() and json.loads((out / "machine.json").read_text())["device"] == "cpu"
     assert not list(out.rglob("*.pth")) and len(list(out.rglob("results.csv"))) == 4
+
+
+def test_the_budget_cuts_a_step_short_and_skips_the_rest(tmp_path):
+    """--budget 20: the pytest step gets the whole 20 s and is stopped (torch.compile alone takes longer on a CPU);
+    nothing else starts, and the summary says why for each step."""
+    data_root = make_fashion_root(tmp_path / "fm")
+    out = tmp_path / "out"
+    proc = run_check("--out", str(out), "--data_root", str(data_root), "--budget", "20",
+                     env={"GPU_CHECK_DEVICE": "cpu", "GPU_CHECK_PYTEST_ARGS": "-k compile"}, timeout=300)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary_script.check_summary(summary) == [] and summary["ok"] is False
+    steps = {s["name"]: s for s in summary["steps"]}
+    assert steps["pytest_cuda"]["status"] == "failed" and steps["pytest_cuda"]["limit_seconds"] == 20
+    assert steps["pytest_cuda"]["rc"] in (124, 137) and "pytest did not finish" in steps["pytest_cuda"]["reason"]
+    for name in ("torchrun_nccl", "e2e_fashioncnn", "e2e_resnet18", "e2e_speedrun"):
+        assert steps[name]["status"] == "skipped" and "time budget" in steps[name]["reason"], steps[name]
+    assert steps["e2e_speedrun_compile"]["optional"] and steps["e2e_speedrun_compile"]["status"] == "skipped"
