@@ -31,7 +31,7 @@ from utils.analysis.complexity import registry_macs
 from utils.data.datasets import DataSpec, build_eval_dataset
 from utils.deploy.artifacts import evaluate_loaded, load_for_eval
 from utils.errors import InputError
-from utils.evaluation.loop import per_class_accuracy
+from utils.evaluation.loop import TTA_CHOICES, per_class_accuracy
 from utils.evaluation.report import default_output, misclassified_grid, write_summary
 from utils.io import atomic_write_text
 from utils.plots import plot_confusion_matrix
@@ -49,6 +49,9 @@ def parse_args(argv=None):
     p.add_argument("--split", default="val", help="folder split to evaluate (val falls back to test/); Fashion-MNIST: its test set")
     cli.add_device_arg(p)
     p.add_argument("--output", default=None, help="JSON report path (default results/<model>.json)")
+    p.add_argument("--tta", default="none", choices=TTA_CHOICES,
+                   help="test-time augmentation: flip = average the logits of each image and its horizontal mirror "
+                        "(twice the compute; the report's acc@1 is then the TTA accuracy)")
     p.add_argument("--save_examples", action="store_true", help="also save misclassified_examples.png (a grid of wrong predictions)")
     p.add_argument("--speed_repeats", type=int, default=20, help="timed repeats for latency/throughput (0 = skip timing)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -76,12 +79,12 @@ def main(argv=None) -> int:
                          "evaluate on the dataset the model was trained on")
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
                         pin_memory=loaded.device.type == "cuda")
-    stats = evaluate_loaded(loaded, loader, len(classes), args.speed_repeats, not args.quiet, args.save_examples)
+    stats = evaluate_loaded(loaded, loader, len(classes), args.speed_repeats, not args.quiet, args.save_examples, args.tta)
     name = info.model_name
     report = {
         "model": name, "format": loaded.format, "engine": loaded.engine, "precision": loaded.precision,
         "compute": loaded.compute, "weights": str(args.weights),
-        "dataset": spec.name, "split": split, "num_images": stats["num_images"],
+        "dataset": spec.name, "split": split, "num_images": stats["num_images"], "tta": args.tta,
         "loss": stats["loss"], "acc1": stats["acc1"], "acc5": stats["acc5"],
         "per_class_acc": per_class_accuracy(stats["confusion_matrix"], classes),
         "confusion_matrix": stats["confusion_matrix"].tolist(), "classes": classes,
@@ -99,7 +102,8 @@ def main(argv=None) -> int:
     cm_name = "confusion_matrix.png" if loaded.format == "pytorch" else f"confusion_matrix_{loaded.format}.png"
     cm_png = plot_confusion_matrix(np.array(report["confusion_matrix"]), classes, out.with_name(cm_name),
                                    title=f"{name} ({loaded.format})")
-    print(f"{name} [{loaded.format}, {loaded.compute}] on {spec.name}/{split} ({stats['num_images']} images): "
+    tta = f", {args.tta} TTA" if args.tta != "none" else ""
+    print(f"{name} [{loaded.format}, {loaded.compute}{tta}] on {spec.name}/{split} ({stats['num_images']} images): "
           f"acc@1 {stats['acc1']:.4f}  acc@5 {stats['acc5']:.4f}  loss {stats['loss']:.4f}")
     params = f"params {loaded.params / 1e6:.3f} M  " if loaded.params else ""
     params += f"{report['macs'] / 1e6:.1f} MMACs/image  " if report["macs"] else ""

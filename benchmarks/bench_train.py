@@ -36,7 +36,7 @@ from utils.errors import InputError  # noqa: E402
 from utils.precision import bf16_native  # noqa: E402
 from utils.training.engine import TrainState, train_one_epoch  # noqa: E402
 from utils.training.optim import build_optimizer  # noqa: E402
-from utils.training.schedule import WarmupCosine  # noqa: E402
+from utils.training.schedule import WarmupSchedule  # noqa: E402
 
 SEED = {"img_size": 224, "precision": "fp32", "memory_format": "nchw", "pipeline": "pil", "compile": "off"}
 COLUMNS = [("model", "model"), ("img_size", "img px"), ("precision", "precision"), ("memory_format", "memory"),
@@ -127,7 +127,7 @@ def measure(config: dict, args, device: torch.device, cache: dict) -> dict:
     if config["compile"] == "on":
         model = torch.compile(model)
     optimizer = build_optimizer(model, "adamw", lr=1e-3, weight_decay=0.05, momentum=0.9)  # train.py's default optimizer
-    schedule = WarmupCosine(optimizer, steps_per_epoch=1, max_epoch=1, wp_epoch=0, base_lr=1e-3, min_lr=1e-3)  # constant LR
+    schedule = WarmupSchedule(optimizer, steps_per_epoch=1, max_epoch=1, wp_epoch=0, base_lr=1e-3, min_lr=1e-3)  # constant LR
     state = TrainState(optimizer=optimizer, scheduler=schedule, amp=bf16, amp_dtype="bfloat16" if bf16 else "auto",
                        channels_last=channels_last)
     criterion = nn.CrossEntropyLoss()

@@ -1,7 +1,7 @@
 """Model registry: one entry point, `build_model(name, num_classes, ...)`.
 
-Training models: the ResNet, MobileNet and EfficientNet-B0 builders of torchvision and the
-project's FashionCNN (`custom`). Analysis scripts may also name any other torchvision
+Training models: the ResNet, MobileNet and EfficientNet-B0 builders of torchvision, the DAWNBench-style
+ResNet-9 (`resnet9`, models/resnet9.py) and the project's FashionCNN (`custom`). Analysis scripts may also name any other torchvision
 classification model (vgg16, alexnet, ...).
 """
 
@@ -17,13 +17,14 @@ from torch import nn
 from models.fashion_cnn import FashionCNN
 from models.fcn import fcn_from_resnet
 from models.norm import NORM_TYPES, norm_layer_class
+from models.resnet9 import ResNet9
 from utils.errors import InputError
 
 TORCHVISION_NAMES = (
     "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
     "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0",
 )
-MODEL_NAMES = ("custom",) + TORCHVISION_NAMES
+MODEL_NAMES = ("custom", "resnet9") + TORCHVISION_NAMES
 ANALYSIS_NAMES = ("fcn_resnet18",)  # analysis-only: ResNet18 made fully convolutional (models/fcn.py)
 SMALL_INPUT_MAX = 64  # at or below this --img_size, "auto" uses the stride-1 stem
 
@@ -88,6 +89,14 @@ def build_model(name: str, num_classes: int, pretrained: bool = False, norm_type
         if pretrained:
             raise InputError("--pretrained: there are no ImageNet weights for the custom FashionCNN; drop the flag")
         return FashionCNN(num_classes, img_size, in_channels, norm_type)
+    if name == "resnet9":
+        if pretrained:
+            raise InputError("--pretrained: there are no ImageNet weights for resnet9; drop the flag")
+        model = ResNet9(num_classes, in_channels, norm_type, small_input=small)
+        if freeze_backbone:
+            for pname, p in model.named_parameters():
+                p.requires_grad = pname.startswith("fc.")
+        return model
     if name == "fcn_resnet18":  # the registry's resnet18, made fully convolutional
         resnet = build_model("resnet18", num_classes, pretrained=pretrained, norm_type=norm_type, img_size=img_size,
                              in_channels=in_channels, small_input=small, freeze_backbone=freeze_backbone)

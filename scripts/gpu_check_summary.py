@@ -128,8 +128,12 @@ def training_run(step: dict, out: Path, target: float, device: str = "cuda") -> 
             to_target = {"seconds": round(elapsed, 2), "epochs": int(row["epoch"])}
     seconds = [e["seconds"] for e in epochs if e["seconds"]]
     accs = [e["test_acc1"] for e in epochs if e["test_acc1"] is not None]
-    amp_dtype = {"bfloat16": "bf16", "float16": "fp16"}.get(args.get("amp_dtype", "auto"), "fp16" if device == "cuda" else "bf16")
-    precision = amp_dtype if args.get("fp16") else "fp32"  # --fp16 --amp_dtype auto: float16 on CUDA, bfloat16 on CPU
+    shown = re.search(r"^precision: (float16|bfloat16|float32)", text, re.M)  # train.py's start-up line: what really ran
+    if shown:
+        precision = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}[shown.group(1)]
+    else:  # from the flags: --fp16 --amp_dtype auto is float16 on CUDA, bfloat16 on CPU
+        amp_dtype = {"bfloat16": "bf16", "float16": "fp16"}.get(args.get("amp_dtype", "auto"), "fp16" if device == "cuda" else "bf16")
+        precision = amp_dtype if args.get("fp16") else "fp32"
     result = {
         "model": args.get("model"), "img_size": args.get("img_size"), "batch_size": args.get("batch_size"),
         "precision": precision, "channels_last": bool(args.get("channels_last")), "compile": bool(args.get("compile")),

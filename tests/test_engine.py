@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from models import build_model, model_kwargs
 from utils.evaluation.loop import evaluate, per_class_accuracy
 from utils.training.engine import TrainState, train_one_epoch
-from utils.training.schedule import WarmupCosine
+from utils.training.schedule import WarmupSchedule
 
 CPU = torch.device("cpu")
 
@@ -30,7 +30,7 @@ def _bn_free_cnn(seed: int = 0) -> nn.Module:
 def _train(model: nn.Module, data: TensorDataset, batch_size: int, accumulation: int, steps_per_epoch: int,
            epochs: int = 1) -> TrainState:
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
-    schedule = WarmupCosine(opt, steps_per_epoch=steps_per_epoch, max_epoch=epochs, wp_epoch=1, base_lr=0.05, min_lr=1e-3)
+    schedule = WarmupSchedule(opt, steps_per_epoch=steps_per_epoch, max_epoch=epochs, wp_epoch=1, base_lr=0.05, min_lr=1e-3)
     state = TrainState(optimizer=opt, scheduler=schedule, accumulation=accumulation)
     loader = DataLoader(data, batch_size=batch_size, shuffle=False)
     for epoch in range(epochs):
@@ -61,7 +61,7 @@ def test_accumulation_equals_one_big_batch_including_partial_last_window(tiny_da
 def test_optimizer_steps_use_the_scheduled_lr(tiny_data):
     model = _bn_free_cnn()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    schedule = WarmupCosine(opt, steps_per_epoch=3, max_epoch=2, wp_epoch=1, base_lr=0.01, min_lr=0.001)
+    schedule = WarmupSchedule(opt, steps_per_epoch=3, max_epoch=2, wp_epoch=1, base_lr=0.01, min_lr=0.001)
     seen = []
     original_step = opt.step
 
@@ -82,7 +82,7 @@ def test_optimizer_steps_use_the_scheduled_lr(tiny_data):
 def test_train_one_epoch_reports_loss_and_accuracy_of_what_it_saw(tiny_data):
     model = _bn_free_cnn()
     opt = torch.optim.SGD(model.parameters(), lr=0.0)  # LR 0 keeps the weights: compare with a plain forward
-    schedule = WarmupCosine(opt, steps_per_epoch=11, max_epoch=1, wp_epoch=0, base_lr=0.0, min_lr=0.0)
+    schedule = WarmupSchedule(opt, steps_per_epoch=11, max_epoch=1, wp_epoch=0, base_lr=0.0, min_lr=0.0)
     stats = train_one_epoch(model, DataLoader(tiny_data, batch_size=2), nn.CrossEntropyLoss(),
                             TrainState(optimizer=opt, scheduler=schedule),
                             CPU, 1, show_progress=False)

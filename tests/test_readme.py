@@ -47,6 +47,7 @@ BLOCK_TIMEOUT_S = 900
 SHELL_LANGS = {"bash", "sh", "shell"}
 MARKER = re.compile(r"^<!--\s*readme-test:(?P<body>.*?)-->\s*$")
 SKIP = re.compile(r"^\s*skip\s*\((?P<reason>.*\S.*)\)\s*$")
+CACHES = {"__pycache__", ".pytest_cache", ".ruff_cache"}
 LOCAL_STATE = {".git", ".venv", "data", "weights", "results", "logs", "runs", "__pycache__", ".pytest_cache",
                ".ruff_cache"}
 
@@ -124,7 +125,12 @@ def command_lines(code: str) -> list[str]:
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("readme") / "classification"
-    shutil.copytree(ROOT, work, ignore=lambda d, names: [n for n in names if n in LOCAL_STATE or n.endswith(".pyc")])
+    def local_state(folder: str, names: list[str]) -> list[str]:
+        """The checkout's own state at the top (data/, weights/, ...; not utils/data/), caches anywhere."""
+        top = Path(folder) == ROOT
+        return [n for n in names if (top and n in LOCAL_STATE) or n in CACHES or n.endswith(".pyc")]
+
+    shutil.copytree(ROOT, work, ignore=local_state)
     os.symlink(Path(sys.executable).parent.parent, work / ".venv")
     make_fashion_root(work / "data")
     shutil.copy(ROOT / "data" / "FashionMNIST" / "classes.txt", work / "data" / "FashionMNIST" / "classes.txt")

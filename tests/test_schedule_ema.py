@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from utils.training.ema import ModelEMA, ema_decay
-from utils.training.schedule import WarmupCosine, lr_at
+from utils.training.schedule import WarmupSchedule, lr_at
 
 BASE, MIN = 1e-3, 1e-6
 
@@ -44,7 +44,7 @@ def test_warmup_cosine_is_a_torch_scheduler_that_scales_every_param_group():
     model = nn.Linear(2, 2)
     # the bias group runs at a tenth of the base LR: the curve is scaled to each group's own initial LR
     opt = torch.optim.SGD([{"params": [model.weight]}, {"params": [model.bias], "lr": BASE / 10}], lr=BASE)
-    schedule = WarmupCosine(opt, steps_per_epoch=10, max_epoch=5, wp_epoch=1, base_lr=BASE, min_lr=MIN)
+    schedule = WarmupSchedule(opt, steps_per_epoch=10, max_epoch=5, wp_epoch=1, base_lr=BASE, min_lr=MIN)
     assert isinstance(schedule, torch.optim.lr_scheduler.LRScheduler)
     assert schedule.total_steps == 50 and schedule.warmup_steps == 10
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([BASE / 10, BASE / 100])  # step 0 of the warm-up
@@ -56,13 +56,13 @@ def test_warmup_cosine_is_a_torch_scheduler_that_scales_every_param_group():
     # run's lr/initial_lr) and the scheduler position
     saved_opt, saved_sched = opt.state_dict(), schedule.state_dict()
     opt2 = torch.optim.SGD([{"params": [model.weight]}, {"params": [model.bias], "lr": BASE / 10}], lr=BASE)
-    resumed = WarmupCosine(opt2, steps_per_epoch=10, max_epoch=10, wp_epoch=1, base_lr=BASE, min_lr=MIN)  # run extended
+    resumed = WarmupSchedule(opt2, steps_per_epoch=10, max_epoch=10, wp_epoch=1, base_lr=BASE, min_lr=MIN)  # run extended
     opt2.load_state_dict(saved_opt)
     resumed.load_state_dict(saved_sched)
     assert opt2.param_groups[0]["lr"] == lr_at(49, 100, 10, BASE, MIN)
     assert opt2.param_groups[1]["lr"] == pytest.approx(lr_at(49, 100, 10, BASE, MIN) / 10)
     # warm-up longer than the run is capped at the run
-    short = WarmupCosine(opt, steps_per_epoch=10, max_epoch=1, wp_epoch=3, base_lr=BASE, min_lr=MIN)
+    short = WarmupSchedule(opt, steps_per_epoch=10, max_epoch=1, wp_epoch=3, base_lr=BASE, min_lr=MIN)
     assert short.warmup_steps == 10
     short.seek(9)
     assert opt.param_groups[0]["lr"] == pytest.approx(BASE)
@@ -115,3 +115,28 @@ def test_ema_state_dict_round_trip():
     restored.load_state_dict(ema.state_dict())
     assert (restored.updates, restored.decay, restored.tau) == (1, 0.5, 1.0)
     assert torch.equal(restored.module.weight, ema.module.weight)
+
+
+def test_onecycle_is_torch_onecyclelr_and_linear_decays_in_a_straight_line():
+    total, warm, base, low = 100, 30, 0.1, 1e-5
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=base)
+    reference = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=base, total_steps=total, pct_start=warm / total, div_factor=25,
+                                                    final_div_factor=(base / 25) / low, cycle_momentum=False)
+    ours = []
+    for step in range(total):
+        ours.append(lr_at(step, total, warm, base, low, "onecycle"))
+        assert ours[-1] == pytest.approx(opt.param_groups[0]["lr"], rel=1e-12), step
+        opt.step()
+        if step < total - 1:
+            reference.step()
+    assert ours[0] == pytest.approx(base / 25) and max(ours) == pytest.approx(base) and ours[-1] == pytest.approx(low)
+    line = [lr_at(step, 12, 2, 1.0, 0.0, "linear") for step in range(12)]
+    assert line[2] == 1.0 and line[-1] == 0.0
+    assert all(abs((a - b) - 1 / 9) < 1e-12 for a, b in zip(line[2:], line[3:]))  # 9 equal steps down to the last step
+    opt2 = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=base)
+    schedule = WarmupSchedule(opt2, steps_per_epoch=10, max_epoch=10, wp_epoch=3, base_lr=base, min_lr=low, shape="onecycle")
+    assert opt2.param_groups[0]["lr"] == pytest.approx(base / 25)
+    schedule.set_length(20)  # --time_budget stretches the curve: step 50 is now in the middle of the decay
+    schedule.seek(50)
+    assert opt2.param_groups[0]["lr"] == pytest.approx(lr_at(50, 200, 30, base, low, "onecycle"))

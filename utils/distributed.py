@@ -26,6 +26,10 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
 def is_main_process() -> bool:
     return not is_distributed() or dist.get_rank() == 0
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import platform
+from dataclasses import dataclass
 
 import torch
 
@@ -64,3 +65,34 @@ def autocast(device: torch.device, enabled: bool, amp_dtype: str = "auto"):
 def needs_grad_scaler(device: torch.device, enabled: bool, amp_dtype: str = "auto") -> bool:
     """float16 autocast on CUDA needs loss scaling; bfloat16 has float32's exponent range and does not."""
     return enabled and device.type == "cuda" and autocast_dtype(device, amp_dtype) == torch.float16
+
+
+@dataclass(frozen=True)
+class Precision:
+    """What will run: autocast on or off, its dtype, and the memory format, with the reason for any change."""
+
+    amp: bool
+    amp_dtype: str  # float16 / bfloat16 when amp, "float32" otherwise
+    channels_last: bool
+    note: str | None = None  # a one-line warning when the request was changed
+
+    def describe(self) -> str:
+        kind = f"{self.amp_dtype} autocast (mixed precision)" if self.amp else "float32"
+        return f"{kind}, {'channels_last (NHWC)' if self.channels_last else 'NCHW'} memory format"
+
+
+def resolve_precision(device: torch.device, fp16: bool, amp_dtype: str = "auto", channels_last: bool = False) -> Precision:
+    """--fp16 / --amp_dtype / --channels_last as they will really run on `device`.
+
+    On a CPU without native bf16, `--fp16` (which means bfloat16 autocast on CPUs) falls back to float32: emulated
+    bf16 is several times slower than float32 there. An explicit `--amp_dtype bfloat16` still forces it.
+    """
+    if not fp16:
+        return Precision(False, "float32", channels_last)
+    dtype = str(autocast_dtype(device, amp_dtype)).removeprefix("torch.")
+    if device.type == "cpu" and dtype == "bfloat16" and amp_dtype == "auto" and not cpu_bf16_native():
+        note = (f"--fp16: this CPU ({cpu_model()}, {cpu_capability()}) has no native bfloat16 (AVX-512 BF16 or AMX), where "
+                "bf16 autocast runs several times slower than float32; training in float32 instead "
+                "(--amp_dtype bfloat16 forces bf16)")
+        return Precision(False, "float32", channels_last, note)
+    return Precision(True, dtype, channels_last)

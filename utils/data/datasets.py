@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from torchvision import datasets, transforms
 
-from utils.data.augment import Augment, resolve_augment
+from utils.data.augment import Augment, auto_augment_policy, resolve_augment
 from utils.errors import InputError
 from utils.io import atomic_path
 from utils.data.preprocess import IMAGE_EXTENSIONS, Preprocess, eval_transform, load_image
@@ -64,7 +64,12 @@ def build_transform(pre: Preprocess, train: bool, augment: Augment | None = None
         steps.append(transforms.RandomRotation(augment.rotation))
     if augment.flip:
         steps.append(transforms.RandomHorizontalFlip(augment.flip))
-    steps += [transforms.CenterCrop(pre.img_size), transforms.ToTensor(), transforms.Normalize(pre.mean, pre.std)]
+    steps.append(transforms.CenterCrop(pre.img_size))
+    if augment.crop_padding:
+        steps.append(transforms.RandomCrop(pre.img_size, padding=augment.crop_padding))
+    if augment.auto_augment != "none":
+        steps.append(auto_augment_policy(augment.auto_augment))
+    steps += [transforms.ToTensor(), transforms.Normalize(pre.mean, pre.std)]
     if augment.erasing:
         steps.append(transforms.RandomErasing(augment.erasing, value=0))
     return transforms.Compose(steps)

@@ -29,7 +29,7 @@ from PIL import Image
 from torch.utils.data import Sampler
 from tqdm import tqdm
 
-from utils.data.augment import Augment, resolve_augment
+from utils.data.augment import Augment, auto_augment_policy, resolve_augment
 from utils.errors import InputError
 from utils.data.preprocess import Preprocess, center_crop, load_image, resize_shorter, scale_and_normalize, to_model_mode
 
@@ -49,7 +49,8 @@ MEMORY_FRACTION = 0.25  # auto uses the tensor pipeline when its tensors need at
 class AugmentParams:
     """Per-sample augmentation parameters, float64 on the CPU: crop box (top i, left j, height h, width w
     in source pixels), rotation angle in degrees (counter-clockwise, as PIL), horizontal flip, and the
-    erased box in output pixels ((n, 4): top, left, height, width; height 0 = nothing erased)."""
+    erased box in output pixels ((n, 4): top, left, height, width; height 0 = nothing erased), and the top-left corner
+    of the img_size window in the crop padded by `crop_padding` ((n, 2) integers in [0, 2 * padding])."""
 
     i: torch.Tensor
     j: torch.Tensor
@@ -58,6 +59,8 @@ class AugmentParams:
     angle: torch.Tensor
     flip: torch.Tensor
     erase: torch.Tensor | None = None
+    shift: torch.Tensor | None = None
+    padding: int = 0
 
     def __len__(self) -> int:
         return len(self.angle)
@@ -135,12 +138,15 @@ def sample_params(n: int, height: int, width: int, generator: torch.Generator | 
     if augment.rotation:
         angle.uniform_(-augment.rotation, augment.rotation, generator=generator)
     flip = torch.rand(n, dtype=torch.float64, generator=generator) < augment.flip
+    shift = None
+    if augment.crop_padding:  # RandomCrop(size, padding=P): a uniform window corner in the padded image, per image
+        shift = torch.randint(0, 2 * augment.crop_padding + 1, (n, 2), generator=generator)
     erase = None
     if augment.erasing:
         if out_size is None:
             raise ValueError("random erasing needs out_size")
         erase = sample_erase_boxes(n, out_size, augment.erasing, generator=generator)
-    return AugmentParams(i, j, h, w, angle, flip, erase)
+    return AugmentParams(i, j, h, w, angle, flip, erase, shift, augment.crop_padding)
 
 
 # ----------------------------------------------------------------------------- geometry
@@ -218,10 +224,37 @@ def sampling_grid(params: AugmentParams, height: int, width: int, pre: Preproces
     return grid, inside.unsqueeze(1)
 
 
-def augment_batch(images: torch.Tensor, params: AugmentParams, pre: Preprocess) -> torch.Tensor:
+def padded_crop(pixels: torch.Tensor, shift: torch.Tensor, padding: int) -> torch.Tensor:
+    """RandomCrop(size, padding) on a batch: zero-pad each (B, C, S, S) image by `padding`, take the S x S window
+    whose top-left corner is shift[b] = (row, col); one gather for the whole batch."""
+    b, _, size, _ = pixels.shape
+    padded = F.pad(pixels, (padding,) * 4)
+    offsets = torch.arange(size, device=pixels.device)
+    shift = shift.to(pixels.device)
+    rows = (shift[:, 0:1] + offsets)[:, :, None]  # (B, S, 1)
+    cols = (shift[:, 1:2] + offsets)[:, None, :]  # (B, 1, S)
+    batch = torch.arange(b, device=pixels.device)[:, None, None]
+    return padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2)  # (B, S, S, C) -> (B, C, S, S)
+
+
+def apply_policy_per_image(pixels: torch.Tensor, policy) -> torch.Tensor:
+    """An auto-augment policy on each image of a (B, C, S, S) 0-255 batch, each with its own random draw (a policy
+    called on a whole batch would give every image the same operations). Works on uint8 images, as on the PIL path."""
+    images = pixels.round_().clamp_(0, 255).to(torch.uint8)
+    threads = torch.get_num_threads()
+    if images.device.type == "cpu":
+        torch.set_num_threads(1)  # ops on one small image: thread start-up costs more than it saves (about 8x here)
+    try:
+        return torch.stack([policy(image) for image in images]).float()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def augment_batch(images: torch.Tensor, params: AugmentParams, pre: Preprocess, augment: Augment | None = None) -> torch.Tensor:
     """uint8 (B, C, H, W) -> normalised float32 (B, pre.channels, img_size, img_size) on the images' device.
 
     C may be 1 for a grayscale dataset with pre.channels == 3 (replicating the channel equals PIL's L->RGB).
+    `augment` names the per-image auto-augment policy, if any (it draws its own parameters, image by image).
     """
     height, width = images.shape[-2:]
     device = images.device
@@ -229,6 +262,10 @@ def augment_batch(images: torch.Tensor, params: AugmentParams, pre: Preprocess) 
     # border padding = edge replication, as PIL's resize of the crop does at its borders
     out = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
     out.mul_(inside)
+    if params.shift is not None:
+        out = padded_crop(out, params.shift, params.padding)
+    if augment is not None and augment.auto_augment != "none":
+        out = apply_policy_per_image(out, auto_augment_policy(augment.auto_augment))
     mean = torch.tensor(pre.mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
     inv_std = 1.0 / torch.tensor(pre.std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
     out = torch.addcmul(-mean * inv_std, out, inv_std / 255.0)  # (B, 1, S, S) broadcasts to (B, channels, S, S)
@@ -402,7 +439,7 @@ class TensorTrainLoader:
             params = sample_params(len(index), height, width, augment=self.augment, out_size=self.pre.img_size)
             index = index.to(self.images.device)
             with torch.no_grad():
-                images = augment_batch(self.images[index].to(self.device, non_blocking=True), params, self.pre)
+                images = augment_batch(self.images[index].to(self.device, non_blocking=True), params, self.pre, self.augment)
             yield images, self.targets[index].to(self.device, non_blocking=True)
 
 

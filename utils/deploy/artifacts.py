@@ -122,11 +122,11 @@ def load_for_eval(path: str | Path, device: torch.device, model_name: str | None
 
 
 def evaluate_loaded(loaded: LoadedModel, loader, num_classes: int, speed_repeats: int = 20, show_progress: bool = True,
-                    return_predictions: bool = False) -> dict:
+                    return_predictions: bool = False, tta: str = "none") -> dict:
     """acc@1/acc@5/loss/confusion through the eval loop's forward hook, then batch-1 latency and throughput."""
     with torch.inference_mode():
         stats = evaluate(None, loader, loaded.device, num_classes, forward=loaded.forward, show_progress=show_progress,
-                         desc=f"eval {loaded.format}", return_predictions=return_predictions)
+                         desc=f"eval {loaded.format}", return_predictions=return_predictions, tta=tta)
         if speed_repeats > 0:
             batch = next(iter(loader))[0].to(loaded.device)
             sync = torch.cuda.synchronize if loaded.device.type == "cuda" else None

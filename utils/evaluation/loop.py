@@ -13,6 +13,8 @@ from tqdm import tqdm
 from utils.distributed import all_reduce_sum, is_main_process
 from utils.precision import autocast
 
+TTA_CHOICES = ("none", "flip")
+
 
 def progress(iterable, enabled: bool, **kwargs):
     """tqdm bar only on rank 0, on a terminal, and when not asked to be quiet."""
@@ -24,12 +26,15 @@ def progress(iterable, enabled: bool, **kwargs):
 def evaluate(model: nn.Module | None, loader, device: torch.device, num_classes: int, *, criterion: nn.Module | None = None,
              amp: bool = False, amp_dtype: str = "auto", channels_last: bool = False, show_progress: bool = True,
              forward: Callable[[torch.Tensor], torch.Tensor] | None = None, desc: str = "val",
-             return_predictions: bool = False) -> dict:
+             return_predictions: bool = False, tta: str = "none") -> dict:
     """Mean loss over the whole set, acc@1, acc@5 (capped at num_classes) and the confusion matrix.
 
     Metrics are summed over processes under torchrun. `forward` replaces `model(images)` for
     engines that are not nn.Modules (ONNX Runtime, TorchScript on another device, ...).
+    tta="flip": the logits are the mean of the image's and its horizontal mirror's (test-time augmentation).
     """
+    if tta not in TTA_CHOICES:
+        raise ValueError(f"unknown tta {tta!r}: choose from {', '.join(TTA_CHOICES)}")
     if model is not None:
         model.eval()
     criterion = criterion or nn.CrossEntropyLoss()
@@ -45,8 +50,12 @@ def evaluate(model: nn.Module | None, loader, device: torch.device, num_classes:
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with amp_context:
-            logits = forward(images) if forward is not None else model(images)
-        logits = logits.float()
+            logits = (forward(images) if forward is not None else model(images)).float()
+            if tta == "flip":
+                mirrored = images.flip(-1)
+                if channels_last:
+                    mirrored = mirrored.contiguous(memory_format=torch.channels_last)
+                logits = (logits + (forward(mirrored) if forward is not None else model(mirrored)).float()) / 2
         loss_sum += criterion(logits, targets).double() * targets.shape[0]
         seen += targets.shape[0]
         acc1.update(logits, targets)

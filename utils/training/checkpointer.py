@@ -31,6 +31,12 @@ class ResumePoint:
     best_acc1: float = 0.0
     history: list[dict] = field(default_factory=list)
 
+    def start_at(self, epoch: int, state: TrainState) -> None:
+        """--start_epoch: begin at `epoch` (0-based), with the LR schedule at that epoch's first step."""
+        self.start_epoch = epoch
+        state.step = epoch * state.scheduler.steps_per_epoch
+        state.scheduler.seek(state.step)
+
 
 def restore(ckpt: Checkpoint, *, model: nn.Module, state: TrainState) -> ResumePoint:
     """Load a last.pth into the freshly built model, optimizer, scheduler, scaler and EMA; set the RNG."""

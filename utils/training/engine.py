@@ -37,6 +37,7 @@ class TrainState:
     channels_last: bool = False
     log_every: int = 50
     on_log: Callable[[int, dict], None] | None = None  # (step, {"loss", "acc1", "lr"}) at every log point
+    mix: Callable | None = None  # (images, int targets) -> (mixed images, soft targets): Mixup/CutMix on the batch
 
     def __post_init__(self):
         if self.scaler is None:
@@ -66,7 +67,9 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, state: Train
     """One pass over `loader`; the optimizer steps every `accumulation` micro-batches and after the last one.
 
     Each micro-batch's mean loss is divided by the number of micro-batches in its window, so k
-    micro-batches of b samples give the gradient of one batch of k*b samples.
+    micro-batches of b samples give the gradient of one batch of k*b samples. With `state.mix` (Mixup/CutMix) the
+    loss is the cross-entropy against the soft targets, and train acc@1 counts predictions equal to the label with
+    the larger mixing weight.
     """
     model.train()
     num_batches = len(loader)
@@ -84,6 +87,10 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, state: Train
     for i, (images, targets) in enumerate(bar):
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
+        labels = targets
+        if state.mix is not None:
+            images, targets = state.mix(images, targets)
+            labels = targets.argmax(1)
         if state.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         window_start = (i // k) * k
@@ -98,8 +105,8 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, state: Train
         if last_in_window:
             optimizer_step(model, state)
             lr = state.shown_lr(lr)
-        n = targets.shape[0]
-        batch = torch.stack([loss.detach().double() * n, (logits.detach().argmax(1) == targets).sum().double()])
+        n = labels.shape[0]
+        batch = torch.stack([loss.detach().double() * n, (logits.detach().argmax(1) == labels).sum().double()])
         totals += batch
         window += batch
         seen += n

@@ -11,6 +11,7 @@ from utils.io import atomic_write_text
 from utils.plots import plot_results
 
 CSV_COLUMNS = ["epoch", "lr", "train_loss", "train_acc1", "val_loss", "val_acc1", "val_acc5", "seconds"]
+EXTRA_COLUMNS = ["val_loss_tta", "val_acc1_tta", "val_acc5_tta"]  # only when train.py --tta ran
 
 
 class RunRecorder:
@@ -22,10 +23,11 @@ class RunRecorder:
         self.run_dir, self.max_epoch, self.enabled = Path(run_dir), max_epoch, enabled
         self.history: list[dict] = list(history or [])
         self.writer = None
+        self.log_dir = str(log_dir) if log_dir is not None else None
         if enabled and log_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(log_dir))
+            self.writer = SummaryWriter(self.log_dir)
 
     def start(self, classes: list[str], args: dict) -> None:
         """classes.txt and args.json, written when the run begins."""
@@ -33,6 +35,13 @@ class RunRecorder:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.run_dir / "classes.txt", "\n".join(classes) + "\n")
             atomic_write_text(self.run_dir / "args.json", json.dumps(args, indent=2) + "\n")
+
+    def set_max_epoch(self, max_epoch: int, args) -> None:
+        """The run's length changed (--time_budget): record it in args (and so in the checkpoints) and args.json."""
+        if max_epoch != self.max_epoch:
+            self.max_epoch = args.max_epoch = max_epoch
+            if self.enabled:
+                atomic_write_text(self.run_dir / "args.json", json.dumps(vars(args), indent=2) + "\n")
 
     def log_step(self, step: int, values: dict) -> None:
         """Per-iteration training values (every --log_every micro-batches) as train_step/<key> scalars."""
@@ -51,6 +60,13 @@ class RunRecorder:
     def truncate(self, last_epoch: int) -> None:
         """Drop rows after `last_epoch` (1-based), e.g. an epoch interrupted after its row was added."""
         self.history[:] = [r for r in self.history if r["epoch"] <= last_epoch]
+
+    def add_to_last_row(self, values: dict) -> None:
+        """Extra columns for the last epoch (e.g. the final TTA validation), written to results.csv at once."""
+        if self.history:
+            self.history[-1].update(values)
+            if self.enabled:
+                self.write_csv()
 
     def write_epoch(self, row: dict, images_per_s: float) -> None:
         """results.csv rewritten with every row, the epoch's scalars to TensorBoard, one line on stdout."""
@@ -71,10 +87,12 @@ class RunRecorder:
 
     def write_csv(self) -> None:
         buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        extra = [k for k in EXTRA_COLUMNS if any(k in row for row in self.history)]
+        columns = CSV_COLUMNS + extra
+        writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         for row in self.history:
-            writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in CSV_COLUMNS})
+            writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in columns})
         atomic_write_text(self.run_dir / "results.csv", buf.getvalue())
 
     def plot(self) -> None:

@@ -1,4 +1,9 @@
-"""Learning-rate schedule: linear warm-up per optimizer step, then cosine decay per step to min_lr, as a torch LRScheduler.
+"""Learning-rate schedules per optimizer step, as a torch LRScheduler: warm-up, then a decay to min_lr.
+
+--sched cosine (default): linear warm-up, cosine decay. linear: linear warm-up, linear decay. onecycle: the LR curve
+of torch's OneCycleLR (Smith's one-cycle policy: cosine rise from base_lr/25 over the warm-up, cosine fall to
+min_lr), written here as one more shape so that every schedule resumes, extends (--max_epoch on --resume) and
+rescales (--time_budget) the same way; OneCycleLR itself fixes its length when built. Momentum is not cycled.
 
 Every parameter group follows the curve scaled to its own initial LR (a group built at 0.1x base_lr ends at
 0.1x min_lr; groups at base_lr get exactly lr_at's values). The scheduler is stepped after every optimizer step,
@@ -13,33 +18,54 @@ import math
 import torch
 from torch.optim.lr_scheduler import LRScheduler
 
+SCHEDULES = ("cosine", "linear", "onecycle")
+ONECYCLE_DIV = 25.0  # OneCycleLR's div_factor: the one-cycle curve starts at base_lr / 25
 
-def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float, min_lr: float) -> float:
+
+def _cosine(start: float, end: float, progress: float) -> float:
+    return end + 0.5 * (start - end) * (1.0 + math.cos(math.pi * progress))
+
+
+def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float, min_lr: float, shape: str = "cosine") -> float:
     """LR for optimizer step `step` (0-based) of `total_steps`.
 
-    Warm-up: base_lr * (step + 1) / warmup_steps for the first `warmup_steps` steps, so the first
-    step is not taken at LR 0. Then cosine from base_lr (at the first post-warm-up step) to min_lr
-    (at the last step); after the last step it stays at min_lr.
+    cosine / linear: warm-up base_lr * (step + 1) / warmup_steps for the first `warmup_steps` steps, so the first
+    step is not taken at LR 0; then from base_lr (at the first post-warm-up step) down to min_lr (at the last step),
+    along a half cosine or a straight line. onecycle: OneCycleLR's curve with pct_start = warmup_steps / total_steps
+    (cosine from base_lr / 25 at step 0 to base_lr at step warmup_steps - 1, then cosine to min_lr at the last step).
+    After the last step the LR stays at min_lr.
     """
-    if step < warmup_steps:
+    if shape == "onecycle" and warmup_steps > 1 and step < warmup_steps:
+        return _cosine(base_lr / ONECYCLE_DIV, base_lr, step / (warmup_steps - 1))
+    if shape != "onecycle" and step < warmup_steps:
         return base_lr * (step + 1) / warmup_steps
-    decay_steps = max(1, total_steps - warmup_steps - 1)
-    progress = min(1.0, (step - warmup_steps) / decay_steps)
-    return min_lr + 0.5 * (base_lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+    start = warmup_steps - 1 if shape == "onecycle" and warmup_steps > 1 else warmup_steps
+    decay_steps = max(1, total_steps - start - 1)
+    progress = min(1.0, max(0.0, (step - start) / decay_steps))
+    if shape == "linear":
+        return base_lr + (min_lr - base_lr) * progress
+    return _cosine(base_lr, min_lr, progress)
 
 
-class WarmupCosine(LRScheduler):
-    """Warm-up for `wp_epoch` epochs, then cosine to min_lr, over `steps_per_epoch * max_epoch` optimizer steps."""
+class WarmupSchedule(LRScheduler):
+    """Warm-up for `wp_epoch` epochs, then the `shape`'s decay to min_lr, over `steps_per_epoch * max_epoch` steps."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, *, steps_per_epoch: int, max_epoch: int, wp_epoch: float,
-                 base_lr: float, min_lr: float):
-        self.total_steps = steps_per_epoch * max_epoch
-        self.warmup_steps = min(int(steps_per_epoch * wp_epoch), self.total_steps)
+                 base_lr: float, min_lr: float, shape: str = "cosine"):
+        if shape not in SCHEDULES:
+            raise ValueError(f"unknown schedule {shape!r}: choose from {', '.join(SCHEDULES)}")
+        self.steps_per_epoch, self.wp_epoch, self.shape = steps_per_epoch, wp_epoch, shape
         self.base_lr, self.min_lr = base_lr, min_lr
+        self.set_length(max_epoch)
         super().__init__(optimizer)
 
+    def set_length(self, max_epoch: int) -> None:
+        """Stretch or shrink the curve to `max_epoch` epochs (--time_budget); takes effect at the next step or seek."""
+        self.total_steps = self.steps_per_epoch * max_epoch
+        self.warmup_steps = min(int(self.steps_per_epoch * self.wp_epoch), self.total_steps)
+
     def get_lr(self) -> list[float]:
-        lr = lr_at(self.last_epoch, self.total_steps, self.warmup_steps, self.base_lr, self.min_lr)
+        lr = lr_at(self.last_epoch, self.total_steps, self.warmup_steps, self.base_lr, self.min_lr, self.shape)
         return [lr * (initial / self.base_lr) if self.base_lr else lr for initial in self.base_lrs]
 
     def seek(self, step: int) -> None:
