@@ -201,7 +201,7 @@ def test_dry_run_of_the_whole_script_on_the_cpu(tmp_path):
     assert summary_script.check_summary(summary) == [] and summary["ok"] and summary["dry_run"]
     status = {s["name"]: s["status"] for s in summary["steps"]}
     assert status == {"pytest_cuda": "passed", "torchrun_nccl": "passed", "e2e_fashioncnn": "passed", "e2e_resnet18": "passed",
-                      "e2e_speedrun": "passed", "e2e_speedrun_compile": "skipped"}
+                      "e2e_speedrun": "passed", "e2e_speedrun_resnet9": "skipped", "e2e_speedrun_compile": "skipped"}
     steps = {s["name"]: s for s in summary["steps"]}
     assert steps["pytest_cuda"]["passed"] == 1 and steps["e2e_fashioncnn"]["img_size"] == 56
     assert steps["e2e_speedrun"]["batch_size"] == 256 and steps["e2e_speedrun"]["precision"] == "fp32"  # no --fp16 on a CPU
@@ -226,4 +226,5 @@ def test_the_budget_cuts_a_step_short_and_skips_the_rest(tmp_path):
     assert steps["pytest_cuda"]["rc"] in (124, 137) and "pytest did not finish" in steps["pytest_cuda"]["reason"]
     for name in ("torchrun_nccl", "e2e_fashioncnn", "e2e_resnet18", "e2e_speedrun"):
         assert steps[name]["status"] == "skipped" and "time budget" in steps[name]["reason"], steps[name]
-    assert steps["e2e_speedrun_compile"]["optional"] and steps["e2e_speedrun_compile"]["status"] == "skipped"
+    for name in ("e2e_speedrun_resnet9", "e2e_speedrun_compile"):
+        assert steps[name]["optional"] and steps[name]["status"] == "skipped"
