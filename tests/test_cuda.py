@@ -36,7 +36,7 @@ from utils.evaluation.loop import evaluate
 from utils.precision import autocast, needs_grad_scaler
 from utils.training.ema import ModelEMA, ema_decay
 from utils.training.engine import TrainState, optimizer_step, train_one_epoch
-from utils.training.schedule import WarmupCosine
+from utils.training.schedule import WarmupSchedule
 
 pytestmark = pytest.mark.cuda
 CPU = torch.device("cpu")
@@ -84,7 +84,7 @@ def max_abs_diff(a: dict, b: dict) -> float:
 def test_fp16_autocast_grad_scaler_skips_overflow_steps_and_keeps_weights_finite(device):
     model = plain_cnn().to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    state = TrainState(optimizer=opt, scheduler=WarmupCosine(opt, steps_per_epoch=40, max_epoch=1, wp_epoch=0, base_lr=3e-3,
+    state = TrainState(optimizer=opt, scheduler=WarmupSchedule(opt, steps_per_epoch=40, max_epoch=1, wp_epoch=0, base_lr=3e-3,
                                                              min_lr=3e-3),
                        scaler=torch.amp.GradScaler(device.type, init_scale=2.0**12, growth_interval=3), amp=True,
                        amp_dtype="float16")
@@ -132,7 +132,7 @@ def test_bf16_autocast_trains_without_a_scaler_and_tracks_fp32(device):
     assert (low.float() - reference).abs().max().item() < 0.03 * max(1.0, reference.abs().max().item())  # 8 mantissa bits
 
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
-    state = TrainState(optimizer=opt, scheduler=WarmupCosine(opt, steps_per_epoch=8, max_epoch=3, wp_epoch=0, base_lr=2e-3,
+    state = TrainState(optimizer=opt, scheduler=WarmupSchedule(opt, steps_per_epoch=8, max_epoch=3, wp_epoch=0, base_lr=2e-3,
                                                              min_lr=2e-3), amp=True, amp_dtype="bfloat16")
     assert not state.scaler.is_enabled()
     loader = DataLoader(fashion_tensors(256), batch_size=32, shuffle=False)
@@ -193,7 +193,7 @@ def test_channels_last_gives_the_same_forward_and_gradients_and_stays_nhwc(devic
             grads[channels_last] = {name: p.grad.cpu() for name, p in model.named_parameters()}
 
             opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-            state = TrainState(optimizer=opt, scheduler=WarmupCosine(opt, steps_per_epoch=6, max_epoch=2, wp_epoch=0,
+            state = TrainState(optimizer=opt, scheduler=WarmupSchedule(opt, steps_per_epoch=6, max_epoch=2, wp_epoch=0,
                                                                      base_lr=0.01, min_lr=0.01), channels_last=channels_last)
             loader = DataLoader(fashion_tensors(96), batch_size=16, shuffle=False)
             losses[channels_last] = [train_one_epoch(model, loader, nn.CrossEntropyLoss(), state, device, epoch,
@@ -216,7 +216,7 @@ def test_gradient_accumulation_equals_one_big_batch(device):
         for batch_size, accumulation in ((8, 4), (32, 1)):
             model = plain_cnn().to(device)
             opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
-            state = TrainState(optimizer=opt, scheduler=WarmupCosine(opt, steps_per_epoch=3, max_epoch=2, wp_epoch=1,
+            state = TrainState(optimizer=opt, scheduler=WarmupSchedule(opt, steps_per_epoch=3, max_epoch=2, wp_epoch=1,
                                                                      base_lr=0.05, min_lr=1e-3), accumulation=accumulation)
             loader = DataLoader(data, batch_size=batch_size, shuffle=False)
             for epoch in (1, 2):
