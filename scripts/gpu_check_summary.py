@@ -70,6 +70,13 @@ def number(value) -> float | None:
     return x if math.isfinite(x) else None
 
 
+def exit_text(step: dict) -> str:
+    """How a step ended: `timeout` exits 124 (137 after its SIGKILL) when the time limit stopped the command."""
+    if step["rc"] in (124, 137):
+        return f"stopped at its time limit of {step['limit']:g} s"
+    return f"exited {step['rc']}"
+
+
 def pytest_result(step: dict, out: Path) -> dict:
     """Counts, failed test names and recorded properties from the JUnit XML."""
     xml = out / "pytest_cuda.xml"
@@ -79,7 +86,7 @@ def pytest_result(step: dict, out: Path) -> dict:
         if log.is_file() and "No module named pytest" in log.read_text(errors="replace"):
             reason = "pytest is not installed for this Python: bring its wheels and pass --wheels DIR"
         else:
-            reason = f"no {xml.name}: pytest did not finish (exit {step['rc']}; see {step['name']}.log)"
+            reason = f"no {xml.name}: pytest did not finish ({exit_text(step)}; see {step['name']}.log)"
         return dict(result, status="failed", reason=reason)
     for case in ET.parse(xml).getroot().iter("testcase"):
         result["tests"] += 1
@@ -96,7 +103,7 @@ def pytest_result(step: dict, out: Path) -> dict:
             result["properties"][f"{case.get('name')}.{prop.get('name')}"] = value if value is not None else prop.get("value")
     problems = []
     if step["rc"] != 0:
-        problems.append(f"pytest exited {step['rc']}")
+        problems.append(exit_text(step))
     if result["tests"] == 0:
         problems.append("no test ran")
     if result["failed"] or result["errors"]:
@@ -149,7 +156,7 @@ def training_run(step: dict, out: Path, target: float, device: str = "cuda") -> 
     }
     problems = []
     if step["rc"] != 0:
-        problems.append(f"train.py exited {step['rc']}" + (" (time limit)" if step["rc"] in (124, 137) else ""))
+        problems.append(exit_text(step))
     expected = args.get("max_epoch")
     if expected is not None and len(epochs) != expected:
         problems.append(f"{len(epochs)} of {expected} epochs in results.csv")
