@@ -30,7 +30,7 @@ from utils.data.augment import AUGMENT_CHOICES, AUTO_AUGMENT_CHOICES, batch_mixi
 from utils.data.datasets import DataSpec, build_datasets
 from utils.data.loaders import build_train_loaders
 from utils.data.preprocess import Preprocess
-from utils.distributed import barrier, cleanup, init_distributed, is_main_process
+from utils.distributed import barrier, cleanup, init_distributed, is_distributed, is_main_process
 from utils.evaluation.loop import TTA_CHOICES, evaluate
 from utils.precision import AMP_DTYPES, Precision, needs_grad_scaler, resolve_precision
 from utils.training.checkpointer import CheckpointSaver, ResumePoint, restore
@@ -149,7 +149,7 @@ def main(argv=None) -> int:
         apply_checkpoint_args(args, ckpt, NETWORK_FLAGS, cli.explicit_dests(parser, argv))
     device = cli.resolve_device(args.device, require_cuda=args.cuda)
     rank, world, local_rank = init_distributed(device.type)
-    if device.type == "cuda" and world > 1:
+    if device.type == "cuda" and is_distributed():
         device = torch.device("cuda", local_rank)
     main_proc = is_main_process()
     seed_everything(args.seed + rank)
@@ -170,7 +170,7 @@ def main(argv=None) -> int:
     del ckpt  # the optimizer state and weights are in place now: free the checkpoint's copy
     if args.start_epoch is not None:
         resume.start_at(args.start_epoch, state)
-    model = wrap_model(model, args.compile, world, device)
+    model = wrap_model(model, args.compile, device)
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
 
     run_dir = Path(args.path_to_save) / spec.name / args.model
@@ -221,9 +221,10 @@ def main(argv=None) -> int:
     return 0
 
 
-def wrap_model(model: nn.Module, compile_model: bool, world: int, device: torch.device) -> nn.Module:
-    """DistributedDataParallel under torchrun, then torch.compile when asked (unwrap() reaches the plain module)."""
-    if world > 1:
+def wrap_model(model: nn.Module, compile_model: bool, device: torch.device) -> nn.Module:
+    """DistributedDataParallel under torchrun (even with one process: --nproc_per_node=1 runs the DDP path on NCCL),
+    then torch.compile when asked (unwrap() reaches the plain module)."""
+    if is_distributed():
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     return torch.compile(model) if compile_model else model
 

@@ -5,6 +5,10 @@
   is a bright bar at its own position plus noise.
 - `image_folder`: an ImageFolder tree (train/ and val/, 3 classes, PNG and JPEG, non-square images).
 - `trained_ckpt`: best.pth of FashionCNN trained by train.py for 2 epochs at 28 px on `fashion_root`.
+
+Tests marked `cuda` run only where torch sees a GPU and are skipped with the reason elsewhere (the hook below).
+CUDA_TESTS_DEVICE=cpu runs them on the CPU instead: a dry run that checks the tests' own logic on a machine
+without a GPU (it proves nothing about CUDA).
 """
 
 from __future__ import annotations
@@ -23,6 +27,22 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 FMNIST_TRAIN, FMNIST_TEST = 320, 160
+CUDA_TESTS_DEVICE = os.environ.get("CUDA_TESTS_DEVICE", "cuda")  # "cpu": dry run of the cuda-marked tests
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip the tests marked `cuda`, with the reason, where torch sees no GPU (and no dry run was asked for)."""
+    marked = [item for item in items if item.get_closest_marker("cuda")]
+    if not marked or CUDA_TESTS_DEVICE == "cpu":
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason=f"needs a CUDA GPU: torch {torch.__version__} sees none "
+                                   "(scripts/gpu_check.sh runs these on a GPU machine: pytest -m cuda)")
+    for item in marked:
+        item.add_marker(skip)
 
 
 def synthetic_fashion_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -99,7 +99,8 @@ def test_torch_free_modules_do_not_import_torch():
 
 def test_only_the_atomic_write_helper_renames_files_into_place():
     offenders = []
-    sources = [*ROOT.glob("*.py"), *(ROOT / "utils").rglob("*.py"), *(ROOT / "models").rglob("*.py"), *(ROOT / "benchmarks").glob("*.py")]
+    sources = [*ROOT.glob("*.py"), *(ROOT / "utils").rglob("*.py"), *(ROOT / "models").rglob("*.py"), *(ROOT / "benchmarks").glob("*.py"),
+               *(ROOT / "scripts").glob("*.py")]
     for path in sources:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in ("replace", "rename"):

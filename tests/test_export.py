@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import run_script
+from conftest import ROOT, run_script
 
 from models import MODEL_NAMES, build_model, model_kwargs
 from utils.data.preprocess import Preprocess
@@ -153,3 +156,18 @@ def test_half_exports_keep_float32_io(trained_ckpt, tmp_path):
     program, meta = load_torchscript(tmp_path / "m16.pt")
     assert meta["precision"] == "fp16" and ts16.parity.passed
     assert {p.dtype for p in program.parameters()} == {torch.float16}
+
+
+def test_dynamo_exporter_without_onnxscript_is_one_line_exit_2(trained_ckpt, tmp_path):
+    """Machines with only onnx (torch 2.11 images, say) export with the default exporter; --exporter dynamo names the
+    missing package instead of a traceback, and writes nothing."""
+    out = tmp_path / "exported" / "d.onnx"
+    code = ("import runpy, sys\nsys.modules['onnxscript'] = None  # as if it were not installed\n"
+            f"sys.argv = ['export.py', '--weights', {str(trained_ckpt)!r}, '--exporter', 'dynamo', '--output', {str(out)!r}]\n"
+            "runpy.run_path('export.py', run_name='__main__')\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                          capture_output=True, text=True, timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert "--exporter dynamo needs the onnxscript package" in lines[0] and "legacy" in lines[0]
+    assert not out.parent.exists() or not any(out.parent.iterdir())

@@ -9,11 +9,12 @@ import torch.distributed as dist
 
 
 def init_distributed(device_type: str) -> tuple[int, int, int]:
-    """Initialise the process group when launched by torchrun. Returns (rank, world_size, local_rank)."""
+    """Initialise the process group when launched by torchrun, even for one process (`--nproc_per_node=1` runs the
+    DDP code path on NCCL/gloo, as on more GPUs). Returns (rank, world_size, local_rank)."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return 0, 1, 0
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
-    if world > 1 and not dist.is_initialized():
+    if not dist.is_initialized():
         backend = "nccl" if device_type == "cuda" else "gloo"
         if device_type == "cuda":
             torch.cuda.set_device(local)

@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import io
 import json
+import logging
 import warnings
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import version as pkg_version
@@ -20,7 +21,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from models import MODEL_NAMES, build_model, count_parameters
 from utils import cli
@@ -453,9 +453,22 @@ def run_torchscan(model: nn.Module, input_size, device="cpu") -> ToolResult:
                       CONVENTIONS["torchscan"], rows, by_op, by_category(by_op), extra, warns)
 
 
+def flop_counter_mode() -> type:
+    """torch.utils.flop_counter.FlopCounterMode, imported quietly: torch 2.11's CUDA builds log a warning on import
+    when triton is missing (about triton kernels, never counted here), which would add a line to every script's output."""
+    logger = logging.getLogger("torch.utils.flop_counter")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        from torch.utils.flop_counter import FlopCounterMode
+    finally:
+        logger.setLevel(level)
+    return FlopCounterMode
+
+
 def run_flop_counter(model: nn.Module, input_size, device="cpu") -> ToolResult:
     x = _input(model, input_size, device)
-    with _quiet(), torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with _quiet(), torch.no_grad(), flop_counter_mode()(display=False) as counter:
         model(x)
     flops = float(counter.get_total_flops())
     by_op = {str(k): float(v) / 2 for k, v in counter.get_flop_counts().get("Global", {}).items()}

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib.util
 import io
 import json
 import warnings
@@ -189,6 +190,9 @@ def export_artifact(model: nn.Module, info: ModelInfo, checkpoint: str | Path, e
         if engine == "onnx":
             if exporter == "dynamo" and opset < DYNAMO_MIN_OPSET:
                 raise InputError(f"--opset {opset}: the dynamo exporter writes opset {DYNAMO_MIN_OPSET} or newer")
+            if exporter == "dynamo" and importlib.util.find_spec("onnxscript") is None:
+                raise InputError("--exporter dynamo needs the onnxscript package (pip install onnxscript, pinned in "
+                                 "requirements.txt); the default --exporter legacy needs only onnx")
             meta = build_metadata(info, checkpoint, precision, exporter=exporter, opset=opset, dynamic_size=dynamic_size,
                                   params=params)
             write_onnx(model, tmp, pre, meta, opset, dynamic_size, half, exporter)
