@@ -39,7 +39,7 @@ class TrainingLength:
             scheduler.set_length(self.max_epoch)
             scheduler.seek(step)
             self.fixed = True
-            self.log(f"time budget {self.budget_s / 60:g} min: epoch {epoch} took {seconds:.1f} s, so the run trains "
+            self.log(f"time budget {self.budget_s / 60:g} min: epoch {epoch} took {seconds:.3f} s, so the run trains "
                      f"{self.max_epoch} epochs in all (LR schedule fitted to them)")
         if val_acc1 is not None and self.patience > 0:
             if val_acc1 > self.best:
