@@ -41,18 +41,26 @@ def load_recipe(folder: Path) -> dict | None:
     return {"name": folder.name, "minutes": minutes, "acc1": acc, "args": args, "total_minutes": elapsed}
 
 
+def describe(recipe: dict) -> str:
+    """Legend label: the recipe folder, then the network and input size it trained (from args.json)."""
+    args = recipe["args"]
+    size = f", {args['img_size']} px" if args.get("img_size") else ""
+    return f"{recipe['name']} ({args.get('model', '?')}{size}): best {max(recipe['acc1']):.2f} %"
+
+
 def plot(recipes: list[dict], out: Path, targets: list[float]) -> Path:
     fig, ax = plt.subplots(figsize=(8, 5))
     for r in recipes:
-        ax.plot(r["minutes"], r["acc1"], marker="o", markersize=3, label=f"{r['name']} ({r['args'].get('model', '?')})")
+        ax.plot(r["minutes"], r["acc1"], marker="o", markersize=3, label=describe(r))
+    top = max(max(r["acc1"]) for r in recipes)
+    low = max(80.0, min(min(r["acc1"]) for r in recipes) - 1)
+    ax.set_ylim(low, max([top, *targets]) + 0.5)  # every target line inside the axes, reached or not
     for t in targets:
         ax.axhline(t, color="gray", linestyle=":", linewidth=1)
-        ax.text(ax.get_xlim()[1], t, f" {t:g} %", va="center", fontsize=8, color="gray")
+        ax.annotate(f"{t:g} %", xy=(1.0, t), xycoords=("axes fraction", "data"), xytext=(3, 0),
+                    textcoords="offset points", va="center", fontsize=8, color="gray")
     ax.set_xlabel("training minutes (train steps only, validation excluded)")
     ax.set_ylabel("test acc@1 (%)")
-    lows = [min(r["acc1"]) for r in recipes if r["acc1"]]
-    if lows:
-        ax.set_ylim(max(80.0, min(lows) - 1), max(max(r["acc1"]) for r in recipes if r["acc1"]) + 1)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     ax.set_title("Fashion-MNIST: test acc@1 against training time")
