@@ -118,7 +118,7 @@ class FolderScan:
         lines += [f"  {c:<{width}}  {u:>6}  {b:>7}" for c, u, b in zip(self.classes, used, bad)]
         if self.ignored:
             why = Counter(reason for _, reason in self.ignored)
-            lines.append(f"  ignored {len(self.ignored)} files: " + ", ".join(f"{n} {r}" for r, n in why.most_common()))
+            lines.append(f"  ignored {len(self.ignored)} files: " + ", ".join(f"{r} ({n})" for r, n in why.most_common()))
             links = [p for p, r in self.ignored if r.startswith("links")]
             if links:
                 lines.append("  ignored links: " + ", ".join(links[:5]) + (f" (+{len(links) - 5} more)" if len(links) > 5 else ""))
