@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader
 from utils import cli
 from utils.analysis.complexity import registry_macs
 from utils.data.datasets import DataSpec, build_eval_dataset
+from utils.data.folders import check_same_classes
 from utils.deploy.artifacts import evaluate_loaded, load_for_eval
 from utils.errors import InputError
 from utils.evaluation.dashboard import MISTAKES_SHOWN, detail_options, evaluation_figures, log_eval_report
@@ -76,12 +77,11 @@ def main(argv=None) -> int:
     pre = info.preprocess
     if pre is None:
         raise InputError(f"{args.weights} stores no preprocessing metadata: re-export it with export.py")
-    spec = DataSpec(args.dataset, args.data_root)
+    spec = DataSpec(args.dataset, args.data_root, args.skip_bad_images)
     dataset, data_classes, split = build_eval_dataset(spec, pre, args.split)
     classes = info.classes or data_classes
-    if data_classes != classes:
-        raise InputError(f"the dataset's classes {data_classes[:5]}... differ from the model's {classes[:5]}...: "
-                         "evaluate on the dataset the model was trained on")
+    check_same_classes(classes, data_classes, f"model {args.weights}", f"dataset {spec.dataset or 'Fashion-MNIST'}",
+                       "evaluate on the dataset the model was trained on (--dataset)")
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
                         pin_memory=loaded.device.type == "cuda")
     details = detail_options() if args.tensorboard else {"keep_mistakes": MISTAKES_SHOWN} if args.save_examples else {}

@@ -25,13 +25,16 @@ from torch import nn
 from models import MODEL_NAMES, build_model, count_parameters, model_kwargs
 from models.norm import NORM_TYPES
 from utils import cli
-from utils.checkpoint import load_checkpoint
+from utils.checkpoint import head_keys, inference_state, load_checkpoint, load_matching
 from utils.data.augment import AUGMENT_CHOICES, AUTO_AUGMENT_CHOICES, batch_mixing, resolve_augment
 from utils.data.datasets import DataSpec, build_datasets
+from utils.data.folders import bad_images_report, check_same_classes
 from utils.data.loaders import build_train_loaders
 from utils.data.preprocess import Preprocess
 from utils.distributed import barrier, cleanup, init_distributed, is_distributed, is_main_process
+from utils.errors import InputError
 from utils.evaluation.loop import TTA_CHOICES, evaluate
+from utils.io import atomic_write_text
 from utils.precision import AMP_DTYPES, Precision, needs_grad_scaler, resolve_precision
 from utils.training.checkpointer import CheckpointSaver, ResumePoint, restore
 from utils.training.dashboard import TrainingDashboard, evaluation_details
@@ -46,6 +49,7 @@ from utils.training.schedule import SCHEDULES, WarmupSchedule
 
 # --resume takes these from the checkpoint: they define the network, its input and the augmentation it was trained with
 NETWORK_FLAGS = ("model", "img_size", "norm_type", "small_input", "augment", "random_erasing", "random_crop_padding", "auto_augment")
+INIT_FLAGS = ("model", "img_size", "norm_type", "small_input")  # --init_from's defaults (explicit flags win)
 
 
 def get_args_parser():
@@ -128,6 +132,11 @@ def get_args_parser():
     p.add_argument("--seed", type=int, default=42, help="random seed (each epoch is seeded from it, so resumed runs repeat exactly)")
     p.add_argument("-r", "--resume", default=None, metavar="CKPT",
                    help="continue from a last.pth (model, optimizer, EMA, RNG, epoch; the network's flags come from it)")
+    p.add_argument("--init_from", default=None, metavar="CKPT",
+                   help="fine-tune: start a new run from a checkpoint's weights only (no optimizer, epoch or schedule); "
+                        "every tensor whose name and shape fit is loaded, the classification head is new when the "
+                        "dataset's classes differ from the checkpoint's; the network flags (model, img_size, norm_type, "
+                        "small_input) default to the checkpoint's")
     p.add_argument("--path_to_save", default="weights", help="runs go to <path_to_save>/<dataset>/<model>/")
     p.add_argument("--tensorboard", action="store_true",
                    help="log the run's dashboard (scalars, HParams, confusion matrix, mistakes, PR curves, graph) under --log_dir")
@@ -144,9 +153,18 @@ def raise_keyboard_interrupt(signum, frame) -> None:
 def main(argv=None) -> int:
     parser = get_args_parser()
     args = parser.parse_args(argv)
+    if args.init_from and (args.resume or args.pretrained):
+        raise InputError(f"--init_from starts a new run from a checkpoint's weights: drop {'--resume' if args.resume else '--pretrained'}")
     ckpt = load_checkpoint(args.resume) if args.resume else None
     if ckpt is not None:
         apply_checkpoint_args(args, ckpt, NETWORK_FLAGS, cli.explicit_dests(parser, argv))
+    init = load_checkpoint(args.init_from) if args.init_from else None
+    if init is not None:
+        explicit = cli.explicit_dests(parser, argv)
+        saved = {**(init.get("args") or {}), "model": init["model_name"]}
+        for key in INIT_FLAGS:
+            if key in saved and key not in explicit:
+                setattr(args, key, saved[key])
     device = cli.resolve_device(args.device, require_cuda=args.cuda)
     rank, world, local_rank = init_distributed(device.type)
     if device.type == "cuda" and is_distributed():
@@ -154,14 +172,22 @@ def main(argv=None) -> int:
     main_proc = is_main_process()
     seed_everything(args.seed + rank)
 
-    spec, pre = DataSpec(args.dataset, args.data_root), Preprocess.for_size(args.img_size)
+    spec, pre = DataSpec(args.dataset, args.data_root, args.skip_bad_images), Preprocess.for_size(args.img_size)
     augment = resolve_augment(args.augment, args.img_size, args.random_erasing, args.random_crop_padding, args.auto_augment)
     train_set, val_set, classes = build_datasets(spec, pre, augment=augment)
+    if ckpt is not None:
+        saved_data = (ckpt.get("args") or {}).get("dataset") or "Fashion-MNIST"
+        check_same_classes(list(ckpt["classes"]), classes, f"checkpoint {args.resume}", f"dataset {spec.dataset or 'Fashion-MNIST'}",
+                           f"resume on the run's own dataset ({saved_data}); to fine-tune on another dataset start a new run "
+                           f"with --init_from {args.resume}")
     loaders = build_train_loaders(train_set, val_set, pre, augment, pipeline=args.data_pipeline, batch_size=args.batch_size,
                                   num_workers=args.num_workers, device=device, seed=args.seed, rank=rank, world=world)
     kwargs = model_kwargs(args.img_size, args.norm_type, pre.channels, args.small_input)
     model = build_model(args.model, len(classes), pretrained=args.pretrained and ckpt is None,
                         freeze_backbone=args.freeze_backbone, **kwargs).to(device)
+    if init is not None:
+        initialise_from(model, init, args, classes, kwargs, main_proc)
+        del init
     precision = resolve_precision(device, args.fp16, args.amp_dtype, args.channels_last)
     if precision.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -180,6 +206,7 @@ def main(argv=None) -> int:
     if main_proc:
         describe_run(args, model, len(train_set), len(val_set), classes, device, world, loaders, augment, precision, resume,
                      recorder.log_dir)
+        describe_folders(train_set, val_set, run_dir)
     # SIGTERM (docker stop, kill, job schedulers) behaves like Ctrl-C: save last.pth, then exit. Its own handler, not
     # a copy of SIGINT's: a shell starts background jobs with SIGINT ignored, and copying that would ignore SIGTERM too.
     signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
@@ -219,6 +246,22 @@ def main(argv=None) -> int:
         print(f"best val acc@1 {saver.best_acc1:.4f}\nresults saved to {run_dir}/ (best.pth, last.pth, results.csv, results.png)")
     cleanup()
     return 0
+
+
+def initialise_from(model: nn.Module, init: dict, args, classes: list[str], kwargs: dict, verbose: bool) -> None:
+    """--init_from: copy the checkpoint's (EMA) weights whose names and shapes fit; the head stays new when the classes
+    differ (even in number only by name). An error when nothing fits."""
+    same = list(init["classes"]) == classes
+    exclude = set() if same else head_keys(args.model, len(classes), kwargs)
+    loaded, skipped = load_matching(model, inference_state(init), exclude)
+    if not loaded:
+        raise InputError(f"--init_from {args.init_from}: none of its tensors fits --model {args.model} (it holds a "
+                         f"{init['model_name']!r}): drop --model or give a checkpoint of that network")
+    if verbose:
+        head = "" if same else (f"; new head for {len(classes)} classes (the checkpoint's {len(init['classes'])} classes "
+                                f"differ: only here {sorted(set(classes) - set(init['classes']))[:5]})")
+        print(f"initialised from {args.init_from}: loaded {len(loaded)} tensors, skipped {len(skipped)}"
+              + (f" ({', '.join(skipped[:6])}{', ...' if len(skipped) > 6 else ''})" if skipped else "") + head)
 
 
 def wrap_model(model: nn.Module, compile_model: bool, device: torch.device) -> nn.Module:
@@ -274,6 +317,17 @@ def describe_run(args, model, num_train: int, num_val: int, classes: list[str], 
     if resume.start_epoch >= args.max_epoch:
         print(f"nothing to train: the run already finished epoch {resume.start_epoch} of --max_epoch {args.max_epoch}; "
               "raise --max_epoch to train longer")
+
+
+def describe_folders(train_set, val_set, run_dir: Path) -> None:
+    """Image folders: used and skipped images per class of each split; the skipped files' report saved in the run."""
+    scans = [(name, getattr(ds, "scan", None)) for name, ds in (("train", train_set), ("val", val_set))]
+    scans = [(name, scan) for name, scan in scans if scan is not None]
+    for name, scan in scans:
+        print(scan.describe(name, skipped=True))
+    if any(scan.bad for _, scan in scans):
+        path = atomic_write_text(run_dir / "skipped_images.txt", bad_images_report([scan for _, scan in scans]) + "\n")
+        print(f"skipped images listed in {path}")
 
 
 def validate(model, state: TrainState, loader, device, num_classes: int, criterion, args, recorder: RunRecorder, epoch: int,

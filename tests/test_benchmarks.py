@@ -67,3 +67,13 @@ def test_bench_infer_tiny(tmp_path, capsys):
     int8 = (tmp_path / "artifacts" / "custom_28_int8.onnx")
     fp32 = (tmp_path / "artifacts" / "custom_28.onnx")
     assert int8.stat().st_size < 0.5 * fp32.stat().st_size  # int8 weights: about a quarter of the fp32 file
+
+
+def test_bench_verify_tiny(tmp_path, capsys):
+    from benchmarks import bench_verify
+
+    assert bench_verify.main(["--images", "6", "--threads", "2", "--out", str(tmp_path / "v.json")]) == 0
+    text = capsys.readouterr().out
+    assert "| method | images | threads | s | images/s | x verify+EOI |" in text
+    rows = json.loads((tmp_path / "v.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["verify+EOI", "draft decode", "full decode"] and all(r["images"] == 6 for r in rows)

@@ -138,7 +138,7 @@ def test_class_folders_differ_between_splits(tmp_path, image_folder):
     (image_folder / "train" / "bird").mkdir()
     shutil.copy(image_folder / "train" / "cat" / "cat_0.png", image_folder / "train" / "bird" / "bird_0.png")
     line = train_fails(tmp_path, "--dataset", str(image_folder))
-    assert "class folders differ" in line and "bird" in line
+    assert "differ: only in" in line and f"only in {image_folder / 'train'}: ['bird']" in line
 
 
 def test_class_folder_without_images(tmp_path, image_folder):

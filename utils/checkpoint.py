@@ -99,3 +99,20 @@ def build_from_checkpoint(ckpt: Checkpoint, model_name: str | None = None, use_e
                          f"(the checkpoint was trained as {ckpt['model_name']!r}; drop --model)") from None
     return model.eval(), info
 
+
+
+def head_keys(model_name: str, num_classes: int, model_kwargs: dict) -> set[str]:
+    """The state-dict keys of a network's classification head: those whose shape changes with the number of classes
+    (found by building the network for one class more, so it holds for every architecture)."""
+    a = build_model(model_name, num_classes, **model_kwargs).state_dict()
+    b = build_model(model_name, num_classes + 1, **model_kwargs).state_dict()
+    return {k for k, v in a.items() if k not in b or b[k].shape != v.shape}
+
+
+def load_matching(model: nn.Module, state: dict[str, torch.Tensor], exclude: set[str] = frozenset()) -> tuple[list[str], list[str]]:
+    """Copy every tensor of `state` whose name and shape match `model`'s (except `exclude`) into the model.
+    Returns (loaded keys, skipped keys of the model: absent from `state`, another shape, or excluded)."""
+    own = model.state_dict()
+    take = {k: v for k, v in state.items() if k in own and k not in exclude and v.shape == own[k].shape}
+    model.load_state_dict({**own, **{k: v.to(own[k].dtype) for k, v in take.items()}})
+    return sorted(take), sorted(k for k in own if k not in take)

@@ -39,6 +39,9 @@ def add_data_args(p: argparse.ArgumentParser, *, batch_size: int = 64, num_worke
     p.add_argument("--data_root", default=None if from_checkpoint else "data",
                    help="where Fashion-MNIST lives (<data_root>/FashionMNIST/raw/) or is downloaded to"
                         + ("; default: the checkpoint's" if from_checkpoint else ""))
+    p.add_argument("--skip_bad_images", action="store_true",
+                   help="image folders: leave out the files Pillow cannot read (listed on stderr) instead of stopping with "
+                        "that list (exit 2)")
     p.add_argument("--batch_size", type=positive(), default=batch_size, help="images per batch (per process under torchrun)")
     p.add_argument("--num_workers", type=non_negative(), default=num_workers,
                    help="DataLoader worker processes (0 = load in the main process)")

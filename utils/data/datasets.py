@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import gzip
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image
+from torch.utils.data import Dataset
 from torchvision import datasets, transforms
 
 from utils.data.augment import Augment, auto_augment_policy, resolve_augment
 from utils.errors import InputError
 from utils.io import atomic_path
-from utils.data.preprocess import IMAGE_EXTENSIONS, Preprocess, eval_transform, load_image
+from utils.data.folders import FolderScan, check_images, check_same_classes, report_bad_images, scan_folder
+from utils.data.preprocess import Preprocess, eval_transform, load_image
 
 FASHION_MNIST_FILES = (
     "train-images-idx3-ubyte",
@@ -127,24 +128,34 @@ def fashion_mnist(data_root: str | Path, train: bool, transform=None) -> dataset
 # ----------------------------------------------------------------------------- image folders
 
 
-class CheckedImageFolder(datasets.ImageFolder):
-    """ImageFolder that reads with the shared loader (EXIF, any mode) and names bad files."""
+class CheckedImageFolder(Dataset):
+    """An image folder listed by the rules of utils.data.folders (exact files, links inside the class only, no junk,
+    every Pillow format) and read with the shared loader (EXIF, any mode). Keeps torchvision ImageFolder's attributes
+    (`samples`, `targets`, `imgs`, `classes`, `class_to_idx`), which the tensor pipeline and the cache read.
 
-    def __init__(self, root: str, transform=None, channels: int = 3):
-        self.channels = channels
-        super().__init__(root, transform=transform, loader=self._load)
+    Built from a root (scanned and checked here; unreadable files raise unless `skip_bad`) or from a FolderScan /
+    an explicit list of samples (a split made by utils.data.splits)."""
 
-    def _load(self, path: str) -> Image.Image:
-        return load_image(path, self.channels)
+    def __init__(self, root: str | Path, transform=None, channels: int = 3, *, scan: FolderScan | None = None,
+                 samples: list[tuple[str, int]] | None = None, classes: list[str] | None = None, skip_bad: bool = False,
+                 verify: bool = True):
+        if scan is None and samples is None:
+            scan = scan_folder(root, verify=verify)
+            report_bad_images([scan], skip_bad)
+        self.root, self.transform, self.channels, self.scan = str(root), transform, channels, scan
+        self.classes = list(classes if classes is not None else scan.classes)
+        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+        self.samples = list(samples if samples is not None else scan.samples)
+        self.targets = [t for _, t in self.samples]
+        self.imgs = self.samples
 
-    def find_classes(self, directory: str):
-        classes = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
-        if not classes:
-            raise InputError(f"no class folders in {directory}: expected {directory}/<class_name>/<image files>")
-        for c in classes:
-            if not any(Path(p).suffix.lower() in IMAGE_EXTENSIONS for p in os.listdir(os.path.join(directory, c))):
-                raise InputError(f"class folder {os.path.join(directory, c)} has no images ({', '.join(IMAGE_EXTENSIONS)})")
-        return classes, {c: i for i, c in enumerate(classes)}
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, target = self.samples[index]
+        img = load_image(path, self.channels)
+        return (self.transform(img) if self.transform is not None else img), target
 
 
 def val_folder(dataset: str | Path) -> Path:
@@ -167,25 +178,11 @@ def folder_splits(dataset: str | Path) -> tuple[Path, Path]:
     return train_dir, val_dir
 
 
-def _ends_with_jpeg_eoi(path: str) -> bool:
-    """A complete JPEG ends with the end-of-image marker FF D9 (files with trailing bytes get decoded instead)."""
-    with open(path, "rb") as f:
-        f.seek(-2, os.SEEK_END)
-        return f.read(2) == b"\xff\xd9"
-
-
-def verify_images(ds: datasets.ImageFolder) -> None:
-    """Open every image once so that an unreadable file is reported by name before training starts."""
-    for path, _ in ds.samples:
-        try:
-            with Image.open(path) as img:
-                fmt = img.format
-                img.verify()
-            if fmt == "JPEG" and not _ends_with_jpeg_eoi(path):
-                with Image.open(path) as img:  # verify() only parses JPEG headers: decode a file cut short
-                    img.load()
-        except Exception as e:
-            raise InputError(f"cannot read image {path}: {e} (remove or replace the file)") from None
+def verify_images(ds: CheckedImageFolder) -> None:
+    """Check every image of a dataset again (utils.data.folders.check_image); the first unreadable one is an InputError."""
+    for (path, _), reason in zip(ds.samples, check_images([p for p, _ in ds.samples], show_progress=False)):
+        if reason is not None:
+            raise InputError(f"cannot read image {path}: {reason} (remove or replace the file)")
 
 
 # ----------------------------------------------------------------------------- entry points
@@ -193,10 +190,12 @@ def verify_images(ds: datasets.ImageFolder) -> None:
 
 @dataclass
 class DataSpec:
-    """What dataset to use: Fashion-MNIST under data_root, or an image-folder tree."""
+    """What dataset to use: Fashion-MNIST under data_root, or an image-folder tree (unreadable images skipped when
+    `skip_bad_images`)."""
 
     dataset: str | None = None
     data_root: str = "data"
+    skip_bad_images: bool = False
 
     @property
     def name(self) -> str:
@@ -204,22 +203,22 @@ class DataSpec:
 
 
 def build_datasets(spec: DataSpec, pre: Preprocess, verify: bool = True, augment: Augment | None = None):
-    """Train and validation datasets plus class names. Validation uses the shared eval transform."""
+    """Train and validation datasets plus class names. Validation uses the shared eval transform.
+
+    Image folders: both splits are scanned and checked first, their unreadable files reported together (one report),
+    and their classes compared."""
     train_tf, val_tf = build_transform(pre, train=True, augment=augment), build_transform(pre, train=False)
     if not spec.dataset:
         return (fashion_mnist(spec.data_root, True, train_tf), fashion_mnist(spec.data_root, False, val_tf),
                 list(FASHION_MNIST_CLASSES))
     train_dir, val_dir = folder_splits(spec.dataset)
-    train_ds = CheckedImageFolder(str(train_dir), train_tf, pre.channels)
-    val_ds = CheckedImageFolder(str(val_dir), val_tf, pre.channels)
-    if train_ds.classes != val_ds.classes:
-        only_train = sorted(set(train_ds.classes) - set(val_ds.classes))
-        only_val = sorted(set(val_ds.classes) - set(train_ds.classes))
-        raise InputError(f"class folders differ between {train_dir} and {val_dir}: "
-                         f"only in train: {only_train or 'none'}, only in val: {only_val or 'none'}")
-    if verify:
-        verify_images(train_ds)
-        verify_images(val_ds)
+    train_scan = scan_folder(train_dir, verify=verify)
+    val_scan = scan_folder(val_dir, verify=verify)
+    check_same_classes(train_scan.classes, val_scan.classes, str(train_dir), str(val_dir),
+                       "give both splits the same class folders")
+    report_bad_images([train_scan, val_scan], spec.skip_bad_images)
+    train_ds = CheckedImageFolder(train_dir, train_tf, pre.channels, scan=train_scan)
+    val_ds = CheckedImageFolder(val_dir, val_tf, pre.channels, scan=val_scan)
     return train_ds, val_ds, list(train_ds.classes)
 
 
@@ -232,8 +231,7 @@ def build_eval_dataset(spec: DataSpec, pre: Preprocess, split: str = "val"):
     folder = {"train": train_dir, "val": val_dir}.get(split, Path(spec.dataset) / split)
     if not folder.is_dir():
         raise InputError(f"split folder not found: {folder}")
-    ds = CheckedImageFolder(str(folder), tf, pre.channels)
-    verify_images(ds)
+    ds = CheckedImageFolder(folder, tf, pre.channels, skip_bad=spec.skip_bad_images)
     return ds, list(ds.classes), folder.name
 
 

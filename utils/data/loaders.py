@@ -74,7 +74,7 @@ def calibration_batches(spec: DataSpec, pre: Preprocess, num_batches: int, batch
     tf = EvalTransform(pre)
     if spec.dataset:
         train_dir, _ = folder_splits(spec.dataset)
-        ds = CheckedImageFolder(str(train_dir), tf, pre.channels)
+        ds = CheckedImageFolder(train_dir, tf, pre.channels, skip_bad=spec.skip_bad_images)
     else:
         ds = fashion_mnist(spec.data_root, True, tf)
     gen = torch.Generator().manual_seed(seed)

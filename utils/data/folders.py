@@ -1,0 +1,345 @@
+"""The scanning rules of image folders, in one place: which files a class folder holds, and which of them Pillow reads.
+
+A dataset split (train/, val/, or a folder to be split) holds one sub-folder per class. Its images are exactly:
+
+- every file under the class folder (sub-folders included) whose extension is one Pillow can open here
+  (`image_extensions()`: derived from Pillow's registered formats, so .gif, .jfif, .jpe, .tif, .webp, .avif, ...
+  count too; formats Pillow only identifies without decoding are left out);
+- minus hidden files and folders (any name starting with ".", e.g. `.DS_Store`, `._photo.jpg`, `.ipynb_checkpoints/`)
+  and OS junk (`Thumbs.db`, `desktop.ini`, `__MACOSX/`), which are ignored;
+- symbolic links (to files or folders) are followed only when their target lies inside the same class folder, and a
+  file reached twice (a link to a file already listed, a link to a folder already listed, a link loop) counts once,
+  under its real path when it has one. A link whose target lies outside its class folder (another class, another
+  split, elsewhere) is ignored and listed: a link can never make an image count twice or under another class. A
+  class folder may itself be a link (its target is then the class folder); two class folders that are the same
+  folder, or one inside the other, are an error.
+
+Every listed image is then checked (`check_image`: opened and decoded as training will read it, in threads with a
+progress bar); the files Pillow cannot read for any reason (not an image, truncated, empty, over Pillow's
+decompression-bomb limit, a broken link) go into one report (`report_bad_images`) before anything trains: an error
+(exit 2) unless the caller skips them (--skip_bad_images).
+
+Structural problems are one-line errors: no class folder, one class only, a class without a usable image, two class
+names that differ only by case, and splits whose classes differ (`check_same_classes`).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import os
+import sys
+import warnings
+from collections import Counter
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from tqdm import tqdm
+
+from utils.errors import InputError
+
+JUNK_NAMES = frozenset({"thumbs.db", "desktop.ini", "ehthumbs.db", "__macosx", "$recycle.bin", "system volume information"})
+# Pillow identifies these but cannot decode their pixels (video, or formats that need an external handler)
+UNDECODABLE_FORMATS = frozenset({"MPEG"})
+PROGRESS_FROM = 500  # show the verification progress bar from this many files on
+
+
+@functools.cache
+def image_extensions() -> frozenset[str]:
+    """Lower-case extensions (with the dot) of every format this Pillow can open and decode. Derived from
+    Image.registered_extensions(), not a fixed list: stub formats (HDF5, GRIB, BUFR, WMF), MPEG video, and EPS without
+    Ghostscript are left out because Pillow cannot decode them."""
+    from PIL import EpsImagePlugin
+
+    Image.init()
+    out = set()
+    for ext, fmt in Image.registered_extensions().items():
+        if fmt not in Image.OPEN or fmt in UNDECODABLE_FORMATS:
+            continue
+        factory = Image.OPEN[fmt][0]
+        if inspect.isclass(factory) and issubclass(factory, ImageFile.StubImageFile):
+            continue
+        if fmt == "EPS" and not EpsImagePlugin.has_ghostscript():
+            continue
+        out.add(ext.lower())
+    return frozenset(out)
+
+
+def is_ignored_name(name: str) -> bool:
+    """Hidden files and folders (".DS_Store", "._x.jpg", ".ipynb_checkpoints") and OS junk (Thumbs.db, __MACOSX)."""
+    return name.startswith(".") or name.lower() in JUNK_NAMES
+
+
+def has_image_extension(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in image_extensions()
+
+
+@dataclass(frozen=True)
+class BadImage:
+    """A listed image file that Pillow cannot read, and why."""
+
+    path: str
+    reason: str
+
+
+@dataclass
+class FolderScan:
+    """One split folder as the rules above list it. `samples` are (path, class index) sorted by class then path, like
+    torchvision's ImageFolder; `bad` are the listed files Pillow cannot read (not in `samples`); `ignored` are
+    (path, why) of the files the rules leave out (hidden/junk, other extensions, links leaving the class folder,
+    repeats)."""
+
+    root: Path
+    classes: list[str]
+    samples: list[tuple[str, int]] = field(default_factory=list)
+    bad: list[BadImage] = field(default_factory=list)
+    bad_targets: list[int] = field(default_factory=list)
+    ignored: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def class_to_idx(self) -> dict[str, int]:
+        return {c: i for i, c in enumerate(self.classes)}
+
+    def counts(self) -> tuple[list[int], list[int]]:
+        """(used, unreadable) image counts per class."""
+        used, bad = Counter(t for _, t in self.samples), Counter(self.bad_targets)
+        return [used[i] for i in range(len(self.classes))], [bad[i] for i in range(len(self.classes))]
+
+    def describe(self, name: str, skipped: bool) -> str:
+        """The per-class table printed before training: used and skipped (unreadable) images, and what was ignored."""
+        used, bad = self.counts()
+        width = max(len("class"), *(len(c) for c in self.classes))
+        lines = [f"{name}: {self.root} - {len(self.samples)} images in {len(self.classes)} classes"
+                 + (f", {len(self.bad)} unreadable skipped" if skipped and self.bad else "")]
+        lines.append(f"  {'class':<{width}}  {'used':>6}  {'skipped':>7}")
+        lines += [f"  {c:<{width}}  {u:>6}  {b:>7}" for c, u, b in zip(self.classes, used, bad)]
+        if self.ignored:
+            why = Counter(reason for _, reason in self.ignored)
+            lines.append(f"  ignored {len(self.ignored)} files: " + ", ".join(f"{r} ({n})" for r, n in why.most_common()))
+            links = [p for p, r in self.ignored if r.startswith("links")]
+            if links:
+                lines.append("  ignored links: " + ", ".join(links[:5]) + (f" (+{len(links) - 5} more)" if len(links) > 5 else ""))
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- listing
+
+
+def list_classes(root: Path) -> list[str]:
+    """The class folder names under `root`, sorted; errors for none, one, case-only differences and shared folders."""
+    try:
+        entries = sorted(os.scandir(root), key=lambda e: e.name)
+    except OSError as e:
+        raise InputError(f"cannot list {root}: {e.strerror or e}") from None
+    classes = [e.name for e in entries if not is_ignored_name(e.name) and e.is_dir()]
+    if not classes:
+        raise InputError(f"no class folders in {root}: expected {root}/<class_name>/<image files>")
+    folded: dict[str, str] = {}
+    for c in classes:
+        other = folded.setdefault(c.casefold(), c)
+        if other != c:
+            raise InputError(f"class folders {root / other} and {root / c} differ only by case (they would be one folder on "
+                             "macOS and Windows): rename or merge one of them")
+    if len(classes) == 1:
+        raise InputError(f"{root} has one class folder only ({classes[0]}): a classifier needs at least two classes")
+    real = {c: os.path.realpath(root / c) for c in classes}
+    ordered = sorted(classes, key=lambda c: real[c])
+    for a, b in zip(ordered, ordered[1:]):
+        if real[b] == real[a] or real[b].startswith(real[a] + os.sep):
+            raise InputError(f"class folders {root / a} and {root / b} are the same folder or one holds the other (through a "
+                             "symbolic link): each image must belong to one class")
+    return classes
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder + os.sep)
+
+
+def list_class_files(class_dir: Path) -> tuple[list[str], list[BadImage], list[tuple[str, str]]]:
+    """(image paths, broken links, ignored (path, why)) of one class folder, by the rules in the module docstring."""
+    top = os.path.realpath(class_dir)
+    files: dict[str, str] = {}  # real path -> listed path
+    bad: list[BadImage] = []
+    ignored: list[tuple[str, str]] = []
+    visited = {top}
+    links: list[str] = []
+
+    def walk(folder: str) -> None:
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as e:
+            raise InputError(f"cannot list {folder}: {e.strerror or e}") from None
+        for e in entries:
+            if is_ignored_name(e.name):
+                ignored.append((e.path, "hidden or system files"))
+            elif e.is_symlink():
+                links.append(e.path)
+            elif e.is_dir(follow_symlinks=False):
+                visited.add(os.path.realpath(e.path))
+                walk(e.path)
+            elif not has_image_extension(e.name):
+                ignored.append((e.path, "files without an image extension"))
+            else:
+                files.setdefault(os.path.realpath(e.path), e.path)
+
+    walk(str(class_dir))  # real files and folders first, so a file reached both ways is listed under its real path
+    while links:
+        link = links.pop(0)
+        target = os.path.realpath(link)
+        if not os.path.exists(target):
+            if has_image_extension(link):
+                bad.append(BadImage(link, "broken symbolic link (its target does not exist or the links loop)"))
+            else:
+                ignored.append((link, "broken links"))
+        elif not _inside(target, top):
+            ignored.append((link, "links leaving their class folder"))
+        elif os.path.isdir(target):
+            if target in visited:
+                ignored.append((link, "links repeating a folder already listed"))
+            else:
+                visited.add(target)
+                walk(link)
+        elif not has_image_extension(link):
+            ignored.append((link, "files without an image extension"))
+        elif target in files:
+            ignored.append((link, "links repeating a file already listed"))
+        else:
+            files[target] = link
+    return sorted(files.values()), bad, ignored
+
+
+# ----------------------------------------------------------------------------- checking
+
+
+def _jpeg_eoi_missing(path: str) -> bool:
+    with open(path, "rb") as f:
+        f.seek(-2, os.SEEK_END)
+        return f.read(2) != b"\xff\xd9"
+
+
+def check_image(path: str | Path, full: bool = False) -> str | None:
+    """None when Pillow reads the file as training will (open, EXIF orientation, pixels decoded); else why not.
+
+    Fast path (default), chosen by benchmarks/bench_verify.py: the file is fully decoded, but a JPEG at 1/8 scale
+    (libjpeg's DCT scaling, Image.draft), which still reads every byte of its data; `full` decodes at full size.
+    Images over Pillow's decompression-bomb limit (Image.MAX_IMAGE_PIXELS, the warning threshold) are refused here,
+    so training never meets one.
+    """
+    path = str(path)
+    try:
+        if os.path.getsize(path) == 0:
+            return "empty file (0 bytes)"
+        with Image.open(path) as img:
+            w, h = img.size
+            if Image.MAX_IMAGE_PIXELS and w * h > Image.MAX_IMAGE_PIXELS:
+                return (f"{w}x{h} = {w * h} pixels, over Pillow's decompression-bomb limit of {Image.MAX_IMAGE_PIXELS} "
+                        "(PIL.Image.MAX_IMAGE_PIXELS)")
+            if img.format == "JPEG" and not full:
+                img.draft(img.mode, (max(1, w // 8), max(1, h // 8)))
+            img.load()
+            ImageOps.exif_transpose(img)
+            if img.format == "JPEG" and not full and _jpeg_eoi_missing(path):
+                # a JPEG cut short at a marker boundary can decode at 1/8 scale: decode it fully to be sure
+                with Image.open(path) as again:
+                    again.load()
+    except UnidentifiedImageError:
+        return "not an image Pillow can read"
+    except Image.DecompressionBombError as e:
+        return f"refused by Pillow's decompression-bomb check: {e}"
+    except Exception as e:  # anything Pillow raises for a file is a reason to list it, not a traceback
+        text = str(e).splitlines()[0] if str(e) else ""
+        return f"{type(e).__name__}: {text}" if text else type(e).__name__
+    return None
+
+
+def check_images(paths: Sequence[str], *, show_progress: bool = True, desc: str = "checking images",
+                 workers: int | None = None, full: bool = False) -> list[str | None]:
+    """check_image over many files in threads (Pillow releases the GIL while decoding), with a progress bar."""
+    workers = workers or min(8, os.cpu_count() or 1)
+    with warnings.catch_warnings():  # over-limit images are reported by check_image, not warned about per file
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            results = pool.map(functools.partial(check_image, full=full), paths)
+            return list(tqdm(results, total=len(paths), desc=desc, leave=False, dynamic_ncols=True,
+                             disable=not show_progress or len(paths) < PROGRESS_FROM))
+
+
+def scan_folder(root: str | Path, *, verify: bool = True, show_progress: bool = True) -> FolderScan:
+    """List (and check) one split folder; raises InputError for the structural problems in the module docstring."""
+    root = Path(root)
+    if not root.is_dir():
+        raise InputError(f"folder not found: {root}")
+    classes = list_classes(root)
+    scan = FolderScan(root, classes)
+    for entry in sorted(os.scandir(root), key=lambda e: e.name):
+        if not entry.is_dir() and not is_ignored_name(entry.name):
+            scan.ignored.append((entry.path, "files outside the class folders"))
+    paths, targets = [], []
+    for idx, name in enumerate(classes):
+        files, broken, ignored = list_class_files(root / name)
+        if not files and not broken:
+            raise InputError(f"class folder {root / name} has no images (files with an image extension Pillow reads: "
+                             f"{', '.join(sorted(image_extensions())[:12])}, ...)")
+        paths += files
+        targets += [idx] * len(files)
+        scan.bad += broken
+        scan.bad_targets += [idx] * len(broken)
+        scan.ignored += ignored
+    reasons = check_images(paths, show_progress=show_progress, desc=f"checking {root.name}/ images") if verify else [None] * len(paths)
+    for path, target, reason in zip(paths, targets, reasons):
+        if reason is None:
+            scan.samples.append((path, target))
+        else:
+            scan.bad.append(BadImage(path, reason))
+            scan.bad_targets.append(target)
+    return scan
+
+
+# ----------------------------------------------------------------------------- reports and errors
+
+
+def bad_images_report(scans: Sequence[FolderScan]) -> str:
+    """The one report of every unreadable file: a header, then "path: reason" per file."""
+    bad = [b for s in scans for b in s.bad]
+    lines = [f"{len(bad)} image file{'s' if len(bad) != 1 else ''} Pillow cannot read:"]
+    lines += [f"  {b.path}: {b.reason}" for b in bad]
+    return "\n".join(lines)
+
+
+def report_bad_images(scans: Sequence[FolderScan], skip: bool) -> str | None:
+    """Before training: with unreadable files, print their report on stderr and stop (InputError, exit 2) unless
+    `skip`; skipping still prints it. Also refuses a class left without a usable image. Returns the report, if any."""
+    bad = [b for s in scans for b in s.bad]
+    report = bad_images_report(scans) if bad else None
+    if bad and not skip:
+        if len(bad) == 1:
+            raise InputError(f"cannot read image {bad[0].path}: {bad[0].reason}; fix: remove or replace the file, or "
+                             "pass --skip_bad_images to leave it out")
+        print(report, file=sys.stderr)
+        raise InputError(f"{len(bad)} image files cannot be read (listed above); fix: remove or replace them, or pass "
+                         "--skip_bad_images to leave them out")
+    if report:
+        print(f"{report}\n  (--skip_bad_images: left out)", file=sys.stderr)
+    for scan in scans:
+        used, _ = scan.counts()
+        empty = [c for c, n in zip(scan.classes, used) if n == 0]
+        if empty:
+            raise InputError(f"class folder {scan.root / empty[0]} has no usable image (every image in it is unreadable, "
+                             "see above): add readable images or remove the folder")
+    return report
+
+
+def check_same_classes(first: Sequence[str], second: Sequence[str], first_name: str, second_name: str, fix: str) -> None:
+    """InputError naming the differing classes unless `first` and `second` are the same list."""
+    if list(first) == list(second):
+        return
+    only_a, only_b = sorted(set(first) - set(second)), sorted(set(second) - set(first))
+    if only_a or only_b:
+        what = f"only in {first_name}: {only_a or 'none'}; only in {second_name}: {only_b or 'none'}"
+    else:
+        i = next(i for i, (a, b) in enumerate(zip(first, second)) if a != b)
+        what = f"same names in another order (class {i} is {first[i]!r} in {first_name}, {second[i]!r} in {second_name})"
+    raise InputError(f"the classes of {first_name} and {second_name} differ: {what}; fix: {fix}")
