@@ -294,7 +294,7 @@ def run_prediction(forward: Forward, paths: Sequence[Path], pre: Preprocess, cla
     if text_mode:
         print(f"model: {header['model']} ({header['engine']}, {header['precision']}, {header['device']})  "
               f"loaded in {header['load_ms']:.1f} ms")
-    bar = tqdm(total=len(paths), unit="img", desc="predict", file=sys.stderr, dynamic_ncols=True, leave=False,
+    bar = tqdm(total=len(paths), unit="img", desc="predict", file=sys.stderr, dynamic_ncols=True,
                disable=not show_progress(args.quiet, text_mode))
 
     def consume(sink: RowWriter | None) -> None:
