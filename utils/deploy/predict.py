@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image
 
 from utils import cli
-from utils.data.preprocess import Preprocess, list_images, preprocess_file
+from utils.data.preprocess import Preprocess, list_images, load_image, preprocess_file
 from utils.errors import InputError
 from utils.io import atomic_path
 
@@ -131,17 +131,35 @@ class LoopOptions:
     repeats: int = 1
 
 
+def unreadable(path: Path, error: Exception) -> InputError:
+    """The one-line InputError for an image file Pillow cannot or will not read."""
+    if isinstance(error, InputError):
+        return error
+    if isinstance(error, Image.DecompressionBombError):
+        return InputError(f"Pillow refused {path}: {error} (its safety limit against decompression bombs; raise "
+                          "PIL.Image.MAX_IMAGE_PIXELS only for images you trust)")
+    return InputError(f"cannot read image {path}: {type(error).__name__}: {error}")
+
+
+# what a hostile file can make a decoder raise besides load_image's own InputError
+DECODE_ERRORS = (InputError, Image.DecompressionBombError, OSError, ValueError, SyntaxError, MemoryError)
+
+
+def read_image(path: Path, channels: int = 3) -> Image.Image:
+    """preprocess.load_image, with every way a file can fail to decode as one InputError (for scripts that analyse
+    images one by one: fcn_resnet18.py, receptive_field_backprop.py)."""
+    try:
+        return load_image(path, channels)
+    except DECODE_ERRORS as e:
+        raise unreadable(path, e) from None
+
+
 def decode(path: Path, pre: Preprocess) -> np.ndarray | str:
     """The model input (CHW float32) of one file, or the one-line reason it cannot be read."""
     try:
         return preprocess_file(path, pre)
-    except InputError as e:
-        return str(e)
-    except Image.DecompressionBombError as e:
-        return (f"Pillow refused {path}: {e} (its safety limit against decompression bombs; raise "
-                "PIL.Image.MAX_IMAGE_PIXELS only for images you trust)")
-    except (OSError, ValueError, SyntaxError, MemoryError) as e:  # whatever else a hostile file makes a decoder raise
-        return f"cannot read image {path}: {type(e).__name__}: {e}"
+    except DECODE_ERRORS as e:
+        return str(unreadable(path, e))
 
 
 def iter_decoded(paths: Sequence[Path], pre: Preprocess, workers: int, ahead: int) -> Iterator[tuple[Path, np.ndarray | str]]:
