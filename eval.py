@@ -1,4 +1,5 @@
-"""Evaluate a trained model into a JSON report (accuracy, per-class accuracy, confusion matrix, size, speed).
+"""Evaluate a trained model into a JSON report (accuracy, per-class precision/recall/F1 with their macro and weighted
+averages, balanced accuracy, confusion matrix, size, speed).
 
 Examples:
   python eval.py --weights weights/FashionMNIST/custom/best.pth
@@ -35,8 +36,8 @@ from utils.data.folders import check_same_classes
 from utils.deploy.artifacts import evaluate_loaded, load_for_eval
 from utils.errors import InputError
 from utils.evaluation.dashboard import MISTAKES_SHOWN, detail_options, evaluation_figures, log_eval_report
-from utils.evaluation.loop import TTA_CHOICES, per_class_accuracy, per_class_precision
-from utils.evaluation.report import default_output, write_summary
+from utils.evaluation.loop import TTA_CHOICES, class_metrics, per_class_accuracy, per_class_precision
+from utils.evaluation.report import class_metrics_text, default_output, write_summary
 from utils.io import atomic_write_text
 from utils.plots import close_figures, save_figure
 
@@ -94,6 +95,8 @@ def main(argv=None) -> int:
         "loss": stats["loss"], "acc1": stats["acc1"], "acc5": stats["acc5"],
         "per_class_acc": per_class_accuracy(stats["confusion_matrix"], classes),
         "per_class_precision": per_class_precision(stats["confusion_matrix"], classes),
+        # precision/recall/f1/support per class, their _macro and _weighted averages, balanced_accuracy
+        **class_metrics(stats, classes),
         "confusion_matrix": stats["confusion_matrix"].tolist(), "classes": classes,
         "params": loaded.params, "size_mb": loaded.size_mb, "img_size": pre.img_size, **loaded.extra,
         # MACs per image of the convolutions and matrix products (FlopCounterMode FLOPs / 2; FLOPs = 2 x MACs)
@@ -122,8 +125,7 @@ def main(argv=None) -> int:
     print(f"{params}size {loaded.size_mb:.2f} MB"
           + (f"  latency {report['latency_ms']:.2f} ms (batch 1)  throughput {report['throughput_img_s']:.0f} img/s "
              f"(batch {report['speed_batch_size']}) on {loaded.device}" if "latency_ms" in report else ""))
-    worst = sorted(report["per_class_acc"].items(), key=lambda kv: kv[1])[:3]
-    print("lowest per-class acc@1: " + ", ".join(f"{c} {a:.3f}" for c, a in worst))
+    print(class_metrics_text(report, classes))
     if grid:
         print(f"misclassified examples: {grid}")
     print(f"report: {out}\nconfusion matrix: {cm_png}")

@@ -16,14 +16,21 @@ With --tensorboard the two pictures and the result also go to TensorBoard, as th
 Without --weights it uses torchvision's ImageNet ResNet18 weights (1000 ImageNet classes); they must be
 downloadable or already in the torch hub cache. With --weights, a project resnet18 checkpoint and its classes.
 
+Several images (files, folders, quoted globs) are analysed one after the other with the network loaded once, each
+into its own <out_dir>/<image name>/; with --json, one JSON object per line. An image that cannot be read
+(missing, not an image, truncated, refused by Pillow's decompression-bomb limit) is reported on one line and
+skipped; the exit code is then 2.
+
 Examples:
     python fcn_resnet18.py --image photo.jpg
     python fcn_resnet18.py --image shirt_on_bed.png --weights weights/MyData/resnet18/best.pth --json
+    python fcn_resnet18.py --image photos/ --weights weights/MyData/resnet18/best.pth
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +38,8 @@ import torch
 
 from utils import cli
 from utils.analysis.fcn import fcn_image_tensor, largest_region_box, load_fcn, map_to_image, rank_classes, score_geometry
-from utils.data.preprocess import eval_transform, load_image
+from utils.data.preprocess import eval_transform
+from utils.deploy.predict import expand_images, read_image
 from utils.errors import InputError
 from utils.io import atomic_write_text
 from utils.tensorboard import add_figure, add_markdown, open_writer
@@ -39,7 +47,8 @@ from utils.tensorboard import add_figure, add_markdown, open_writer
 
 def build_parser():
     p = cli.parser(__doc__)
-    p.add_argument("--image", required=True, help="image file (JPEG, PNG, ...)")
+    p.add_argument("--image", nargs="+", required=True, metavar="IMG",
+                   help="image file(s) (JPEG, PNG, ...), folder(s) (searched recursively) or quoted glob(s)")
     p.add_argument("--weights", default=None, metavar="CKPT",
                    help="project resnet18 checkpoint; default: torchvision's ImageNet ResNet18 weights")
     p.add_argument("--max_side", type=int, default=1024,
@@ -54,15 +63,17 @@ def build_parser():
     return p
 
 
-def analyse(args) -> dict:
-    """Run both networks on the image and compute the map, its maximum and the region box."""
+def check_args(args) -> None:
     if not 0 < args.threshold <= 1:
         raise InputError(f"--threshold must be in (0, 1], got {args.threshold}")
     if args.max_side < 0 or args.topk <= 0:
         raise InputError("--max_side must be >= 0 and --topk > 0")
-    device = cli.resolve_device(args.device)
-    img = load_image(args.image)
-    fcn, resnet, info = load_fcn(args.weights, device)
+
+
+def analyse(args, image: Path, networks: tuple, device) -> dict:
+    """Run both networks on the image and compute the map, its maximum and the region box."""
+    fcn, resnet, info = networks
+    img = read_image(image)
     pre, classes = info.preprocess, info.classes
     x_full, shown = fcn_image_tensor(img, pre, args.max_side)
     x_std = torch.from_numpy(eval_transform(img, pre))[None]
@@ -83,7 +94,7 @@ def analyse(args) -> dict:
     box, reason = largest_region_box(cls_map, args.threshold, centers_y, centers_x, geo_y.stride, (h_img, w_img))
     (fy0, fy1), (fx0, fx1) = geo_y.span(int(iy)), geo_x.span(int(ix))
     return {
-        "image": str(args.image), "image_size_hw": [img.size[1], img.size[0]], "fcn_input_hw": [h_img, w_img],
+        "image": str(image), "image_size_hw": [img.size[1], img.size[0]], "fcn_input_hw": [h_img, w_img],
         "weights": info.source, "score_map_hw": [h_map, w_map],
         "receptive_field": {"size": geo_y.size, "stride": geo_y.stride, "padding": geo_y.padding},
         "fcn_top": [{"class": classes[r["index"]], "index": r["index"], "prob": r["prob"], "map_location": r["location"]}
@@ -143,9 +154,31 @@ def save_figures(res: dict, out_dir: Path, writer=None) -> dict[str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    res = analyse(args)
-    out_dir = Path(args.out_dir) / Path(args.image).stem
-    board = Path(args.log_dir) / "fcn" / Path(args.image).stem if args.tensorboard else None
+    check_args(args)
+    images = expand_images(args.image)
+    device = cli.resolve_device(args.device)
+    networks = load_fcn(args.weights, device)
+    failed = 0
+    for image in images:
+        try:
+            res = analyse(args, image, networks, device)
+        except InputError as e:  # this image only: report it, go on with the others
+            if len(images) == 1:
+                raise
+            print(f"error: {e}", file=sys.stderr)
+            failed += 1
+            continue
+        report(args, image, res, several=len(images) > 1)
+    if failed:
+        print(f"{failed} of {len(images)} image(s) could not be analysed (see the error lines above)", file=sys.stderr)
+        return 2
+    return 0
+
+
+def report(args, image: Path, res: dict, several: bool) -> None:
+    """Write one image's figures and result.json, then print the result (text, or one JSON line)."""
+    out_dir = Path(args.out_dir) / image.stem
+    board = Path(args.log_dir) / "fcn" / image.stem if args.tensorboard else None
     writer = open_writer(board, purge_step=0) if board else None  # purge: a rerun replaces the image's earlier run
     try:
         res["files"] = save_figures(res, out_dir, writer)
@@ -159,8 +192,10 @@ def main(argv: list[str] | None = None) -> int:
             writer.close()
     if args.json:
         print(json.dumps(res))
-        return 0
+        return
     h, w = res["fcn_input_hw"]
+    if several:
+        print()
     print(f"image {res['image']} ({res['image_size_hw'][0]}x{res['image_size_hw'][1]}), weights: {res['weights']}")
     print(f"FCN input {h}x{w} -> score map {res['score_map_hw'][0]}x{res['score_map_hw'][1]} "
           f"(each unit sees {res['receptive_field']['size']} px, stride {res['receptive_field']['stride']} px)\n")
@@ -174,7 +209,6 @@ def main(argv: list[str] | None = None) -> int:
     box = res["region_box"]
     print(f"region box (top, left, bottom, right): {tuple(box) if box else 'none'} - {res['region_note']}")
     print(f"\nwritten: {', '.join(res['files'].values())}" + (f"\nTensorBoard: {board}" if board else ""))
-    return 0
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ Examples:
   python predict.py --model weights/FashionMNIST/custom/converted_models/custom.onnx --image shoe.png
   python predict.py --model custom.onnx --image photos/ --topk 3 --json
   python predict.py --model custom.pt --image 'samples/*.png' --device cuda
+  python predict.py --model custom.onnx --image big_folder/ --output predictions.csv --batch_size 64
 
 Class names and preprocessing (size, resize, crop, mean, std, channels) are read from the artifact's
 metadata, written by export.py; --classes is only needed for artifacts without names. Images go
@@ -11,8 +12,12 @@ through the same eval transform as training-time validation (utils/preprocess.py
 any Pillow mode (grayscale, RGBA, palette, CMYK, 16-bit) converted to the model's channels.
 
 Prints the top-k classes with probabilities per image, the model load time and the median inference
-time (batch 1, after warm-up). An unreadable image is reported on one line and the others are still
-predicted; the exit code is then 2. The ONNX path imports numpy, Pillow and onnxruntime only.
+time per image (after warm-up). Images are decoded in threads while the model runs on batches of --batch_size;
+--output FILE.csv or FILE.jsonl streams one row per image to a file instead (path, top-k classes and
+probabilities, error), with a progress bar, in constant memory whatever the folder size. An image that cannot
+be read (missing, not an image, truncated, refused by Pillow's decompression-bomb limit) or whose scores come
+out NaN is reported on one line (and in the file's error column) and the others are still predicted; the exit
+code is then 2. The ONNX path imports numpy, Pillow, tqdm and onnxruntime only.
 """
 
 from __future__ import annotations
@@ -24,7 +29,16 @@ import numpy as np
 from utils import cli
 from utils.data.preprocess import Preprocess
 from utils.deploy.metadata import ONNX_SUFFIXES, TORCHSCRIPT_SUFFIXES, artifact_kind
-from utils.deploy.predict import WARMUP_RUNS, add_predict_args, expand_images, load_class_names, predict_files, report, resolve_classes
+from utils.deploy.predict import (
+    WARMUP_RUNS,
+    LoopOptions,
+    add_predict_args,
+    check_output,
+    expand_images,
+    load_class_names,
+    resolve_classes,
+    run_prediction,
+)
 from utils.deploy.runtime import OnnxModel, pool_score_map
 from utils.errors import InputError
 
@@ -66,8 +80,12 @@ def fallback_preprocess(img_size: int | None, shape: list, path: str) -> Preproc
 
 
 def load_onnx(args):
-    model = OnnxModel(args.model, args.device)
+    # idle ORT threads sleep rather than spin while decoding threads need the cores
+    model = OnnxModel(args.model, args.device, spinning=args.num_workers == 0)
     pre = model.preprocess or fallback_preprocess(args.img_size, model.input_shape, args.model)
+    model.check_input(pre)
+    if model.max_batch is not None and model.max_batch < args.batch_size:
+        args.batch_size = model.max_batch  # exported with a fixed batch size: run it that way
     return model, pre, model.metadata, model.num_outputs, model.providers[0]
 
 
@@ -91,6 +109,7 @@ def load_torchscript(args):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    check_output(args.output, args.exist_ok)  # before any work: never replace a file by accident
     engine = infer_engine(args.model, args.engine)
     paths = expand_images(args.image)
     if engine == "torchscript":
@@ -99,10 +118,10 @@ def main(argv=None) -> int:
     forward, pre, meta, num_outputs, device = load_onnx(args) if engine == "onnx" else load_torchscript(args)
     load_ms = (time.perf_counter() - start) * 1000.0
     classes = resolve_classes(meta.get("classes"), load_class_names(args.classes), num_outputs)
-    results = predict_files(forward, paths, pre, classes, args.topk, WARMUP_RUNS, args.repeats)
     header = {"model": args.model, "engine": "onnxruntime" if engine == "onnx" else "torchscript",
               "precision": meta.get("precision", "fp32"), "device": device, "load_ms": load_ms, "warmup": WARMUP_RUNS}
-    return report(results, header, args.json, args.topk)
+    opts = LoopOptions(args.batch_size, args.num_workers, WARMUP_RUNS, args.repeats)
+    return run_prediction(forward, paths, pre, classes, header, args, opts)
 
 
 if __name__ == "__main__":

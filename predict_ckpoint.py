@@ -3,9 +3,11 @@
 Examples:
   python predict_ckpoint.py --weights weights/FashionMNIST/custom/best.pth --image shoe.png
   python predict_ckpoint.py --weights best.pth --image photos/ --topk 3 --json --device cuda
+  python predict_ckpoint.py --weights best.pth --image big_folder/ --output predictions.jsonl
 
 Model, class names and preprocessing come from the checkpoint (EMA weights when it has them). Use
 this to check a checkpoint before exporting it; deploy with export.py + predict.py, which start faster.
+Batches, decoding threads, --output files and bad-file handling are predict.py's (the same loop).
 """
 
 from __future__ import annotations
@@ -17,7 +19,16 @@ import torch
 
 from utils import cli
 from utils.checkpoint import build_from_checkpoint, load_checkpoint
-from utils.deploy.predict import WARMUP_RUNS, add_predict_args, expand_images, load_class_names, predict_files, report, resolve_classes
+from utils.deploy.predict import (
+    WARMUP_RUNS,
+    LoopOptions,
+    add_predict_args,
+    check_output,
+    expand_images,
+    load_class_names,
+    resolve_classes,
+    run_prediction,
+)
 from utils.deploy.runtime import pool_score_map
 
 
@@ -31,6 +42,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    check_output(args.output, args.exist_ok)  # before any work: never replace a file by accident
     paths = expand_images(args.image)
     device = cli.resolve_device(args.device)
     start = time.perf_counter()
@@ -44,13 +56,13 @@ def main(argv=None) -> int:
             return pool_score_map(model(torch.from_numpy(x).to(device)).float()).cpu().numpy()
 
     classes = resolve_classes(info.classes, load_class_names(args.classes), info.num_classes)
-    results = predict_files(forward, paths, info.preprocess, classes, args.topk, WARMUP_RUNS, args.repeats)
     precision = ckpt.get("precision", "fp32")
     if precision == "fp16":
         precision = "fp16 weights, computed in fp32"
     header = {"model": args.weights, "engine": "pytorch", "precision": precision,
               "device": str(device), "load_ms": load_ms, "warmup": WARMUP_RUNS}
-    return report(results, header, args.json, args.topk)
+    opts = LoopOptions(args.batch_size, args.num_workers, WARMUP_RUNS, args.repeats)
+    return run_prediction(forward, paths, info.preprocess, classes, header, args, opts)
 
 
 if __name__ == "__main__":

@@ -18,14 +18,21 @@ their boxes), theoretical_grad.npy / effective_grad.npy / net_grad.npy (raw (C, 
 result.json. With --tensorboard the pictures, each field's normalised |gradient| as an image, and the result also go
 to TensorBoard, as the run <log_dir>/receptive_field/<image name>/.
 
+Several images (files, folders, quoted globs) are analysed one after the other with the network loaded once, each
+into its own <out_dir>/<image name>/; with --json, one JSON object per line. An image that cannot be read
+(missing, not an image, truncated, refused by Pillow's decompression-bomb limit), or whose score map does not
+contain --pixel, is reported on one line and skipped; the exit code is then 2.
+
 Examples:
     python receptive_field_backprop.py --image photo.jpg
+    python receptive_field_backprop.py --image photos/ --weights weights/MyData/resnet18/best.pth
     python receptive_field_backprop.py --image photo.jpg --weights weights/MyData/resnet18/best.pth --pixel 3 5
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +41,7 @@ import torch
 from utils import cli
 from utils.analysis import receptive_field as rf
 from utils.analysis.fcn import fcn_image_tensor, load_fcn, map_to_image, rank_classes, score_geometry
-from utils.data.preprocess import load_image
+from utils.deploy.predict import expand_images, read_image
 from utils.errors import InputError
 from utils.io import atomic_path, atomic_write_text
 from utils.tensorboard import add_figure, add_markdown, open_writer
@@ -42,7 +49,8 @@ from utils.tensorboard import add_figure, add_markdown, open_writer
 
 def build_parser():
     p = cli.parser(__doc__)
-    p.add_argument("--image", required=True, help="image file (JPEG, PNG, ...)")
+    p.add_argument("--image", nargs="+", required=True, metavar="IMG",
+                   help="image file(s) (JPEG, PNG, ...), folder(s) (searched recursively) or quoted glob(s)")
     p.add_argument("--weights", default=None, metavar="CKPT",
                    help="project resnet18 checkpoint; default: torchvision's ImageNet ResNet18 weights")
     p.add_argument("--pixel", type=int, nargs=2, default=None, metavar=("Y", "X"),
@@ -64,14 +72,16 @@ def _box_dict(box):
                                      "height": box[2] - box[0] + 1, "width": box[3] - box[1] + 1}
 
 
-def analyse(args) -> tuple[dict, dict]:
+def check_args(args) -> None:
     if not 0 <= args.threshold < 1:
         raise InputError(f"--threshold must be in [0, 1), got {args.threshold}")
     if args.max_side < 0:
         raise InputError(f"--max_side must be >= 0, got {args.max_side}")
-    device = cli.resolve_device(args.device)
-    img = load_image(args.image)
-    fcn, _, info = load_fcn(args.weights, device)
+
+
+def analyse(args, image: Path, networks: tuple, device) -> tuple[dict, dict]:
+    fcn, _, info = networks
+    img = read_image(image)
     classes = info.classes
     x, shown = fcn_image_tensor(img, info.preprocess, args.max_side)
     c, h, w = x.shape[1:]
@@ -99,7 +109,7 @@ def analyse(args) -> tuple[dict, dict]:
 
     t_box = rf.support_box(theoretical, 0.0)
     res = {
-        "image": str(args.image), "fcn_input_hw": [h, w], "weights": info.source,
+        "image": str(image), "fcn_input_hw": [h, w], "weights": info.source,
         "predicted_class": classes[cls], "class_index": cls, "score_map_hw": list(cls_map.shape),
         "pixel": list(pixel), "pixel_is_max": args.pixel is None,
         "analytic": {"rf": local[0].size, "stride": local[0].stride, "padding": local[0].padding,
@@ -198,9 +208,31 @@ def save_outputs(res: dict, arrays: dict, out_dir: Path, writer=None) -> dict[st
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    res, arrays = analyse(args)
-    out_dir = Path(args.out_dir) / Path(args.image).stem
-    board = Path(args.log_dir) / "receptive_field" / Path(args.image).stem if args.tensorboard else None
+    check_args(args)
+    images = expand_images(args.image)
+    device = cli.resolve_device(args.device)
+    networks = load_fcn(args.weights, device)
+    failed = 0
+    for image in images:
+        try:
+            res, arrays = analyse(args, image, networks, device)
+        except InputError as e:  # this image only: report it, go on with the others
+            if len(images) == 1:
+                raise
+            print(f"error: {e}", file=sys.stderr)
+            failed += 1
+            continue
+        report(args, image, res, arrays, several=len(images) > 1)
+    if failed:
+        print(f"{failed} of {len(images)} image(s) could not be analysed (see the error lines above)", file=sys.stderr)
+        return 2
+    return 0
+
+
+def report(args, image: Path, res: dict, arrays: dict, several: bool) -> None:
+    """Write one image's gradients, figures and result.json, then print the result (text, or one JSON line)."""
+    out_dir = Path(args.out_dir) / image.stem
+    board = Path(args.log_dir) / "receptive_field" / image.stem if args.tensorboard else None
     writer = open_writer(board, purge_step=0) if board else None  # purge: a rerun replaces the image's earlier run
     try:
         res["files"] = save_outputs(res, arrays, out_dir, writer)
@@ -213,8 +245,10 @@ def main(argv: list[str] | None = None) -> int:
             writer.close()
     if args.json:
         print(json.dumps(res))
-        return 0
+        return
     a, t = res["analytic"], res["theoretical"]
+    if several:
+        print()
 
     def fmt(b):
         return "none" if b is None else f"rows {b['top']}-{b['bottom']}, cols {b['left']}-{b['right']} ({b['height']}x{b['width']} px)"
@@ -229,7 +263,6 @@ def main(argv: list[str] | None = None) -> int:
           f"{fmt(res['effective']['box'])}")
     print(f"net field of class : > {res['threshold']:g} of peak {fmt(res['net']['box'])}")
     print(f"\nwritten: {', '.join(res['files'].values())}" + (f"\nTensorBoard: {board}" if board else ""))
-    return 0
 
 
 if __name__ == "__main__":

@@ -62,7 +62,7 @@ class OnnxModel:
     (N, K, h, w) of fully convolutional models are averaged over h, w.
     """
 
-    def __init__(self, path: str | Path, device: str = "auto", threads: int = 0):
+    def __init__(self, path: str | Path, device: str = "auto", threads: int = 0, spinning: bool = True):
         import onnxruntime as ort
 
         self.path = Path(path)
@@ -72,6 +72,8 @@ class OnnxModel:
         options.log_severity_level = 3  # warnings about unused initializers etc. are not the user's business
         if threads:
             options.intra_op_num_threads = threads
+        if not spinning:  # idle inference threads sleep instead of spinning: leaves the cores to decoding threads
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = select_providers(device)
         try:
             self.session = ort.InferenceSession(str(self.path), options, providers=providers)
@@ -94,9 +96,39 @@ class OnnxModel:
     def preprocess(self) -> Preprocess | None:
         return self.metadata.get("preprocess")
 
+    @property
+    def max_batch(self) -> int | None:
+        """The batch size the model was exported with when it is fixed (None: any batch size)."""
+        first = self.input_shape[0] if self.input_shape else None
+        return first if isinstance(first, int) and first > 0 else None
+
+    def check_input(self, pre: Preprocess) -> None:
+        """The images `pre` makes (N, channels, img_size, img_size) must fit the model's declared input: a mismatch
+        (a 1-channel model given RGB preprocessing, a fixed size other than the metadata's) is one clear error
+        before any image is read, not an ONNX Runtime message halfway through a folder."""
+        shape = self.input_shape
+        made = f"{pre.channels}x{pre.img_size}x{pre.img_size} (channels x height x width)"
+        fix = "re-export the model with export.py so its metadata matches its input"
+        if len(shape) != 4:
+            raise InputError(f"{self.path} takes input of shape {shape}, not a batch of images (N, C, H, W): {fix}")
+        _, c, h, w = shape
+        if isinstance(c, int) and c != pre.channels:
+            raise InputError(f"{self.path} expects {c}-channel images but its preprocessing makes {made}: {fix}")
+        for name, dim in (("height", h), ("width", w)):
+            if isinstance(dim, int) and dim != pre.img_size:
+                raise InputError(f"{self.path} expects a fixed input {name} of {dim} px but its preprocessing makes {made}: "
+                                 f"{fix} (or pass --img_size {dim} for a model without preprocessing metadata)")
+
     def raw(self, batch: np.ndarray) -> np.ndarray:
-        """The model's first output as float32, unchanged in shape."""
-        out = self.session.run([self.output_name], {self.input_name: np.ascontiguousarray(batch, dtype=self.input_dtype)})[0]
+        """The model's first output as float32, unchanged in shape. An ONNX Runtime failure on the batch (an input
+        the graph does not accept) is an InputError naming the shape."""
+        feed = {self.input_name: np.ascontiguousarray(batch, dtype=self.input_dtype)}
+        try:
+            out = self.session.run([self.output_name], feed)[0]
+        except Exception as e:  # onnxruntime's own InvalidArgument/Fail/RuntimeException classes
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise InputError(f"ONNX Runtime cannot run {self.path} on a batch of shape {list(batch.shape)} "
+                             f"(the model declares {self.input_shape}): {first}") from None
         return out.astype(np.float32, copy=False)
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:

@@ -98,3 +98,23 @@ def mistakes_figure(mistakes: Mistakes, classes: list[str], pre: Preprocess):
 
 def default_output(model_name: str, fmt: str) -> Path:
     return Path("results") / (f"{model_name}.json" if fmt == "pytorch" else f"{model_name}_{fmt}.json")
+
+
+def class_metrics_text(metrics: dict, classes: list[str], max_rows: int = 20) -> str:
+    """eval.py's compact per-class table (precision, recall, F1, support) and the averages, from class_metrics().
+
+    With more than `max_rows` classes only the `max_rows` lowest-F1 classes are listed (the JSON has them all)."""
+    order = list(classes)
+    shown = order if len(order) <= max_rows else sorted(order, key=lambda c: metrics["f1"][c])[:max_rows]
+    width = max([len("class"), *(len(c) for c in shown)])
+    lines = [f"{'class':<{width}}  precision  recall     f1  support"]
+    lines += [f"{c:<{width}}  {metrics['precision'][c]:9.4f}  {metrics['recall'][c]:6.4f}  {metrics['f1'][c]:6.4f}  "
+              f"{metrics['support'][c]:7d}" for c in shown]
+    if len(shown) < len(order):
+        lines.append(f"({len(order) - len(shown)} more classes in the JSON report; the {len(shown)} lowest F1 shown)")
+    total = sum(metrics["support"].values())
+    for avg in ("macro", "weighted"):
+        lines.append(f"{avg + ' avg':<{width}}  {metrics[f'precision_{avg}']:9.4f}  {metrics[f'recall_{avg}']:6.4f}  "
+                     f"{metrics[f'f1_{avg}']:6.4f}  {total:7d}")
+    lines.append(f"balanced accuracy {metrics['balanced_accuracy']:.4f} (mean recall over the classes with images)")
+    return "\n".join(lines)
