@@ -125,6 +125,7 @@ def get_args_parser():
                    help="tensor = dataset held as one uint8 tensor, augmented in batches on --device (same recipe, much "
                         "faster on CPUs); pil = per-image PIL transforms in DataLoader workers; auto = tensor when the "
                         "images share one size and fit in memory (Fashion-MNIST always)")
+    cli.add_cache_args(p)
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model (first epoch pays minutes of compilation; see benchmarks/README.md)")
     p.add_argument("--cuda", action="store_true", help="require CUDA (error if there is no GPU)")
@@ -181,7 +182,9 @@ def main(argv=None) -> int:
                            f"resume on the run's own dataset ({saved_data}); to fine-tune on another dataset start a new run "
                            f"with --init_from {args.resume}")
     loaders = build_train_loaders(train_set, val_set, pre, augment, pipeline=args.data_pipeline, batch_size=args.batch_size,
-                                  num_workers=args.num_workers, device=device, seed=args.seed, rank=rank, world=world)
+                                  num_workers=args.num_workers, device=device, seed=args.seed, rank=rank, world=world,
+                                  cache=args.cache, cache_dir=args.cache_dir, show_progress=not args.quiet)
+    args.data_used = loaders.record()  # saved in args.json and the checkpoints: the pipeline and cache files this run read
     kwargs = model_kwargs(args.img_size, args.norm_type, pre.channels, args.small_input)
     model = build_model(args.model, len(classes), pretrained=args.pretrained and ckpt is None,
                         freeze_backbone=args.freeze_backbone, **kwargs).to(device)
@@ -309,7 +312,9 @@ def describe_run(args, model, num_train: int, num_val: int, classes: list[str], 
         print(f"TensorBoard logs: {log_dir}  (tensorboard --logdir {args.log_dir} --bind_all --port 6006)")
     print(f"{args.model}: {count_parameters(model) / 1e6:.2f} M params, {num_train} train / {num_val} val images, "
           f"{len(classes)} classes, device {device}" + (f", {world} processes" if world > 1 else "")
-          + f"\ndata pipeline: {loaders.pipeline} ({loaders.reason})\naugmentation: {augment.describe()}"
+          + f"\ndata pipeline: {loaders.pipeline} ({loaders.reason})"
+          + "".join(f"\n{cache.describe()}" for cache in loaders.caches)
+          + f"\naugmentation: {augment.describe()}"
           + (f", then {'Mixup' if args.mixup_alpha else ''}{'/' if args.mixup_alpha and args.cutmix_alpha else ''}"
              f"{'CutMix' if args.cutmix_alpha else ''} on batches (train acc@1 = predictions of the dominant label)"
              if args.mixup_alpha or args.cutmix_alpha else "")

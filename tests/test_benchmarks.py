@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from PIL import Image
 
 from benchmarks import bench_infer, bench_train
 from utils.errors import InputError
@@ -77,3 +78,51 @@ def test_bench_verify_tiny(tmp_path, capsys):
     assert "| method | images | threads | s | images/s | x verify+EOI |" in text
     rows = json.loads((tmp_path / "v.json").read_text())["rows"]
     assert [r["method"] for r in rows] == ["verify+EOI", "draft decode", "full decode"] and all(r["images"] == 6 for r in rows)
+
+
+def test_bench_photos_tiny(tmp_path, capsys):
+    """The photo benchmark end to end on 20 JPEGs: the folder it makes, the rows, the reuse of the folder."""
+    from benchmarks import bench_photos
+
+    out, workdir = tmp_path / "photos.json", tmp_path / "work"
+    argv = ["--images", "20", "--epochs", "2", "--models", "custom", "resnet18", "--img_size", "32", "--batch_size", "4",
+            "--timed_batches", "1", "--num_workers", "0", "--precision", "fp32", "--workdir", str(workdir),
+            "--out", str(out), "--quiet", "--device", "cpu"]
+    assert bench_photos.main(argv) == 0
+    text = capsys.readouterr().out
+    assert "| model | pipeline | train img/s | x PIL |" in text and "python benchmarks/bench_photos.py --images 20" in text
+    photos = sorted((workdir / "folder").rglob("*.jpg"))
+    assert len(photos) == 20 and {p.parent.name for p in photos} == set(bench_photos.CLASSES)
+    assert len(list((workdir / "folder" / "val").rglob("*.jpg"))) == 10  # one per class held out
+    with Image.open(photos[0]) as img:
+        assert img.format == "JPEG" and img.size == (500, 375)
+    payload = json.loads(out.read_text())
+    rows = payload["rows"]
+    assert [(r["model"], r["pipeline"]) for r in rows] == [
+        ("(data only)", "PIL (workers)"), ("(data only)", "cache warm"), ("custom", "PIL (workers)"), ("custom", "cache cold"),
+        ("custom", "cache warm"), ("resnet18", "PIL (workers)"), ("resnet18", "cache cold"), ("resnet18", "cache warm")]
+    for model in ("custom", "resnet18"):
+        pil, cold, warm = [r for r in rows if r["model"] == model]
+        assert cold["build_s"] > 0 and cold["epoch_s"] > cold["build_s"]
+        for r in (cold, warm):
+            assert r["vs_pil"] == pytest.approx(r["images_per_s"] / pil["images_per_s"])
+            assert r["images_per_s"] == pytest.approx(payload["runs"][model]["pil"]["images"] / r["epoch_s"])
+    custom = payload["runs"]["custom"]
+    assert [len(custom[p]["epoch_s"]) for p in ("pil", "cache")] == [2, 2]
+    assert all(0 <= custom[p]["val_acc1"] <= 1 and custom[p]["val_images"] == 10 for p in ("pil", "cache"))
+    assert "val_acc1" not in payload["runs"]["resnet18"]["pil"]  # timed batches only, no accuracy
+    assert payload["machine"]["cpu"] and "bf16_native" in payload["machine"]
+    # a second call with the same parameters reuses the folder
+    before = {p: p.stat().st_mtime_ns for p in photos}
+    bench_photos.make_photo_folder(workdir / "folder", 20, 0.15, 0, show_progress=False)
+    assert {p: p.stat().st_mtime_ns for p in photos} == before
+
+
+def test_bench_photos_bad_flags_are_input_errors(tmp_path):
+    from benchmarks import bench_photos
+
+    with pytest.raises(InputError, match="--val_fraction"):
+        bench_photos.main(["--val_fraction", "1.5", "--workdir", str(tmp_path)])
+    with pytest.raises(InputError, match="--images must be at least 20"):
+        bench_photos.main(["--images", "12", "--workdir", str(tmp_path)])
+    assert not any(tmp_path.iterdir())

@@ -93,7 +93,7 @@ def test_pretrained_offline_fails_fast_with_one_line_naming_the_cache_file(tmp_p
                "HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9", "no_proxy": "", "NO_PROXY": ""}
     proc = run_script("train.py", "--model", "resnet18", "--pretrained", "--dataset", str(image_folder), "--img_size", "32",
                       "--num_workers", "0", "--max_epoch", "1", "--path_to_save", str(tmp_path / "runs"), "--quiet",
-                      env=offline, timeout=120)
+                      "--cache_dir", str(tmp_path / "cache"), env=offline, timeout=120)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr

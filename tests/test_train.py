@@ -77,7 +77,7 @@ def test_image_folder_training_accepts_test_split_and_writes_folder_run(tmp_path
     out = tmp_path / "runs"
     code = train.main(["--dataset", str(image_folder), "--model", "custom", "--img_size", "32", "--max_epoch", "2",
                        "--batch_size", "4", "--num_workers", "0", "--path_to_save", str(out), "--quiet", "--device", "cpu",
-                       "--ema", "--accumulation", "2", "--fp16"])
+                       "--ema", "--accumulation", "2", "--fp16", "--cache_dir", str(tmp_path / "cache")])
     assert code == 0
     run_dir = out / "folder_ds" / "custom"
     assert RUN_FILES <= {p.name for p in run_dir.iterdir()}

@@ -47,6 +47,20 @@ def add_data_args(p: argparse.ArgumentParser, *, batch_size: int = 64, num_worke
                    help="DataLoader worker processes (0 = load in the main process)")
 
 
+def add_cache_args(p: argparse.ArgumentParser) -> None:
+    """--cache and --cache_dir: the decode-once image cache of image folders (utils/data/cache.py)."""
+    p.add_argument("--cache", default="auto", choices=["auto", "off"],
+                   help="decode-once cache for image folders: the first run decodes every image once (shorter side to "
+                        "the eval resize, img_size*256/224, and its central square; val: the exact eval crop), stores the "
+                        "uint8 pixels in a memory-mapped .npy under --cache_dir, and every epoch and later run reads them "
+                        "and augments in batches with the tensor pipeline (on the GPU when training there). Rebuilt "
+                        "when any file is added, removed, replaced or touched. auto = use it for image folders unless "
+                        "--data_pipeline pil, the images already share one size no larger than the cached one, or the "
+                        "files would take more than half the free disk; off = never (Fashion-MNIST never needs it)")
+    p.add_argument("--cache_dir", default="data/.cache", metavar="DIR",
+                   help="where the cache files live (safe to delete; a run rebuilds what it needs)")
+
+
 def add_tensorboard_args(p: argparse.ArgumentParser, what: str, where: str) -> None:
     """--tensorboard and --log_dir for scripts that log `what` to TensorBoard under <log_dir>/`where`/."""
     p.add_argument("--tensorboard", action="store_true", help=f"also log {what} to TensorBoard under <log_dir>/{where}/")

@@ -10,11 +10,15 @@ the eval resize) and its central `resize` x `resize` square. That square holds e
 centred img_size crop) plus the margin the random crops move in; a photo's far left and right edges (for 4:3 photos,
 an eighth of the width each side) are given up so that every image fits one array. Random resized crops are then
 drawn from the square at its stored resolution, so a crop is upsampled from `resize` pixels instead of being cut
-from the full-resolution photo: slightly softer, statistically the same augmentation (tested). For validation, the
-exact eval-transform crop (resize, centre crop img_size) is stored, bit-identical to utils.data.preprocess.
+from the full-resolution photo: slightly softer; on square photos statistically the same augmentation (tested),
+on 4:3 photos the crops cover the central square instead of the whole (squashed) width, i.e. the geometry eval sees.
+For validation, the exact eval-transform crop (resize, centre crop img_size) is stored, bit-identical to
+utils.data.preprocess.
 
-Keyed by the file list, each file's size and modification time, the stored geometry and the format version, so any
-added, removed, replaced or touched file builds a new cache; an unchanged folder reuses it across runs.
+Keyed by the file list, each file's size and modification time, the stored geometry, the Pillow version (its
+resampling defines the pixels) and the format version, so any added, removed, replaced or touched file builds a new
+cache; an unchanged folder reuses it across runs. Files are written under a temporary name and renamed into place
+only when complete (utils.io.atomic_path), so a killed build never leaves a file that a later run trusts.
 """
 
 from __future__ import annotations
@@ -22,27 +26,32 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import PIL
 from tqdm import tqdm
 
 from utils.data.preprocess import Preprocess, center_crop, load_image, resize_shorter
+from utils.data.tensor_pipeline import train_tensor_bytes
 from utils.errors import InputError
-from utils.io import atomic_path, atomic_write_text
+from utils.io import TEMP_MARKER, atomic_path, atomic_write_text
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 CACHE_MODES = ("auto", "off")
 DEFAULT_CACHE_DIR = Path("data") / ".cache"
+DISK_FRACTION = 0.5  # auto uses the cache when its files need at most this share of the free disk
 
 
 @dataclass(frozen=True)
 class CacheLayout:
     """What one cache file holds: `count` images of `channels` x `side` x `side` uint8 pixels, made by `kind`
-    ("train": shorter side to `resize`, central square; "eval": the eval transform's crop)."""
+    ("train": shorter side to `resize`, central square; "val": the eval transform's crop)."""
 
     kind: str
     side: int
@@ -51,54 +60,188 @@ class CacheLayout:
     interpolation: str
 
     @classmethod
-    def for_split(cls, kind: str, pre: Preprocess) -> CacheLayout:
+    def for_split(cls, kind: str, pre: Preprocess, channels: int | None = None) -> CacheLayout:
         side = pre.resize if kind == "train" else pre.img_size
-        return cls(kind, side, pre.resize, pre.channels, pre.interpolation)
+        return cls(kind, side, pre.resize, channels or pre.channels, pre.interpolation)
+
+    def nbytes(self, count: int) -> int:
+        return count * self.channels * self.side * self.side
+
+
+@dataclass
+class CacheInfo:
+    """One cache file as a run used it (printed at start-up, saved in args.json and the checkpoint's args)."""
+
+    kind: str
+    path: str
+    built: bool
+    seconds: float  # build time (0 when warm)
+    images: int
+    nbytes: int
+
+    def describe(self) -> str:
+        state = f"built in {self.seconds:.1f} s" if self.built else "warm"
+        return f"data: cache {self.path} ({state}; {self.images} {self.kind} images, {self.nbytes / 2**20:.1f} MiB)"
 
 
 def cache_key(paths: Sequence[str | Path], layout: CacheLayout) -> str:
-    """sha256 of the format version, the layout, and every file's path, size and modification time (ns), in order."""
-    h = hashlib.sha256(json.dumps({"version": CACHE_VERSION, **asdict(layout)}, sort_keys=True).encode())
+    """sha256 of the format version, Pillow's version, the layout, and every file's absolute path, size and
+    modification time (ns), in order."""
+    header = {"version": CACHE_VERSION, "pillow": PIL.__version__, **asdict(layout)}
+    h = hashlib.sha256(json.dumps(header, sort_keys=True).encode())
     for path in paths:
-        st = os.stat(path)
+        try:
+            st = os.stat(path)
+        except OSError as e:
+            raise InputError(f"cannot read image {path}: {e.strerror or e} (remove it from the folder or restore it)") from None
         h.update(f"{os.path.abspath(path)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:32]
 
 
+def folder_tag(paths: Sequence[str | Path]) -> str:
+    """A short hash of the images' common folder: names the cache files of one dataset split, so a rebuild can
+    remove that split's outdated files and nothing else."""
+    if not paths:
+        return "empty"
+    common = os.path.commonpath([os.path.abspath(p) for p in paths]) if len(paths) > 1 else os.path.dirname(os.path.abspath(paths[0]))
+    return hashlib.sha256(common.encode()).hexdigest()[:8]
+
+
+def cache_path(paths: Sequence[str | Path], layout: CacheLayout, cache_dir: str | Path = DEFAULT_CACHE_DIR) -> Path:
+    return Path(cache_dir) / f"{layout.kind}-{layout.side}px-{folder_tag(paths)}-{cache_key(paths, layout)}.npy"
+
+
 def decode(path: str | Path, layout: CacheLayout) -> np.ndarray:
-    """One image as the cache stores it: uint8 (channels, side, side)."""
+    """One image as the cache stores it: uint8 (channels, side, side), made by utils.data.preprocess's own
+    functions (so the val layout is exactly the eval transform's crop)."""
     img = resize_shorter(load_image(path, layout.channels), layout.resize, layout.interpolation)
     arr = np.asarray(center_crop(img, layout.side), dtype=np.uint8)
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
 
-def open_cache(paths: Sequence[str | Path], layout: CacheLayout, cache_dir: str | Path = DEFAULT_CACHE_DIR,
-               show_progress: bool = True, workers: int | None = None) -> tuple[np.ndarray, bool]:
-    """The cached images of `paths` (uint8 (N, C, side, side), memory-mapped, copy-on-write), building the cache file
-    first when there is none for exactly these files. Returns (images, built_now)."""
-    cache_dir = Path(cache_dir)
-    key = cache_key(paths, layout)
-    path = cache_dir / f"{layout.kind}-{layout.side}px-{key}.npy"
-    shape = (len(paths), layout.channels, layout.side, layout.side)
-    if path.is_file():
+def _open_existing(path: Path, shape: tuple[int, ...]) -> np.ndarray | None:
+    """The cache file memory-mapped (copy-on-write: the pipeline never changes it on disk), or None when there is
+    none or it is not a complete array of the expected shape (a damaged file is rebuilt, never trusted)."""
+    if not path.is_file():
+        return None
+    try:
         images = np.load(path, mmap_mode="c")
-        if images.shape == shape and images.dtype == np.uint8:
-            return images, False
+    except (ValueError, OSError, EOFError):
+        return None
+    if images.shape != shape or images.dtype != np.uint8:
+        return None
+    return images
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_leftovers(cache_dir: Path, prefix: str, keep: Path) -> None:
+    """Delete this split's outdated cache files (same kind, size and folder, another key) and temporary files of
+    builds whose process is gone (killed with SIGKILL, so atomic_path could not remove them)."""
+    for entry in cache_dir.iterdir():
+        name = entry.name
+        if name.startswith(prefix) and entry != keep and entry.with_suffix(".npy") != keep:
+            entry.unlink(missing_ok=True)
+        elif name.startswith(".") and TEMP_MARKER in name:
+            pid = name.rsplit(TEMP_MARKER, 1)[1].split(".", 1)[0]
+            if pid.isdigit() and not _pid_alive(int(pid)):
+                entry.unlink(missing_ok=True)
+
+
+def _build(path: Path, paths: Sequence[str | Path], layout: CacheLayout, show_progress: bool, workers: int) -> None:
+    shape = (len(paths), layout.channels, layout.side, layout.side)
+    with atomic_path(path) as tmp:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+        with open(tmp, "r+b") as f:  # reserve the blocks now: a full disk is an OSError here, not a SIGBUS later
+            os.posix_fallocate(f.fileno(), 0, os.path.getsize(tmp))
+        # Pillow releases the GIL while it decodes and resizes, so threads share the work across cores;
+        # chunks keep at most a few hundred decoded images waiting in memory
+        chunk = 64 * workers
+        with ThreadPoolExecutor(max_workers=workers) as pool, \
+                tqdm(total=len(paths), desc=f"caching {layout.kind} images", unit="img", disable=not show_progress,
+                     dynamic_ncols=True, leave=False) as bar:
+            for start in range(0, len(paths), chunk):
+                for i, arr in enumerate(pool.map(lambda p: decode(p, layout), paths[start:start + chunk]), start):
+                    out[i] = arr
+                    bar.update()
+        out.flush()
+        del out
+
+
+def open_cache(paths: Sequence[str | Path], layout: CacheLayout, cache_dir: str | Path = DEFAULT_CACHE_DIR,
+               show_progress: bool = True, workers: int | None = None) -> tuple[np.ndarray, CacheInfo]:
+    """The cached images of `paths` (uint8 (N, C, side, side), memory-mapped, copy-on-write), building the cache file
+    first when there is none for exactly these files (same list, sizes, modification times and geometry)."""
+    cache_dir = Path(cache_dir)
+    path = cache_path(paths, layout, cache_dir)
+    shape = (len(paths), layout.channels, layout.side, layout.side)
+    images = _open_existing(path, shape)
+    if images is not None:
+        return images, CacheInfo(layout.kind, str(path), False, 0.0, len(paths), layout.nbytes(len(paths)))
+    start = time.perf_counter()
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path) as tmp:
-            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
-            # Pillow releases the GIL while it decodes and resizes, so threads use every core
-            with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
-                done = pool.map(lambda p: decode(p, layout), paths)
-                for i, arr in enumerate(tqdm(done, total=len(paths), desc=f"caching {layout.kind} images ({layout.side} px)",
-                                             disable=not show_progress, dynamic_ncols=True, leave=False)):
-                    out[i] = arr
-            out.flush()
-            del out
-        atomic_write_text(path.with_suffix(".json"), json.dumps({"files": len(paths), **asdict(layout),
-                                                                 "version": CACHE_VERSION}, indent=2) + "\n")
+        _build(path, paths, layout, show_progress, workers or os.cpu_count() or 1)
+        atomic_write_text(path.with_suffix(".json"), json.dumps(
+            {"files": len(paths), "first": str(paths[0]) if paths else None, **asdict(layout), "version": CACHE_VERSION,
+             "pillow": PIL.__version__, "built": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=2) + "\n")
+        remove_leftovers(cache_dir, path.name.rsplit("-", 1)[0] + "-", path)
     except OSError as e:
         raise InputError(f"cannot write the image cache in {cache_dir}: {e.strerror or e} (free some space, choose another "
                          "folder with --cache_dir, or train without it: --cache off)") from None
-    return np.load(path, mmap_mode="c"), True
+    images = _open_existing(path, shape)
+    if images is None:
+        raise InputError(f"the image cache {path} was changed while it was built (another process?); run again")
+    return images, CacheInfo(layout.kind, str(path), True, time.perf_counter() - start, len(paths), layout.nbytes(len(paths)))
+
+
+def free_disk(folder: Path) -> int:
+    """Free bytes on the file system that holds `folder` (or its nearest existing parent)."""
+    folder = Path(folder).absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return shutil.disk_usage(folder).free
+
+
+def choose_cache(choice: str, pipeline: str, train_set, val_set, pre: Preprocess,
+                 cache_dir: str | Path = DEFAULT_CACHE_DIR) -> tuple[bool, str]:
+    """Resolve --cache: (use it, why). auto = use it for image folders unless --data_pipeline pil, the images
+    already share one size no larger than the cached one (the tensor pipeline then holds them exactly as they are,
+    in memory), or the cache files would need more than half the free disk."""
+    if choice not in CACHE_MODES:
+        raise InputError(f"unknown --cache {choice!r}: choose from {', '.join(CACHE_MODES)}")
+    if choice == "off":
+        return False, "--cache off"
+    if pipeline == "pil":
+        return False, "--data_pipeline pil"
+    if not (hasattr(train_set, "samples") and hasattr(val_set, "samples")):
+        return False, "the dataset is already held as one uint8 tensor"
+    channels = getattr(train_set, "channels", pre.channels)
+    layout = CacheLayout.for_split("train", pre, channels)
+    native = train_tensor_bytes(train_set, pre)
+    if native is not None and native <= layout.nbytes(len(train_set.samples)):
+        return False, "the images share one size no larger than the cache's: held in memory as they are"
+    needed = layout.nbytes(len(train_set.samples)) + CacheLayout.for_split("val", pre, channels).nbytes(len(val_set.samples))
+    free = free_disk(Path(cache_dir))
+    if needed > DISK_FRACTION * free:
+        return False, (f"the cache would need {needed / 2**30:.1f} GiB, over half the free disk under {cache_dir} "
+                       f"({free / 2**30:.1f} GiB); choose another --cache_dir")
+    return True, f"images decoded once into {cache_dir} ({needed / 2**20:.1f} MiB), augmented in batches"
+
+
+def cached_split(dataset, pre: Preprocess, kind: str, cache_dir: str | Path = DEFAULT_CACHE_DIR,
+                 show_progress: bool = True) -> tuple[np.ndarray, np.ndarray, CacheInfo]:
+    """A folder dataset's images from the cache (built when missing) and its int64 targets, in `samples` order."""
+    paths = [path for path, _ in dataset.samples]
+    layout = CacheLayout.for_split(kind, pre, getattr(dataset, "channels", pre.channels))
+    images, info = open_cache(paths, layout, cache_dir, show_progress)
+    targets = np.asarray([target for _, target in dataset.samples], dtype=np.int64)
+    return images, targets, info

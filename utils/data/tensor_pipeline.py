@@ -352,7 +352,8 @@ def choose_pipeline(choice: str, train_set, val_set, pre: Preprocess) -> tuple[s
     if train_bytes is None:
         reason = "the train images differ in size (the tensor pipeline stores them as one tensor)"
         if choice == "tensor":
-            raise InputError(f"--data_pipeline tensor: {reason}; resize them to one size or use --data_pipeline pil")
+            raise InputError(f"--data_pipeline tensor: {reason}; use the decode-once cache (--cache auto), resize them to "
+                             "one size, or use --data_pipeline pil")
         return "pil", reason
     needed = train_bytes + eval_tensor_bytes(val_set, pre)
     budget = int(available_memory() * MEMORY_FRACTION)
@@ -423,9 +424,11 @@ class TensorTrainLoader:
         self.images, self.targets, self.pre, self.sampler = images, targets, pre, sampler
         self.augment = augment or resolve_augment("auto", pre.img_size)
         self.batch_size, self.device, self.drop_last = batch_size, torch.device(device), drop_last
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and self.images.numel() < MEMORY_FRACTION * 2 * torch.cuda.mem_get_info(self.device)[0]:
             self.images = self.images.to(self.device)  # uint8 on the GPU: indexing there avoids host copies
             self.targets = self.targets.to(self.device)
+        # otherwise (CPU, or a cache larger than half the free GPU memory) each batch is gathered on the host, from
+        # memory or from the memory-mapped cache file, and only the batch moves to the device
 
     def __len__(self) -> int:
         n = len(self.sampler)

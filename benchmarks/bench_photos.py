@@ -1,0 +1,370 @@
+"""Training on photos: epoch images/s of the PIL pipeline vs the decode-once cache (cold: the build included; warm),
+and the held-out accuracy both reach, in one run on one synthetic folder of photo-sized JPEGs.
+
+The folder (made once under --workdir, reused while its parameters match): --images JPEGs of 500x375 px at quality
+90 in 10 classes of visibly different content, all derived from the real pictures matplotlib ships as sample data
+(a photograph, a terrain elevation model, a bathymetry grid, an MRI slice): crops at random positions and scales,
+flips, colour shifts and noise of them, see CLASSES. --val_fraction of each class is held out.
+
+Per model, the same network (same seed) is trained for --epochs epochs twice: with per-image PIL transforms in
+--num_workers DataLoader workers (train.py --data_pipeline pil), and from the cache (train.py --cache auto: the cache
+folder is emptied first, so epoch 1 includes decoding every image once; later epochs read the warm cache). Rows:
+PIL = mean images/s of epochs 2..E (epoch 1 when E = 1), cache cold = train images / (cache build + epoch 1), cache
+warm = mean of epochs 2..E; x PIL = ratio to the PIL row of the same model. Accuracy: acc@1 on the held-out
+split after the last epoch (eval transform; the cache's val crops are bit-identical to it). Models not in
+--accuracy_models (ResNet18 by default: ~10 img/s on 2 cores, an epoch takes minutes) are timed over
+--timed_batches batches per pipeline and their epoch time extrapolated. The "(data only)" rows iterate one epoch of
+the train loader without a network: what the data path itself delivers.
+
+Examples:
+  python benchmarks/bench_photos.py
+  python benchmarks/bench_photos.py --images 600 --epochs 2 --models custom
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import shutil
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils.data import DataLoader, RandomSampler  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from benchmarks.common import OtherLoad, command_line, contention_note, machine_info, table, write_json  # noqa: E402
+from models import MODEL_NAMES, build_model, model_kwargs  # noqa: E402
+from utils import cli  # noqa: E402
+from utils.data.augment import resolve_augment  # noqa: E402
+from utils.data.cache import cached_split  # noqa: E402
+from utils.data.datasets import DataSpec, build_datasets  # noqa: E402
+from utils.data.preprocess import Preprocess  # noqa: E402
+from utils.data.tensor_pipeline import TensorEvalLoader, TensorTrainLoader  # noqa: E402
+from utils.errors import InputError  # noqa: E402
+from utils.evaluation.loop import evaluate  # noqa: E402
+from utils.io import atomic_path  # noqa: E402
+from utils.io import write_json as write_json_file  # noqa: E402
+from utils.precision import bf16_native  # noqa: E402
+from utils.training.engine import TrainState, train_one_epoch  # noqa: E402
+from utils.training.optim import build_optimizer  # noqa: E402
+from utils.training.schedule import WarmupSchedule  # noqa: E402
+
+PHOTO_SIZE = (500, 375)
+JPEG_QUALITY = 90
+DATA_VERSION = 1
+CLASSES = ("portrait", "portrait_blue", "portrait_sepia", "terrain", "hillshade", "bathymetry", "mri_bone", "mri_inferno",
+           "portrait_terrain_blend", "landscape_scene")
+COLUMNS = [("model", "model"), ("pipeline", "pipeline"), ("images_per_s", "train img/s"), ("vs_pil", "x PIL"),
+           ("epoch_s", "epoch s"), ("build_s", "cache build s"), ("val_acc1", "held-out acc@1"), ("note", "note")]
+
+
+def parse_args(argv=None):
+    p = cli.parser(__doc__)
+    p.add_argument("--images", type=cli.positive(), default=2000, help="JPEGs in the folder (train + held-out val)")
+    p.add_argument("--epochs", type=cli.positive(), default=3, help="training epochs per model and pipeline (>= 2 for a warm row)")
+    p.add_argument("--models", nargs="+", default=["custom", "resnet18"], choices=MODEL_NAMES,
+                   help="networks (custom = FashionCNN)")
+    p.add_argument("--img_size", type=cli.positive(), default=224, help="crop size fed to the network")
+    p.add_argument("--batch_size", type=cli.positive(), default=32, help="images per training step")
+    p.add_argument("--num_workers", type=cli.non_negative(), default=2, help="DataLoader workers of the PIL pipeline (train.py's default)")
+    p.add_argument("--val_fraction", type=float, default=0.15, help="share of each class held out for the accuracy")
+    p.add_argument("--base_lr", type=cli.positive(float), default=1e-3, help="AdamW learning rate (cosine decay over the epochs)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="bf16 = bfloat16 autocast (train.py --fp16 on CPU) for both pipelines; auto = bf16 where the CPU "
+                        "(or GPU) has it natively, else fp32")
+    p.add_argument("--accuracy_models", nargs="*", default=["custom"], choices=MODEL_NAMES,
+                   help="models trained for --epochs full epochs per pipeline and evaluated on the held-out split")
+    p.add_argument("--timed_batches", type=cli.positive(), default=10,
+                   help="the other models: training batches timed per pipeline (after one untimed batch)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the folder's content and of the training runs")
+    p.add_argument("--workdir", default="results/benchmarks/photos", help="where the JPEG folder and the cache go")
+    cli.add_device_arg(p)
+    p.add_argument("--out", default="results/benchmarks/bench_photos.json", help="JSON file with every row and the machine")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = p.parse_args(argv)
+    if not 0 < args.val_fraction < 1:
+        raise InputError(f"--val_fraction must be between 0 and 1, got {args.val_fraction}")
+    if args.images < 2 * len(CLASSES):
+        raise InputError(f"--images must be at least {2 * len(CLASSES)} (one train and one val image per class), got {args.images}")
+    return args
+
+
+# ----------------------------------------------------------------------------- the folder of photos
+
+
+def colormap(values: np.ndarray, name: str) -> np.ndarray:
+    """float array -> RGB uint8 through a matplotlib colormap (values scaled to 0-1 by their own range)."""
+    from matplotlib import colormaps
+
+    lo, hi = np.percentile(values, 1), np.percentile(values, 99)
+    return (colormaps[name](np.clip((values - lo) / (hi - lo + 1e-9), 0, 1))[..., :3] * 255).astype(np.uint8)
+
+
+def upsample(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    return np.asarray(Image.fromarray(rgb).resize(size, Image.BICUBIC))
+
+
+def source_pictures() -> tuple[dict[str, np.ndarray], list[str]]:
+    """One RGB canvas per class, all from matplotlib's sample data; and the names of the files used."""
+    from matplotlib import cbook
+
+    used = ["grace_hopper.jpg", "jacksboro_fault_dem.npz", "topobathy.npz", "s1045.ima.gz"]
+    with Image.open(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)) as img:
+        hopper = np.asarray(img.convert("RGB"))  # 600 x 512 photograph
+    dem = np.asarray(np.load(cbook.get_sample_data("jacksboro_fault_dem.npz", asfileobj=False))["elevation"], np.float32)
+    topo = np.asarray(np.load(cbook.get_sample_data("topobathy.npz", asfileobj=False))["topo"], np.float32)
+    with gzip.open(cbook.get_sample_data("s1045.ima.gz", asfileobj=False)) as f:
+        mri = np.frombuffer(f.read(), np.uint16).reshape(256, 256).astype(np.float32)
+    size = (hopper.shape[1], hopper.shape[0])
+    gray = hopper.mean(2, keepdims=True)
+    sepia = np.clip(gray * np.array([1.07, 0.9, 0.66]), 0, 255).astype(np.uint8)
+    gy, gx = np.gradient(dem)
+    shade = np.clip(128 + 3.0 * (gx - gy), 0, 255).astype(np.uint8)
+    terrain = upsample(colormap(dem, "terrain"), size)
+    rng = np.random.default_rng(1)
+    yy, xx = np.mgrid[0:450, 0:600]
+    sky = np.stack([80 + 0.25 * yy, 130 + 0.2 * yy, 230 - 0.05 * yy], -1)
+    ridge = 230 + 60 * np.interp(xx[0], np.linspace(0, 599, dem.shape[1]), (dem[170] - dem[170].mean()) / dem[170].std())
+    scene = np.where((yy > ridge)[..., None], np.array([70, 110, 60]) + rng.normal(0, 12, (450, 600, 3)), sky)
+    scene = np.where((((xx - 460) ** 2 + (yy - 90) ** 2) < 40 ** 2)[..., None], np.array([255, 230, 150]), scene)
+    canvases = {
+        "portrait": hopper, "portrait_blue": hopper[..., [2, 0, 1]], "portrait_sepia": sepia,
+        "terrain": terrain, "hillshade": upsample(np.repeat(shade[..., None], 3, 2), size),
+        "bathymetry": upsample(colormap(topo, "ocean"), (600, 450)),
+        "mri_bone": upsample(colormap(mri, "bone"), (512, 512)), "mri_inferno": upsample(colormap(mri, "inferno"), (512, 512)),
+        "portrait_terrain_blend": ((hopper.astype(np.float32) + terrain) / 2).astype(np.uint8),
+        "landscape_scene": np.clip(scene, 0, 255).astype(np.uint8),
+    }
+    return canvases, used
+
+
+def render_photo(canvas: np.ndarray, rng: np.random.Generator) -> Image.Image:
+    """A 500x375 'photo' of a canvas: a random 4:3 crop (20-100% of the canvas width), flip, colour shift, noise."""
+    h, w = canvas.shape[:2]
+    cw = int(w * rng.uniform(0.45, 1.0))
+    ch = min(h, int(cw * 3 / 4))
+    cw = int(ch * 4 / 3)
+    x, y = rng.integers(0, w - cw + 1), rng.integers(0, h - ch + 1)
+    img = Image.fromarray(canvas).crop((x, y, x + cw, y + ch)).resize(PHOTO_SIZE, Image.BILINEAR)
+    if rng.random() < 0.5:
+        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    arr = np.asarray(img, np.float32) * rng.uniform(0.85, 1.15, 3) + rng.uniform(-15, 15)
+    arr += rng.normal(0, 4, arr.shape).astype(np.float32)
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+
+
+def make_photo_folder(root: Path, images: int, val_fraction: float, seed: int = 0, show_progress: bool = True) -> dict:
+    """Write root/train/<class>/*.jpg and root/val/<class>/*.jpg (reused when root/folder.json matches)."""
+    spec = {"version": DATA_VERSION, "images": images, "val_fraction": val_fraction, "seed": seed,
+            "size": list(PHOTO_SIZE), "quality": JPEG_QUALITY, "classes": list(CLASSES)}
+    marker = root / "folder.json"
+    if marker.is_file() and json.loads(marker.read_text()).get("spec") == spec:
+        return json.loads(marker.read_text())
+    if root.exists():
+        shutil.rmtree(root)
+    canvases, used = source_pictures()
+    per_class = [images // len(CLASSES) + (k < images % len(CLASSES)) for k in range(len(CLASSES))]
+    jobs = []
+    for k, name in enumerate(CLASSES):
+        n_val = max(1, round(per_class[k] * val_fraction))
+        for i in range(per_class[k]):
+            split = "val" if i < n_val else "train"
+            jobs.append((name, root / split / name / f"{name}_{i:05d}.jpg", (seed, k, i)))
+    for split in ("train", "val"):
+        for name in CLASSES:
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+
+    def write(job) -> None:
+        name, path, key = job
+        with atomic_path(path) as tmp:
+            render_photo(canvases[name], np.random.default_rng(key)).save(tmp, "JPEG", quality=JPEG_QUALITY)
+
+    with ThreadPoolExecutor() as pool:
+        list(tqdm(pool.map(write, jobs), total=len(jobs), desc="writing photos", disable=not show_progress, leave=False))
+    info = {"spec": spec, "sources": [f"matplotlib sample data: {name}" for name in used]}
+    write_json_file(marker, info)
+    return info
+
+
+# ----------------------------------------------------------------------------- one training run
+
+
+class Take:
+    """The first `n` batches of a loader, with len() as train_one_epoch expects."""
+
+    def __init__(self, batches, n: int):
+        self.batches, self.n = batches, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        for k, batch in enumerate(self.batches):
+            yield batch
+            if k + 1 == self.n:
+                break
+
+
+def build_loaders(pipeline: str, args, root: Path, device: torch.device):
+    """(train loader, val loader, sampler, cache build seconds, number of classes) of one pipeline; the cache
+    pipeline starts from an empty cache folder, so its build is measured every time."""
+    pre = Preprocess.for_size(args.img_size)
+    augment = resolve_augment("auto", args.img_size)
+    train_set, val_set, classes = build_datasets(DataSpec(str(root)), pre, verify=False, augment=augment)
+    sampler = RandomSampler(train_set, generator=torch.Generator())
+    if pipeline == "pil":
+        train = DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
+                           drop_last=True, pin_memory=device.type == "cuda")
+        val = DataLoader(val_set, batch_size=2 * args.batch_size, num_workers=args.num_workers)
+        return train, val, sampler, 0.0, len(classes)
+    cache_dir = Path(args.workdir) / "cache"
+    shutil.rmtree(cache_dir, ignore_errors=True)
+    start = time.perf_counter()
+    images, targets, _ = cached_split(train_set, pre, "train", cache_dir, not args.quiet)
+    build_s = time.perf_counter() - start
+    train = TensorTrainLoader(torch.from_numpy(images), torch.from_numpy(targets), pre, sampler, args.batch_size, device,
+                              True, augment)
+    val_images, val_targets, _ = cached_split(val_set, pre, "val", cache_dir, not args.quiet)
+    val = TensorEvalLoader(torch.from_numpy(val_images), torch.from_numpy(val_targets), pre, 2 * args.batch_size, device)
+    return train, val, sampler, build_s, len(classes)
+
+
+def data_only(pipeline: str, args, root: Path, device: torch.device) -> dict:
+    """One epoch of the train loader alone (decode/augment, no network): the data path's own images/s."""
+    train, _, sampler, build_s, _ = build_loaders(pipeline, args, root, device)
+    sampler.generator.manual_seed(args.seed)
+    start = time.perf_counter()
+    count = sum(len(targets) for _, targets in tqdm(train, desc=f"data only ({pipeline})", disable=args.quiet, leave=False))
+    return {"seconds": time.perf_counter() - start, "images": count, "build_s": build_s}
+
+
+def train_run(model_name: str, pipeline: str, args, root: Path, device: torch.device) -> dict:
+    """One model on one pipeline from the same seed: --epochs full epochs and the held-out acc@1 (models in
+    --accuracy_models), or --timed_batches batches after one untimed batch (the others: too slow for full epochs
+    on a few cores; their epoch time is extrapolated from the measured rate)."""
+    train, val, sampler, build_s, num_classes = build_loaders(pipeline, args, root, device)
+    torch.manual_seed(args.seed)
+    model = build_model(model_name, num_classes, **model_kwargs(args.img_size)).to(device)
+    full = model_name in args.accuracy_models
+    epochs = args.epochs if full else 1
+    optimizer = build_optimizer(model, "adamw", lr=args.base_lr, weight_decay=0.05, momentum=0.9)
+    schedule = WarmupSchedule(optimizer, steps_per_epoch=len(train), max_epoch=epochs, wp_epoch=0, base_lr=args.base_lr,
+                              min_lr=args.base_lr / 100)
+    bf16 = args.precision == "bf16"
+    state = TrainState(optimizer=optimizer, scheduler=schedule, amp=bf16, amp_dtype="bfloat16" if bf16 else "auto")
+    criterion = nn.CrossEntropyLoss()
+    epoch_s, timed = [], []
+    for epoch in range(epochs):
+        sampler.generator.manual_seed(args.seed + epoch)
+        torch.manual_seed(args.seed + 1000 + epoch)
+        if full:
+            start = time.perf_counter()
+            train_one_epoch(model, train, criterion, state, device, epoch + 1, not args.quiet)
+            epoch_s.append(time.perf_counter() - start)
+        else:
+            batches, n = iter(train), max(1, min(args.timed_batches, len(train) - 1))
+            train_one_epoch(model, Take(batches, 1), criterion, state, device, 0, False)  # untimed: first-call costs
+            start = time.perf_counter()
+            train_one_epoch(model, Take(batches, n), criterion, state, device, 0, not args.quiet)
+            timed = [time.perf_counter() - start, n * args.batch_size]
+            del batches  # shuts the PIL workers down
+    out = {"epoch_s": epoch_s, "images": len(train) * args.batch_size, "build_s": build_s, "full_epochs": full}
+    if timed:
+        out["timed_s"], out["timed_images"] = timed
+        out["epoch_s"] = [out["images"] / (timed[1] / timed[0])] * 2  # extrapolated: epoch 1 (cold) and a later one
+    if full:
+        result = evaluate(model, val, device, num_classes, amp=bf16, amp_dtype="bfloat16" if bf16 else "auto",
+                          show_progress=False)
+        out["val_acc1"], out["val_images"] = result["acc1"], len(val.dataset) if hasattr(val, "dataset") else len(val.targets)
+    return out
+
+
+def rows_for(model_name: str, pil: dict, cache: dict) -> list[dict]:
+    """PIL, cache cold and cache warm rows of one model (steady state = epochs 2..E when there are two or more)."""
+
+    def steady(run: dict) -> float:
+        seconds = run["epoch_s"][1:] or run["epoch_s"]
+        return sum(seconds) / len(seconds)
+
+    n = pil["images"]
+    pil_rate = n / steady(pil)
+    cold_s = cache["build_s"] + cache["epoch_s"][0]
+    how = "" if pil["full_epochs"] else f"epoch extrapolated from {pil['timed_images']} images"
+    rows = [
+        {"model": model_name, "pipeline": "PIL (workers)", "images_per_s": pil_rate, "vs_pil": 1.0, "epoch_s": steady(pil),
+         "build_s": None, "val_acc1": pil.get("val_acc1"), "note": how},
+        {"model": model_name, "pipeline": "cache cold", "images_per_s": n / cold_s, "vs_pil": n / cold_s / pil_rate,
+         "epoch_s": cold_s, "build_s": cache["build_s"], "val_acc1": None,
+         "note": "epoch 1 incl. decoding every image once" + (f"; {how}" if how else "")},
+    ]
+    if len(cache["epoch_s"]) > 1:
+        rows.append({"model": model_name, "pipeline": "cache warm", "images_per_s": n / steady(cache),
+                     "vs_pil": n / steady(cache) / pil_rate, "epoch_s": steady(cache), "build_s": None,
+                     "val_acc1": cache.get("val_acc1"), "note": how})
+    else:
+        rows[1]["val_acc1"] = cache.get("val_acc1")
+    return rows
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = cli.resolve_device(args.device)
+    if args.precision == "auto":
+        args.precision = "bf16" if bf16_native(device) else "fp32"
+    meter = OtherLoad()
+    machine = machine_info(device)
+    root = Path(args.workdir) / "folder"
+    start = time.perf_counter()
+    folder = make_photo_folder(root, args.images, args.val_fraction, args.seed, not args.quiet)
+    make_s = time.perf_counter() - start
+    rows, runs = [], {}
+    data = {pipeline: data_only(pipeline, args, root, device) for pipeline in ("pil", "cache")}
+    pil_data_rate = data["pil"]["images"] / data["pil"]["seconds"]
+    rows.append({"model": "(data only)", "pipeline": "PIL (workers)", "images_per_s": pil_data_rate, "vs_pil": 1.0,
+                 "epoch_s": data["pil"]["seconds"], "note": "decode + augment, no network"})
+    rows.append({"model": "(data only)", "pipeline": "cache warm", "images_per_s": data["cache"]["images"] / data["cache"]["seconds"],
+                 "vs_pil": data["cache"]["images"] / data["cache"]["seconds"] / pil_data_rate, "epoch_s": data["cache"]["seconds"],
+                 "build_s": data["cache"]["build_s"], "note": "read + augment, no network"})
+    for model_name in args.models:
+        runs[model_name] = {pipeline: train_run(model_name, pipeline, args, root, device) for pipeline in ("pil", "cache")}
+        rows += rows_for(model_name, runs[model_name]["pil"], runs[model_name]["cache"])
+        if not sys.stderr.isatty():
+            print(f"[{model_name}] done", file=sys.stderr, flush=True)
+    note = contention_note(meter, machine["cores"])
+    command = command_line("bench_photos.py", argv)
+    evaluated = [run for model_runs in runs.values() for run in model_runs.values() if "val_acc1" in run]
+    n_val = evaluated[0]["val_images"] if evaluated else 0
+    noise = max((math.sqrt(2 * r["val_acc1"] * (1 - r["val_acc1"]) / n_val) for r in evaluated), default=None)
+    print(f"## Training on photos: PIL pipeline vs decode-once cache ({machine['cpu']}, {machine['cores']} cores, "
+          f"bf16 native: {'yes' if machine['bf16_native'] else 'no'}, torch {machine['torch']}, device {device}, "
+          f"{machine['time']})\n")
+    print(table(rows, COLUMNS))
+    print(f"\n{args.images} JPEGs of {PHOTO_SIZE[0]}x{PHOTO_SIZE[1]} px (quality {JPEG_QUALITY}, {len(CLASSES)} classes, "
+          f"made from {', '.join(s.split(': ')[1] for s in folder['sources'])} of matplotlib's sample data), "
+          f"{data['pil']['images']} trained per epoch, {n_val} held out; {args.img_size} px, batch {args.batch_size}, "
+          f"{args.precision}, PIL with {args.num_workers} workers. Steady state = mean of epochs 2..{args.epochs} "
+          f"({', '.join(args.accuracy_models) or 'no model'}: --epochs {args.epochs} full epochs, then held-out acc@1"
+          + (f"; two runs' difference has a standard deviation of about {noise:.3f}, binomial over {n_val} images" if noise
+             else "") + f"); other models: {args.timed_batches} timed batches per pipeline, epoch time extrapolated.")
+    if note:
+        print(f"\n{note}")
+    print(f"\nreproduce: {command}")
+    payload = {"rows": rows, "runs": runs, "machine": machine, "command": command, "folder": folder,
+               "folder_seconds": round(make_s, 1), "accuracy_noise_sd": noise, "contention": note,
+               "data_only": data, "precision": args.precision}
+    write_json(args.out, payload)
+    print(f"written: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main)
