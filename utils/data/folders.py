@@ -343,3 +343,18 @@ def check_same_classes(first: Sequence[str], second: Sequence[str], first_name: 
         i = next(i for i, (a, b) in enumerate(zip(first, second)) if a != b)
         what = f"same names in another order (class {i} is {first[i]!r} in {first_name}, {second[i]!r} in {second_name})"
     raise InputError(f"the classes of {first_name} and {second_name} differ: {what}; fix: {fix}")
+
+
+def check_listed(root: str | Path, classes: list[str], samples: Sequence[tuple[str, int]], *, verify: bool = True,
+                 show_progress: bool = True) -> FolderScan:
+    """A FolderScan of files listed elsewhere (a recorded split): each is checked like scan_folder's."""
+    scan = FolderScan(Path(root), list(classes))
+    paths = [p for p, _ in samples]
+    reasons = check_images(paths, show_progress=show_progress, desc="checking images") if verify else [None] * len(paths)
+    for (path, target), reason in zip(samples, reasons):
+        if reason is None:
+            scan.samples.append((path, target))
+        else:
+            scan.bad.append(BadImage(path, reason))
+            scan.bad_targets.append(target)
+    return scan
