@@ -84,6 +84,12 @@ def test_split_errors(tmp_path):
             stratified_split(root, [], [], bad, 0)
     with pytest.raises(InputError, match=r"has no val/ \(or test/\) folder: train.py splits such a folder"):
         build_eval_dataset(DataSpec(str(root)), PRE)
+    import train
+
+    full = make_image_folder(tmp_path / "full")  # has val/: the fraction is unused, and still checked first
+    with pytest.raises(InputError, match=r"--val_fraction must be between 0 and 1 \(exclusive\), got 1.0"):
+        train.main(["--dataset", str(full), "--val_fraction", "1", "--path_to_save", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
 
 
 def test_eval_uses_exactly_the_held_out_files(tmp_path, capsys):

@@ -144,7 +144,8 @@ def list_classes(root: Path) -> list[str]:
             raise InputError(f"class folders {root / other} and {root / c} differ only by case (they would be one folder on "
                              "macOS and Windows): rename or merge one of them")
     if len(classes) == 1:
-        raise InputError(f"{root} has one class folder only ({classes[0]}): a classifier needs at least two classes")
+        raise InputError(f"{root} has one class folder only ({classes[0]}): a classifier needs at least two classes; "
+                         "fix: add a folder per class")
     real = {c: os.path.realpath(root / c) for c in classes}
     ordered = sorted(classes, key=lambda c: real[c])
     for a, b in zip(ordered, ordered[1:]):
@@ -248,7 +249,7 @@ def check_image(path: str | Path, full: bool = False) -> str | None:
     except UnidentifiedImageError:
         return "not an image Pillow can read"
     except Image.DecompressionBombError as e:
-        return f"refused by Pillow's decompression-bomb check: {e}"
+        return f"refused by Pillow's decompression-bomb check: {str(e).rstrip('.')}"
     except Exception as e:  # anything Pillow raises for a file is a reason to list it, not a traceback
         text = str(e).splitlines()[0] if str(e) else ""
         return f"{type(e).__name__}: {text}" if text else type(e).__name__
