@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 from torchvision import datasets, transforms
 
 from utils.data.augment import Augment, auto_augment_policy, resolve_augment
-from utils.data.folders import FolderScan, check_images, check_listed, check_same_classes, report_bad_images, scan_folder
+from utils.data.folders import FolderScan, check_disjoint, check_images, check_listed, check_same_classes, report_bad_images, scan_folder
 from utils.data.preprocess import Preprocess, eval_transform, load_image
 from utils.data.splits import from_record, split_source, stratified_split
 from utils.errors import InputError
@@ -228,6 +228,7 @@ def build_datasets(spec: DataSpec, pre: Preprocess, verify: bool = True, augment
     check_same_classes(train_scan.classes, val_scan.classes, str(train_dir), str(val_dir),
                        "give both splits the same class folders")
     report_bad_images([train_scan, val_scan], spec.skip_bad_images)
+    check_disjoint(train_scan, val_scan)
     train_ds = CheckedImageFolder(train_dir, train_tf, pre.channels, scan=train_scan)
     val_ds = CheckedImageFolder(val_dir, val_tf, pre.channels, scan=val_scan)
     return train_ds, val_ds, list(train_ds.classes)

@@ -333,6 +333,17 @@ def report_bad_images(scans: Sequence[FolderScan], skip: bool) -> str | None:
     return report
 
 
+def check_disjoint(first: FolderScan, second: FolderScan) -> None:
+    """InputError when one file is in both splits (a class folder of one linked into the other): validation would
+    measure images the network trained on."""
+    real = {os.path.realpath(p): p for p, _ in first.samples}
+    shared = [(real[os.path.realpath(p)], p) for p, _ in second.samples if os.path.realpath(p) in real]
+    if shared:
+        raise InputError(f"{len(shared)} image file{'s are' if len(shared) > 1 else ' is'} in both {first.root} and "
+                         f"{second.root} (through symbolic links; first: {shared[0][0]} = {shared[0][1]}): validation "
+                         "must not see training images; fix: make the two splits hold different files")
+
+
 def check_same_classes(first: Sequence[str], second: Sequence[str], first_name: str, second_name: str, fix: str) -> None:
     """InputError naming the differing classes unless `first` and `second` are the same list."""
     if list(first) == list(second):
