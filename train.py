@@ -7,9 +7,11 @@ Examples:
 
 Writes <path_to_save>/<dataset>/<model>/ with best.pth, last.pth, classes.txt, args.json,
 results.csv and results.png; with --tensorboard, the run's dashboard under <log_dir>/<dataset>/<run dir name>/<time>/
-(continued by --resume).
+(continued by --resume). An image folder without val/ is split (split.json); with --skip_bad_images, the files left
+out are listed in skipped_images.txt.
 --resume continues a run from its last.pth: the network (model, img_size, norm_type, small_input) and the
-augmentation come from the checkpoint, and a flag that contradicts them is an error.
+augmentation come from the checkpoint, and a flag that contradicts them is an error; the dataset's classes must be
+the checkpoint's. --init_from CKPT starts a new run from a checkpoint's weights (fine-tuning, other classes allowed).
 """
 
 from __future__ import annotations
