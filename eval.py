@@ -31,9 +31,12 @@ from torch.utils.data import DataLoader
 
 from utils import cli
 from utils.analysis.complexity import registry_macs
+from utils.checkpoint import load_checkpoint
 from utils.data.datasets import DataSpec, build_eval_dataset
 from utils.data.folders import check_same_classes
+from utils.data.splits import relative, split_source
 from utils.deploy.artifacts import evaluate_loaded, load_for_eval
+from utils.deploy.metadata import artifact_kind
 from utils.errors import InputError
 from utils.evaluation.dashboard import MISTAKES_SHOWN, detail_options, evaluation_figures, log_eval_report
 from utils.evaluation.loop import TTA_CHOICES, class_metrics, per_class_accuracy, per_class_precision
@@ -51,7 +54,9 @@ def parse_args(argv=None):
                         "table, printed and written to DIR/summary.md")
     cli.add_model_override_arg(p)
     cli.add_data_args(p)
-    p.add_argument("--split", default="val", help="folder split to evaluate (val falls back to test/); Fashion-MNIST: its test set")
+    p.add_argument("--split", default="val",
+                   help="folder split to evaluate (val falls back to test/; for a checkpoint whose run split a folder without "
+                        "val/: exactly the held-out files it recorded, or its train files); Fashion-MNIST: its test set")
     cli.add_device_arg(p)
     p.add_argument("--output", default=None, help="JSON report path (default results/<model>.json)")
     p.add_argument("--tta", default="none", choices=TTA_CHOICES,
@@ -63,6 +68,21 @@ def parse_args(argv=None):
     p.add_argument("--speed_repeats", type=int, default=20, help="timed repeats for latency/throughput (0 = skip timing)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
+
+
+def recorded_split(args) -> dict | None:
+    """The train/held-out split that the checkpoint's run made of a folder without val/ (utils.data.splits), when this
+    evaluation is of that folder (no --dataset, or the same folder) and of its val or train side; else None."""
+    if artifact_kind(args.weights) != "checkpoint" or args.split not in ("val", "train"):
+        return None
+    record = load_checkpoint(args.weights).get("split")
+    if not record:
+        return None
+    if args.dataset:
+        source = split_source(args.dataset)
+        if source is None or source.resolve() != Path(record["root"]).resolve():
+            return None
+    return record
 
 
 def main(argv=None) -> int:
@@ -78,8 +98,13 @@ def main(argv=None) -> int:
     pre = info.preprocess
     if pre is None:
         raise InputError(f"{args.weights} stores no preprocessing metadata: re-export it with export.py")
-    spec = DataSpec(args.dataset, args.data_root, args.skip_bad_images)
+    record = recorded_split(args)
+    spec = DataSpec(args.dataset or (record["root"] if record else None), args.data_root, args.skip_bad_images,
+                    split_record=record)
     dataset, data_classes, split = build_eval_dataset(spec, pre, args.split)
+    if record is not None:
+        print(f"evaluating the {args.split} files recorded in {args.weights} (the run split {record['root']} with "
+              f"--val_fraction {record['val_fraction']}, --seed {record['seed']}): {len(dataset)} images")
     classes = info.classes or data_classes
     check_same_classes(classes, data_classes, f"model {args.weights}", f"dataset {spec.dataset or 'Fashion-MNIST'}",
                        "evaluate on the dataset the model was trained on (--dataset)")
@@ -98,6 +123,7 @@ def main(argv=None) -> int:
         # precision/recall/f1/support per class, their _macro and _weighted averages, balanced_accuracy
         **class_metrics(stats, classes),
         "confusion_matrix": stats["confusion_matrix"].tolist(), "classes": classes,
+        **({"files": [relative(p, Path(record["root"])) for p, _ in dataset.samples]} if record is not None else {}),
         "params": loaded.params, "size_mb": loaded.size_mb, "img_size": pre.img_size, **loaded.extra,
         # MACs per image of the convolutions and matrix products (FlopCounterMode FLOPs / 2; FLOPs = 2 x MACs)
         "macs": registry_macs(name, len(classes), info.model_kwargs, pre.img_size, pre.channels),

@@ -90,7 +90,7 @@ def main(argv=None) -> int:
         raise InputError(f"{args.weights} is already a {ckpt['precision']} checkpoint: quantize the FP32 checkpoint")
     model, info = build_from_checkpoint(ckpt, args.model)
     name, pre = info.model_name, info.preprocess
-    spec = data_spec(ckpt.get("args"), args.dataset, args.data_root)
+    spec = data_spec(ckpt.get("args"), args.dataset, args.data_root, ckpt.get("split"))
     loader, data_classes = eval_loader(spec, pre, args.batch_size, args.max_images, args.num_workers)
     if data_classes != info.classes:
         raise InputError(f"the dataset's classes {data_classes[:5]}... differ from the checkpoint's {info.classes[:5]}...: "

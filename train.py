@@ -7,9 +7,11 @@ Examples:
 
 Writes <path_to_save>/<dataset>/<model>/ with best.pth, last.pth, classes.txt, args.json,
 results.csv and results.png; with --tensorboard, the run's dashboard under <log_dir>/<dataset>/<run dir name>/<time>/
-(continued by --resume).
+(continued by --resume). An image folder without val/ is split (split.json); with --skip_bad_images, the files left
+out are listed in skipped_images.txt.
 --resume continues a run from its last.pth: the network (model, img_size, norm_type, small_input) and the
-augmentation come from the checkpoint, and a flag that contradicts them is an error.
+augmentation come from the checkpoint, and a flag that contradicts them is an error; the dataset's classes must be
+the checkpoint's. --init_from CKPT starts a new run from a checkpoint's weights (fine-tuning, other classes allowed).
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from utils.data.datasets import DataSpec, build_datasets
 from utils.data.folders import bad_images_report, check_same_classes
 from utils.data.loaders import build_train_loaders
 from utils.data.preprocess import Preprocess
+from utils.data.samplers import CLASS_WEIGHTS, SAMPLERS, balanced_class_weights, class_counts, targets_of
+from utils.data.splits import check_fraction, split_json
 from utils.distributed import barrier, cleanup, init_distributed, is_distributed, is_main_process
 from utils.errors import InputError
 from utils.evaluation.loop import TTA_CHOICES, evaluate
@@ -109,6 +113,17 @@ def get_args_parser():
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (beta1 for Adam/AdamW)")
     p.add_argument("--accumulation", type=cli.positive(), default=1,
                    help="micro-batches per optimizer step (effective batch = batch_size * accumulation)")
+    p.add_argument("--val_fraction", type=float, default=0.1,
+                   help="a --dataset without val/ (or test/), i.e. only class folders or train/ only, is split per class "
+                        "(stratified, fixed by --seed): this share of each class's images is held out for validation "
+                        "(at least one per class on each side); the file lists go to split.json and the checkpoints")
+    p.add_argument("--class_weights", default="none", choices=CLASS_WEIGHTS,
+                   help="balanced: weight the training loss of each class by n_images / (n_classes * its count) "
+                        "(scikit-learn's 'balanced'), for imbalanced folders; validation loss stays unweighted")
+    p.add_argument("--sampler", default="random", choices=SAMPLERS,
+                   help="balanced: draw training images with replacement so that every class is equally likely in each "
+                        "epoch (WeightedRandomSampler, weights 1/class count; per process under torchrun); random: each "
+                        "image once per epoch")
     p.add_argument("--label_smoothing", type=float, default=0.0, help="cross-entropy label smoothing")
     p.add_argument("--clip_grad", type=float, default=0.0, help="clip the gradient norm to this value (0 = off)")
     p.add_argument("--ema", action="store_true", help="keep an EMA of the weights; validation and best.pth use it")
@@ -154,6 +169,7 @@ def raise_keyboard_interrupt(signum, frame) -> None:
 def main(argv=None) -> int:
     parser = get_args_parser()
     args = parser.parse_args(argv)
+    check_fraction(args.val_fraction)
     if args.init_from and (args.resume or args.pretrained):
         raise InputError(f"--init_from starts a new run from a checkpoint's weights: drop {'--resume' if args.resume else '--pretrained'}")
     ckpt = load_checkpoint(args.resume) if args.resume else None
@@ -173,7 +189,9 @@ def main(argv=None) -> int:
     main_proc = is_main_process()
     seed_everything(args.seed + rank)
 
-    spec, pre = DataSpec(args.dataset, args.data_root, args.skip_bad_images), Preprocess.for_size(args.img_size)
+    spec = DataSpec(args.dataset, args.data_root, args.skip_bad_images, val_fraction=args.val_fraction, seed=args.seed,
+                    split_record=ckpt.get("split") if ckpt is not None else None)
+    pre = Preprocess.for_size(args.img_size)
     augment = resolve_augment(args.augment, args.img_size, args.random_erasing, args.random_crop_padding, args.auto_augment)
     train_set, val_set, classes = build_datasets(spec, pre, augment=augment)
     if ckpt is not None:
@@ -183,7 +201,8 @@ def main(argv=None) -> int:
                            f"with --init_from {args.resume}")
     loaders = build_train_loaders(train_set, val_set, pre, augment, pipeline=args.data_pipeline, batch_size=args.batch_size,
                                   num_workers=args.num_workers, device=device, seed=args.seed, rank=rank, world=world,
-                                  cache=args.cache, cache_dir=args.cache_dir, show_progress=not args.quiet)
+                                  sampler=args.sampler, cache=args.cache, cache_dir=args.cache_dir,
+                                  show_progress=not args.quiet)
     args.data_used = loaders.record()  # saved in args.json and the checkpoints: the pipeline and cache files this run read
     kwargs = model_kwargs(args.img_size, args.norm_type, pre.channels, args.small_input)
     model = build_model(args.model, len(classes), pretrained=args.pretrained and ckpt is None,
@@ -200,16 +219,22 @@ def main(argv=None) -> int:
     if args.start_epoch is not None:
         resume.start_at(args.start_epoch, state)
     model = wrap_model(model, args.compile, device)
-    criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+    class_weights = balanced_class_weights(targets_of(train_set), len(classes)) if args.class_weights == "balanced" else None
+    criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing,
+                                    weight=class_weights.to(device) if class_weights is not None else None)
+    val_criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
 
     run_dir = Path(args.path_to_save) / spec.name / args.model
     identity = {"model_name": args.model, "num_classes": len(classes), "classes": classes, "preprocess": pre.to_dict(),
-                "model_kwargs": kwargs, "augment": augment.to_dict(), "args": vars(args)}
+                "model_kwargs": kwargs, "augment": augment.to_dict(), "args": vars(args),
+                "split": getattr(train_set, "split", None),
+                "class_weights": class_weights.tolist() if class_weights is not None else None}
     recorder, saver, length = open_run(args, run_dir, identity, model, state, resume, device, main_proc)
     if main_proc:
         describe_run(args, model, len(train_set), len(val_set), classes, device, world, loaders, augment, precision, resume,
                      recorder.log_dir)
         describe_folders(train_set, val_set, run_dir)
+        describe_balance(args, train_set, classes, class_weights)
     # SIGTERM (docker stop, kill, job schedulers) behaves like Ctrl-C: save last.pth, then exit. Its own handler, not
     # a copy of SIGINT's: a shell starts background jobs with SIGINT ignored, and copying that would ignore SIGTERM too.
     signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
@@ -223,7 +248,7 @@ def main(argv=None) -> int:
             row = {"epoch": epoch + 1, "lr": stats["lr"], "train_loss": stats["train_loss"], "train_acc1": stats["train_acc1"],
                    "seconds": round(stats["seconds"], 2)}
             if (epoch + 1) % args.eval_epoch == 0 or epoch + 1 == length.max_epoch:
-                row.update(validate(model, state, loaders.val, device, len(classes), criterion, args, recorder, epoch + 1))
+                row.update(validate(model, state, loaders.val, device, len(classes), val_criterion, args, recorder, epoch + 1))
             recorder.add(row)
             stop = length.after_epoch(epoch + 1, time.perf_counter() - start, row.get("val_acc1"), state.scheduler, state.step)
             recorder.set_max_epoch(length.max_epoch, args)  # a time budget fixes it after the first epoch
@@ -234,7 +259,7 @@ def main(argv=None) -> int:
             if stop:
                 break
         if args.tta != "none":  # the final weights once more, with test-time augmentation
-            recorder.add_to_last_row(validate(model, state, loaders.val, device, len(classes), criterion, args, recorder,
+            recorder.add_to_last_row(validate(model, state, loaders.val, device, len(classes), val_criterion, args, recorder,
                                               epoch, tta=args.tta))
     except KeyboardInterrupt:
         saved = saver.interrupted()
@@ -330,9 +355,29 @@ def describe_folders(train_set, val_set, run_dir: Path) -> None:
     scans = [(name, scan) for name, scan in scans if scan is not None]
     for name, scan in scans:
         print(scan.describe(name, skipped=True))
+    split = getattr(train_set, "split", None)
+    if split is not None:
+        print(f"split: {len(train_set)} train / {len(val_set)} val images of {split['root']} (held out per class: "
+              f"--val_fraction {split['val_fraction']}, --seed {split['seed']}); file lists in {run_dir / 'split.json'}")
+        atomic_write_text(run_dir / "split.json", split_json(split))
     if any(scan.bad for _, scan in scans):
         path = atomic_write_text(run_dir / "skipped_images.txt", bad_images_report([scan for _, scan in scans]) + "\n")
         print(f"skipped images listed in {path}")
+
+
+def describe_balance(args, train_set, classes: list[str], class_weights) -> None:
+    """--class_weights / --sampler: the class counts and what each does with them."""
+    if args.class_weights == "none" and args.sampler == "random":
+        return
+    counts = class_counts(targets_of(train_set), len(classes)).tolist()
+    more = ", ..." if len(classes) > 10 else ""
+    print("train images per class: " + ", ".join(f"{c} {n}" for c, n in zip(classes[:10], counts[:10])) + more)
+    if class_weights is not None:
+        weights = class_weights.tolist()
+        print("class weights (balanced, n / (classes x count)): "
+              + ", ".join(f"{c} {w:.3f}" for c, w in zip(classes[:10], weights[:10])) + more)
+    if args.sampler == "balanced":
+        print(f"sampler: balanced (each epoch draws {len(train_set)} images with replacement, every class equally likely)")
 
 
 def validate(model, state: TrainState, loader, device, num_classes: int, criterion, args, recorder: RunRecorder, epoch: int,

@@ -128,10 +128,10 @@ def test_dataset_without_train_folder(tmp_path, image_folder):
     assert "no train/" in line and str(image_folder) in line
 
 
-def test_dataset_without_val_or_test_folder(tmp_path, image_folder):
-    shutil.rmtree(image_folder / "val")
-    line = train_fails(tmp_path, "--dataset", str(image_folder))
-    assert "no val/ (or test/)" in line
+def test_dataset_with_train_only_is_split(image_folder):
+    shutil.rmtree(image_folder / "val")  # train/ alone: split per class (tests/test_splits_balance.py has the details)
+    train_set, val_set, classes = build_datasets(DataSpec(str(image_folder), val_fraction=0.2), Preprocess.for_size(32))
+    assert classes == ["cat", "dog", "fish"] and (len(train_set), len(val_set)) == (15, 3)
 
 
 def test_class_folders_differ_between_splits(tmp_path, image_folder):

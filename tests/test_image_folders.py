@@ -229,6 +229,15 @@ def test_val_classes_must_equal_train_classes(tmp_path):
         build_datasets(DataSpec(str(root)), Preprocess.for_size(32))
 
 
+def test_a_file_in_both_splits_is_an_error(tmp_path):
+    root = make_image_folder(tmp_path / "ds", classes=("a", "b"), per_class=2)
+    shutil.rmtree(root / "val" / "b")
+    os.symlink(root / "train" / "b", root / "val" / "b")  # val/b is train/b: its images would be validated on
+    with pytest.raises(InputError, match=r"^2 image files are in both .*train and .*val \(through symbolic links; first: "
+                                         r".*train/b/b_0.png = .*val/b/b_0.png\): validation must not see training images"):
+        build_datasets(DataSpec(str(root)), Preprocess.for_size(32))
+
+
 # ----------------------------------------------------------------------------- end to end through train.py
 
 

@@ -31,6 +31,8 @@ class Checkpoint(TypedDict, total=False):
     preprocess: dict  # utils.data.preprocess.Preprocess.to_dict()
     model_kwargs: dict  # models.model_kwargs(): img_size, norm_type, in_channels, small_input
     augment: dict  # utils.data.augment.Augment.to_dict() of the training policy
+    split: dict | None  # utils.data.splits.SplitRecord: the train/held-out files of a folder train.py split itself
+    class_weights: list[float] | None  # --class_weights balanced: the loss weight of each class
     model: dict[str, torch.Tensor]  # state_dict of the trained network
     ema: dict | None  # utils.training.ema.ModelEMA.state_dict(): {"module", "updates", "decay", "tau"}
     # training state, for --resume

@@ -13,10 +13,11 @@ from torch.utils.data import Dataset
 from torchvision import datasets, transforms
 
 from utils.data.augment import Augment, auto_augment_policy, resolve_augment
+from utils.data.folders import FolderScan, check_disjoint, check_images, check_listed, check_same_classes, report_bad_images, scan_folder
+from utils.data.preprocess import Preprocess, eval_transform, load_image
+from utils.data.splits import from_record, split_source, stratified_split
 from utils.errors import InputError
 from utils.io import atomic_path
-from utils.data.folders import FolderScan, check_images, check_same_classes, report_bad_images, scan_folder
-from utils.data.preprocess import Preprocess, eval_transform, load_image
 
 FASHION_MNIST_FILES = (
     "train-images-idx3-ubyte",
@@ -148,6 +149,7 @@ class CheckedImageFolder(Dataset):
         self.samples = list(samples if samples is not None else scan.samples)
         self.targets = [t for _, t in self.samples]
         self.imgs = self.samples
+        self.split: dict | None = None  # the split record when this is the train side of a split folder
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -196,6 +198,9 @@ class DataSpec:
     dataset: str | None = None
     data_root: str = "data"
     skip_bad_images: bool = False
+    val_fraction: float = 0.1  # a folder without val/ is split (utils.data.splits) with this fraction and seed
+    seed: int = 42
+    split_record: dict | None = None  # a split recorded by an earlier run (--resume, eval.py): used as it is
 
     @property
     def name(self) -> str:
@@ -211,22 +216,62 @@ def build_datasets(spec: DataSpec, pre: Preprocess, verify: bool = True, augment
     if not spec.dataset:
         return (fashion_mnist(spec.data_root, True, train_tf), fashion_mnist(spec.data_root, False, val_tf),
                 list(FASHION_MNIST_CLASSES))
+    if not Path(spec.dataset).is_dir():
+        raise InputError(f"dataset folder not found: {spec.dataset} (give --dataset a folder of class folders, or one "
+                         "holding train/ and val/)")
+    source = split_source(spec.dataset)
+    if source is not None:
+        return split_datasets(spec, source, pre, train_tf, val_tf, verify)
     train_dir, val_dir = folder_splits(spec.dataset)
     train_scan = scan_folder(train_dir, verify=verify)
     val_scan = scan_folder(val_dir, verify=verify)
     check_same_classes(train_scan.classes, val_scan.classes, str(train_dir), str(val_dir),
                        "give both splits the same class folders")
     report_bad_images([train_scan, val_scan], spec.skip_bad_images)
+    check_disjoint(train_scan, val_scan)
     train_ds = CheckedImageFolder(train_dir, train_tf, pre.channels, scan=train_scan)
     val_ds = CheckedImageFolder(val_dir, val_tf, pre.channels, scan=val_scan)
     return train_ds, val_ds, list(train_ds.classes)
 
 
+def split_datasets(spec: DataSpec, source: Path, pre: Preprocess, train_tf, val_tf, verify: bool):
+    """A folder without val/: split it (stratified, seeded; utils.data.splits), or reuse the split a run recorded.
+    The train dataset carries the record as `.split` (saved as split.json and in checkpoints)."""
+    if spec.split_record is not None:
+        split = from_record(spec.split_record, source)
+        classes = list(split.record["classes"])
+        scan = check_listed(split.root, classes, split.train + split.val, verify=verify)
+        report_bad_images([scan], spec.skip_bad_images)
+        usable = set(scan.samples)
+        split.train = [s for s in split.train if s in usable]
+        split.val = [s for s in split.val if s in usable]
+    else:
+        scan = scan_folder(source, verify=verify)
+        report_bad_images([scan], spec.skip_bad_images)
+        classes = scan.classes
+        split = stratified_split(source, scan.samples, classes, spec.val_fraction, spec.seed)
+    train_ds = CheckedImageFolder(split.root, train_tf, pre.channels, samples=split.train, classes=classes, scan=scan)
+    val_ds = CheckedImageFolder(split.root, val_tf, pre.channels, samples=split.val, classes=classes)
+    train_ds.split = split.record
+    return train_ds, val_ds, classes
+
+
 def build_eval_dataset(spec: DataSpec, pre: Preprocess, split: str = "val"):
-    """The evaluation split: Fashion-MNIST's test set, or the folder's val/ (test/) or named split."""
+    """The evaluation split: Fashion-MNIST's test set, the held-out files of a recorded split (spec.split_record), or
+    the folder's val/ (test/) or named split."""
     tf = build_transform(pre, train=False)
-    if not spec.dataset:
+    if not spec.dataset and spec.split_record is None:
         return fashion_mnist(spec.data_root, split == "train", tf), list(FASHION_MNIST_CLASSES), "test" if split != "train" else "train"
+    if spec.split_record is not None and split in ("train", "val"):
+        recorded = from_record(spec.split_record)
+        classes = list(recorded.record["classes"])
+        scan = check_listed(recorded.root, classes, recorded.val if split == "val" else recorded.train)
+        report_bad_images([scan], spec.skip_bad_images)
+        ds = CheckedImageFolder(recorded.root, tf, pre.channels, samples=scan.samples, classes=classes)
+        return ds, classes, f"{split} (the run's recorded split)"
+    if split_source(spec.dataset) is not None:
+        raise InputError(f"{spec.dataset} has no val/ (or test/) folder: train.py splits such a folder and records the "
+                         "held-out files in its checkpoints; evaluate that checkpoint (--weights .../best.pth)")
     train_dir, val_dir = folder_splits(spec.dataset)
     folder = {"train": train_dir, "val": val_dir}.get(split, Path(spec.dataset) / split)
     if not folder.is_dir():

@@ -144,7 +144,8 @@ def list_classes(root: Path) -> list[str]:
             raise InputError(f"class folders {root / other} and {root / c} differ only by case (they would be one folder on "
                              "macOS and Windows): rename or merge one of them")
     if len(classes) == 1:
-        raise InputError(f"{root} has one class folder only ({classes[0]}): a classifier needs at least two classes")
+        raise InputError(f"{root} has one class folder only ({classes[0]}): a classifier needs at least two classes; "
+                         "fix: add a folder per class")
     real = {c: os.path.realpath(root / c) for c in classes}
     ordered = sorted(classes, key=lambda c: real[c])
     for a, b in zip(ordered, ordered[1:]):
@@ -248,7 +249,7 @@ def check_image(path: str | Path, full: bool = False) -> str | None:
     except UnidentifiedImageError:
         return "not an image Pillow can read"
     except Image.DecompressionBombError as e:
-        return f"refused by Pillow's decompression-bomb check: {e}"
+        return f"refused by Pillow's decompression-bomb check: {str(e).rstrip('.')}"
     except Exception as e:  # anything Pillow raises for a file is a reason to list it, not a traceback
         text = str(e).splitlines()[0] if str(e) else ""
         return f"{type(e).__name__}: {text}" if text else type(e).__name__
@@ -332,6 +333,17 @@ def report_bad_images(scans: Sequence[FolderScan], skip: bool) -> str | None:
     return report
 
 
+def check_disjoint(first: FolderScan, second: FolderScan) -> None:
+    """InputError when one file is in both splits (a class folder of one linked into the other): validation would
+    measure images the network trained on."""
+    real = {os.path.realpath(p): p for p, _ in first.samples}
+    shared = [(real[os.path.realpath(p)], p) for p, _ in second.samples if os.path.realpath(p) in real]
+    if shared:
+        raise InputError(f"{len(shared)} image file{'s are' if len(shared) > 1 else ' is'} in both {first.root} and "
+                         f"{second.root} (through symbolic links; first: {shared[0][0]} = {shared[0][1]}): validation "
+                         "must not see training images; fix: make the two splits hold different files")
+
+
 def check_same_classes(first: Sequence[str], second: Sequence[str], first_name: str, second_name: str, fix: str) -> None:
     """InputError naming the differing classes unless `first` and `second` are the same list."""
     if list(first) == list(second):
@@ -343,3 +355,18 @@ def check_same_classes(first: Sequence[str], second: Sequence[str], first_name: 
         i = next(i for i, (a, b) in enumerate(zip(first, second)) if a != b)
         what = f"same names in another order (class {i} is {first[i]!r} in {first_name}, {second[i]!r} in {second_name})"
     raise InputError(f"the classes of {first_name} and {second_name} differ: {what}; fix: {fix}")
+
+
+def check_listed(root: str | Path, classes: list[str], samples: Sequence[tuple[str, int]], *, verify: bool = True,
+                 show_progress: bool = True) -> FolderScan:
+    """A FolderScan of files listed elsewhere (a recorded split): each is checked like scan_folder's."""
+    scan = FolderScan(Path(root), list(classes))
+    paths = [p for p, _ in samples]
+    reasons = check_images(paths, show_progress=show_progress, desc="checking images") if verify else [None] * len(paths)
+    for (path, target), reason in zip(samples, reasons):
+        if reason is None:
+            scan.samples.append((path, target))
+        else:
+            scan.bad.append(BadImage(path, reason))
+            scan.bad_targets.append(target)
+    return scan

@@ -17,11 +17,12 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Samp
 
 from utils.data.augment import Augment
 from utils.data.cache import DEFAULT_CACHE_DIR, CacheInfo, cached_split, choose_cache
-from utils.data.datasets import CheckedImageFolder, DataSpec, EvalTransform, build_eval_dataset, fashion_mnist, folder_splits
+from utils.data.datasets import DataSpec, build_eval_dataset
 from utils.data.preprocess import Preprocess
-from utils.data.samplers import ShardSampler
+from utils.data.samplers import SAMPLERS, BalancedSampler, ShardSampler, targets_of
 from utils.data.tensor_pipeline import TensorEvalLoader, TensorTrainLoader, build_tensor_loaders, choose_pipeline
 from utils.distributed import barrier
+from utils.errors import InputError
 
 
 @dataclass
@@ -40,18 +41,26 @@ class TrainLoaders:
 
     def set_epoch(self, epoch: int) -> None:
         """Each epoch's order depends only on (seed, epoch), so a resumed run repeats it exactly."""
-        if isinstance(self.sampler, DistributedSampler):
+        if isinstance(self.sampler, (DistributedSampler, BalancedSampler)):
             self.sampler.set_epoch(epoch)
         else:
             self.sampler.generator.manual_seed(self.seed + epoch)
 
 
 def build_train_loaders(train_set, val_set, pre: Preprocess, augment: Augment, *, pipeline: str, batch_size: int,
-                        num_workers: int, device: torch.device, seed: int, rank: int = 0, world: int = 1, cache: str = "off",
-                        cache_dir: str | Path = DEFAULT_CACHE_DIR, show_progress: bool = True) -> TrainLoaders:
+                        num_workers: int, device: torch.device, seed: int, rank: int = 0, world: int = 1,
+                        sampler: str = "random", cache: str = "off", cache_dir: str | Path = DEFAULT_CACHE_DIR,
+                        show_progress: bool = True) -> TrainLoaders:
     """Train and val loaders for datasets built by utils.data.datasets.build_datasets (val batches are twice as large).
+    sampler="balanced": every class drawn equally often (BalancedSampler), in both pipelines and per process.
     cache: --cache (auto = image folders through the decode-once cache under cache_dir; off)."""
-    if world > 1:
+    if sampler not in SAMPLERS:
+        raise InputError(f"unknown --sampler {sampler!r}: choose from {', '.join(SAMPLERS)}")
+    if sampler == "balanced":
+        targets = targets_of(train_set)
+        sampler = BalancedSampler(targets, int(targets.max()) + 1, seed=seed, rank=rank, world_size=world)
+        per_rank = len(sampler)
+    elif world > 1:
         sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=seed)
         per_rank = len(sampler)
     else:
@@ -88,23 +97,20 @@ def build_train_loaders(train_set, val_set, pre: Preprocess, augment: Augment, *
     return TrainLoaders(train, val, sampler, chosen, reason, seed)
 
 
-def data_spec(train_args: dict | None, dataset: str | None = None, data_root: str | None = None) -> DataSpec:
-    """The dataset a checkpoint was trained on (from its saved args), unless --dataset/--data_root override it."""
+def data_spec(train_args: dict | None, dataset: str | None = None, data_root: str | None = None,
+              split_record: dict | None = None) -> DataSpec:
+    """The dataset a checkpoint was trained on (from its saved args; a folder it split: its recorded split), unless
+    --dataset/--data_root override it."""
     args = train_args or {}
     if dataset or data_root:
         return DataSpec(dataset, data_root or args.get("data_root") or "data")
-    return DataSpec(args.get("dataset"), args.get("data_root") or "data")
+    return DataSpec(args.get("dataset"), args.get("data_root") or "data", split_record=split_record)
 
 
 def calibration_batches(spec: DataSpec, pre: Preprocess, num_batches: int, batch_size: int, seed: int = 0) -> list[torch.Tensor]:
     """`num_batches` batches of training images through the eval transform, from a seeded random sample
     (image folders are sorted by class, so the first images would all be one class)."""
-    tf = EvalTransform(pre)
-    if spec.dataset:
-        train_dir, _ = folder_splits(spec.dataset)
-        ds = CheckedImageFolder(train_dir, tf, pre.channels, skip_bad=spec.skip_bad_images)
-    else:
-        ds = fashion_mnist(spec.data_root, True, tf)
+    ds, _, _ = build_eval_dataset(spec, pre, "train")
     gen = torch.Generator().manual_seed(seed)
     loader = DataLoader(ds, batch_size=batch_size, sampler=RandomSampler(ds, generator=gen))
     out = []
