@@ -8,8 +8,10 @@ Two measurements per model, in the same run, on the same ONNX file:
   raw ORT   InferenceSession.run alone on batches of the same preprocessed images (up to --raw_images of them,
             decoded beforehand and cycled until as many images as the folder has were run), in a session with
             ONNX Runtime's default options. Images/s = images / time spent in session.run.
-"ratio" = loop / raw ORT: the share of the model's own speed that folder prediction keeps (goal: >= 0.8). A
-third column, decode only, is the thread pool decoding and preprocessing the folder with no model, for context.
+"ratio" = loop / raw ORT: the share of the model's own speed that folder prediction keeps (goal: >= 0.8). The loop
+runs as predict.py runs it: ONNX Runtime's idle threads sleep instead of spinning while decoding threads need the
+cores; "ratio, ORT threads spinning" measures the loop with ORT's default spinning, to show what that choice buys.
+"decode only" is the thread pool decoding and preprocessing the folder with no model, for context.
 
 The folder: --num_images JPEGs of --width x --height at --quality, made once (reused when the folder already
 holds them): a random crop of matplotlib's sample photograph grace_hopper.jpg (real photo structure), blended
@@ -51,7 +53,8 @@ from utils.errors import InputError  # noqa: E402
 CLASSES = [f"class_{i}" for i in range(10)]
 COLUMNS = [("model", "model"), ("img_size", "img px"), ("images", "images"), ("batch_size", "batch"),
            ("workers", "decode threads"), ("loop_img_s", "predict loop img/s"), ("raw_img_s", "raw ORT img/s"),
-           ("ratio", "ratio loop / raw"), ("decode_img_s", "decode only img/s")]
+           ("ratio", "ratio loop / raw"), ("ratio_spinning", "ratio, ORT threads spinning"),
+           ("decode_img_s", "decode only img/s")]
 
 
 def parse_config(text: str) -> tuple[str, int]:
@@ -135,9 +138,10 @@ def export(name: str, size: int, workdir: Path) -> tuple[Path, Preprocess]:
     return path, pre
 
 
-def time_loop(path: Path, paths: list[Path], args, out_csv: Path) -> float:
-    """images/s of run_prediction as predict.py --output calls it (same session options), on a warm session."""
-    model = OnnxModel(path, "cpu", spinning=args.num_workers == 0)
+def time_loop(path: Path, paths: list[Path], args, out_csv: Path, spinning: bool) -> float:
+    """images/s of run_prediction as predict.py --output calls it, on a warm session. predict.py turns ONNX Runtime's
+    thread spinning off when decoding threads run (spinning=False here); spinning=True measures the alternative."""
+    model = OnnxModel(path, "cpu", spinning=spinning)
     pre = model.preprocess
     model(np.stack([preprocess_file(paths[0], pre)] * min(args.batch_size, len(paths))))  # warm-up, untimed
     ns = argparse.Namespace(topk=5, json=False, output=str(out_csv), exist_ok=True, quiet=True,
@@ -185,15 +189,21 @@ def bench_config(name: str, size: int, paths: list[Path], args, workdir: Path) -
     held = [preprocess_file(p, pre) for p in paths[: args.raw_images]]
     batches = [np.stack(held[i:i + args.batch_size]) for i in range(0, len(held), args.batch_size)]
     batches = [b for b in batches if len(b) == args.batch_size] or batches
-    loops, raws = [], []
-    for _ in range(args.repeats):  # alternate, so slow phases of a shared machine hit both
-        loops.append(time_loop(path, paths, args, workdir / f"{name}_{size}_rows.csv"))
+    loops, raws, spins = [], [], []
+    rows_csv = workdir / f"{name}_{size}_rows.csv"
+    for _ in range(args.repeats):  # alternate, so slow phases of a shared machine hit all three
+        loops.append(time_loop(path, paths, args, rows_csv, spinning=args.num_workers == 0))
         raws.append(time_raw(path, batches, len(paths)))
+        if args.num_workers > 0:
+            spins.append(time_loop(path, paths, args, rows_csv, spinning=True))
     decode = time_decode(paths, pre, args)
     loop, raw = float(np.median(loops)), float(np.median(raws))
+    spin = float(np.median(spins)) if spins else None
     return {"model": name, "img_size": size, "images": len(paths), "batch_size": args.batch_size,
             "workers": args.num_workers, "loop_img_s": loop, "raw_img_s": raw, "ratio": round(loop / raw, 3),
-            "decode_img_s": decode, "loop_repeats_img_s": loops, "raw_repeats_img_s": raws}
+            "loop_spinning_img_s": spin, "ratio_spinning": round(spin / raw, 3) if spin else None,
+            "decode_img_s": decode, "loop_repeats_img_s": loops, "raw_repeats_img_s": raws,
+            "loop_spinning_repeats_img_s": spins}
 
 
 def lscpu_model() -> str:

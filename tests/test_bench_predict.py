@@ -27,7 +27,8 @@ def test_bench_predict_tiny(tmp_path, capsys):
     assert payload["machine"]["cores"] >= 1 and "lscpu_model" in payload["machine"]
     (row,) = payload["rows"]
     assert (row["model"], row["img_size"], row["images"], row["batch_size"], row["workers"]) == ("custom", 28, 10, 4, 2)
-    assert len(row["loop_repeats_img_s"]) == len(row["raw_repeats_img_s"]) == 2
+    assert len(row["loop_repeats_img_s"]) == len(row["raw_repeats_img_s"]) == len(row["loop_spinning_repeats_img_s"]) == 2
+    assert row["ratio_spinning"] == pytest.approx(row["loop_spinning_img_s"] / row["raw_img_s"], abs=1e-3)
     assert all(v > 0 for v in [*row["loop_repeats_img_s"], *row["raw_repeats_img_s"], row["decode_img_s"]])
     assert row["ratio"] == pytest.approx(row["loop_img_s"] / row["raw_img_s"], abs=1e-3)
     # a second run reuses the folder it made (same spec): the files are not rewritten

@@ -280,6 +280,8 @@ def test_output_never_replaced_without_exist_ok_and_bad_names(onnx_model, tmp_pa
     (tmp_path / "dir.csv").mkdir()
     with pytest.raises(InputError, match="is a directory"):
         predict.main([*args[:4], "--output", str(tmp_path / "dir.csv")])
+    with pytest.raises(InputError, match="keep.csv is a file, not a folder"):
+        predict.main([*args[:4], "--output", str(out / "rows.csv")])
 
 
 def test_progress_bar_on_a_terminal(onnx_model, tmp_path):

@@ -189,7 +189,7 @@ def iter_decoded(paths: Sequence[Path], pre: Preprocess, workers: int, ahead: in
 def nan_error(path: Path, logits: np.ndarray) -> str:
     bad = "NaN" if np.isnan(logits).any() else "infinite"
     return (f"model produced NaN probabilities for {path} (its scores are {bad}): the model or its weights are broken "
-            "(a diverged training run?); re-export it from a good checkpoint")
+            "(a diverged training run?); use weights from a checkpoint saved before it went wrong")
 
 
 def iter_predictions(forward: Forward, paths: Sequence[Path], pre: Preprocess, classes: list[str], k: int,
@@ -277,6 +277,9 @@ def check_output(output: str | None, exist_ok: bool) -> tuple[Path, str] | None:
         raise InputError(f"--output {output}: unknown format {path.suffix or '(no suffix)'}; use a .csv or .jsonl file name")
     if path.is_dir():
         raise InputError(f"--output {output} is a directory: give a file name ending in .csv or .jsonl")
+    blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise InputError(f"--output {output}: {blocker} is a file, not a folder; choose another place for the output")
     if path.exists() and not exist_ok:
         raise InputError(f"--output {output} already exists: choose another name or pass --exist_ok to replace it")
     return path, fmt
