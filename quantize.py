@@ -60,7 +60,7 @@ def parse_args(argv=None):
                         "file, or the FX .pt with --backend pytorch; dynamic: the .pt)")
     cli.add_data_args(p, batch_size=32, num_workers=0, from_checkpoint=True)
     p.add_argument("--max_images", type=cli.positive(), default=None, help="evaluate on the first N validation images only")
-    p.add_argument("--speed_repeats", type=int, default=20, help="timed repeats for latency/throughput (0 = skip)")
+    p.add_argument("--speed_repeats", type=cli.non_negative(), default=20, help="timed repeats for latency/throughput (0 = skip)")
     p.add_argument("--results", default=None, metavar="JSON", help="results file (default results/quantization/<model>.json)")
     cli.add_device_arg(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -29,13 +29,19 @@ class RunRecorder:
         self.history: list[dict] = list(history or [])
         self.dashboard = dashboard if enabled else None
         self.log_dir = str(self.dashboard.log_dir) if self.dashboard is not None else None
+        self.pending: tuple[list[str], dict] | None = None  # classes and args, written after the first epoch
 
     def start(self, classes: list[str], args: dict) -> None:
-        """classes.txt and args.json, written when the run begins."""
-        if self.enabled:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+        """classes.txt and args.json of the run, kept until the first epoch ends (write_epoch): a run that fails
+        before that leaves the directory as it was (--exist_ok or --resume reuse an earlier run's)."""
+        self.pending = (classes, args)
+
+    def write_identity(self) -> None:
+        if self.pending is not None and self.enabled:
+            classes, args = self.pending
             atomic_write_text(self.run_dir / "classes.txt", "\n".join(classes) + "\n")
             atomic_write_text(self.run_dir / "args.json", json.dumps(args, indent=2) + "\n")
+        self.pending = None
 
     def set_max_epoch(self, max_epoch: int, args) -> None:
         """The run's length changed (--time_budget): record it in args (and so in the checkpoints) and args.json."""
@@ -43,7 +49,7 @@ class RunRecorder:
             self.max_epoch = args.max_epoch = max_epoch
             if self.dashboard is not None:
                 self.dashboard.max_epoch = max_epoch
-            if self.enabled:
+            if self.enabled and self.pending is None:  # else args.json is still to be written, with this length
                 atomic_write_text(self.run_dir / "args.json", json.dumps(vars(args), indent=2) + "\n")
 
     def log_step(self, step: int, values: dict) -> None:
@@ -69,6 +75,7 @@ class RunRecorder:
         """results.csv rewritten with every row, the epoch to TensorBoard, one line on stdout."""
         if not self.enabled:
             return
+        self.write_identity()
         self.write_csv()
         if self.dashboard is not None:
             self.dashboard.epoch_end(row, self.history, images_per_s)
