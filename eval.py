@@ -36,7 +36,7 @@ from utils.errors import InputError
 from utils.evaluation.dashboard import MISTAKES_SHOWN, detail_options, evaluation_figures, log_eval_report
 from utils.evaluation.loop import TTA_CHOICES, per_class_accuracy, per_class_precision
 from utils.evaluation.report import default_output, write_summary
-from utils.io import atomic_write_text
+from utils.io import atomic_write_text, file_sha256
 from utils.plots import close_figures, save_figure
 
 
@@ -89,7 +89,7 @@ def main(argv=None) -> int:
     name = info.model_name
     report = {
         "model": name, "format": loaded.format, "engine": loaded.engine, "precision": loaded.precision,
-        "compute": loaded.compute, "weights": str(args.weights),
+        "compute": loaded.compute, "weights": str(args.weights), "sha256": file_sha256(args.weights),
         "dataset": spec.name, "split": split, "num_images": stats["num_images"], "tta": args.tta,
         "loss": stats["loss"], "acc1": stats["acc1"], "acc5": stats["acc5"],
         "per_class_acc": per_class_accuracy(stats["confusion_matrix"], classes),
@@ -115,15 +115,16 @@ def main(argv=None) -> int:
              f"(batch {report['speed_batch_size']}) on {loaded.device}" if "latency_ms" in report else ""))
     worst = sorted(report["per_class_acc"].items(), key=lambda kv: kv[1])[:3]
     print("lowest per-class acc@1: " + ", ".join(f"{c} {a:.3f}" for c, a in worst))
-    out = Path(args.output) if args.output else default_output(name, loaded.format)
+    out, tag = (Path(args.output), "") if args.output else default_output(name, loaded.format, report["weights"],
+                                                                            report["sha256"])
     atomic_write_text(out, json.dumps(report, indent=2) + "\n")
     figures = evaluation_figures(stats, classes, pre, title=f"{name} ({loaded.format})")
     board = log_eval_report(Path(args.log_dir) / "eval" / out.stem, report, stats, figures) if args.tensorboard else None
-    cm_name = "confusion_matrix.png" if loaded.format == "pytorch" else f"confusion_matrix_{loaded.format}.png"
+    cm_name = f"confusion_matrix{'' if loaded.format == 'pytorch' else '_' + loaded.format}{tag}.png"
     cm_png = save_figure(figures.pop("confusion_matrix"), out.with_name(cm_name))
     grid = None
     if args.save_examples and "misclassified" in figures:
-        grid = save_figure(figures.pop("misclassified"), out.with_name("misclassified_examples.png"))
+        grid = save_figure(figures.pop("misclassified"), out.with_name(f"misclassified_examples{tag}.png"))
     close_figures(*figures.values())
     if grid:
         print(f"misclassified examples: {grid}")

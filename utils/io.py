@@ -221,6 +221,16 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def merge_rows(old: Sequence[dict], new: Sequence[dict]) -> list[dict]:
+    """Rows of several runs in one report, keyed by the exact file each measured: its "path" and "sha256". A new row
+    replaces the old row of the same file and any old row of the same path (that path now holds the new bytes); rows
+    of other files (another checkpoint of the same model, its artifacts) stay. Never keyed by model name or format."""
+    keys = {(r.get("path"), r.get("sha256")) for r in new}
+    paths = {r.get("path") for r in new}
+    kept = [r for r in old if (r.get("path"), r.get("sha256")) not in keys and r.get("path") not in paths]
+    return kept + list(new)
+
+
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]], fmt: Callable[[object], str] = str) -> str:
     """A GitHub markdown table; each cell is rendered with `fmt`."""
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]

@@ -39,6 +39,7 @@ class RunDir:
     path: Path
     created: bool  # made by this run (a fresh directory): removed again when the run leaves it empty
     link: Path | None  # the <name>-latest link to point at `path` once it holds a checkpoint
+    made_parents: tuple[Path, ...] = ()  # <path_to_save> and <path_to_save>/<dataset> when this run created them
 
     def announce(self) -> None:
         print(f"{RUN_DIR_PREFIX}{self.path}", flush=True)
@@ -50,8 +51,12 @@ class RunDir:
 
     def discard_if_empty(self) -> None:
         """A run that ended before writing anything leaves no empty numbered directory behind."""
-        if self.created and self.path.is_dir() and not any(self.path.iterdir()):
-            self.path.rmdir()
+        if not self.created:
+            return
+        for folder in (self.path, *self.made_parents):  # deepest first; stop at the first that holds something
+            if not folder.is_dir() or any(folder.iterdir()):
+                return
+            folder.rmdir()
 
 
 def resolve_checkpoint_dir(checkpoint: str | Path) -> Path:
@@ -83,6 +88,7 @@ def choose_run_dir(path_to_save: str | Path, dataset: str, name: str, *, exist_o
             choice = RunDir(resolve_checkpoint_dir(resume), False, None)
         else:
             parent = Path(path_to_save) / dataset
+            made = tuple(folder for folder in (parent, parent.parent) if not folder.exists())
             make_dirs(parent, exist_ok=True)
             if exist_ok:
                 path = parent / name
@@ -90,9 +96,9 @@ def choose_run_dir(path_to_save: str | Path, dataset: str, name: str, *, exist_o
                     raise InputError(f"--exist_ok: {path} exists and is not a directory; fix: choose another --name")
                 created = not path.exists()
                 make_dirs(path, exist_ok=True)
-                choice = RunDir(path, created, parent / f"{name}{LATEST_SUFFIX}")
+                choice = RunDir(path, created, parent / f"{name}{LATEST_SUFFIX}", made)
             else:
-                choice = RunDir(next_free(parent, name), True, parent / f"{name}{LATEST_SUFFIX}")
+                choice = RunDir(next_free(parent, name), True, parent / f"{name}{LATEST_SUFFIX}", made)
     return broadcast_object(choice)
 
 
