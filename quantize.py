@@ -29,6 +29,7 @@ file it measured: path + sha256; re-running a checkpoint replaces its rows, anot
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -106,7 +107,8 @@ def main(argv=None) -> int:
         loaded = load_for_eval(path, eval_device, args.model, args.device)
         stats = evaluate_loaded(loaded, loader, len(data_classes), args.speed_repeats, not args.quiet)
         row = {"format": loaded.format, "engine": loaded.engine, "precision": loaded.precision, "compute": loaded.compute,
-               "path": str(path), "sha256": file_sha256(path), "checkpoint": str(weights), "checkpoint_sha256": weights_sha256,
+               "path": str(path), "real_path": os.path.realpath(path), "sha256": file_sha256(path),
+               "checkpoint": str(weights), "checkpoint_sha256": weights_sha256,
                "size_mb": loaded.size_mb, "file_mb": path.stat().st_size / 1e6,
                "acc1": stats["acc1"], "acc5": stats["acc5"], "loss": stats["loss"], "num_images": stats["num_images"],
                "mode": args.mode, "note": note}

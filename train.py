@@ -5,10 +5,11 @@ Examples:
   python train.py --model resnet18 --dataset path/to/folder --pretrained --fp16 --ema --tensorboard
   torchrun --nproc_per_node=2 train.py --model custom --img_size 28
 
-Writes <path_to_save>/<dataset>/<model>/ with best.pth, last.pth, classes.txt, args.json,
-results.csv and results.png; with --tensorboard, the run's dashboard under <log_dir>/<dataset>/<run dir name>/<time>/
-(continued by --resume).
---resume continues a run from its last.pth: the network (model, img_size, norm_type, small_input) and the
+Writes <path_to_save>/<dataset>/<model>/ (or <model>-2, -3, ... when that exists: a run never overwrites another;
+--name replaces <model>, --exist_ok reuses it) with best.pth, last.pth, classes.txt, args.json, results.csv and
+results.png, prints it first and last as "run_dir: <path>" and links <model>-latest to it; with --tensorboard, the
+run's dashboard under <log_dir>/<dataset>/<run dir name>/<time>/ (continued by --resume).
+--resume continues a run from its last.pth, in that checkpoint's directory: the network (model, img_size, norm_type, small_input) and the
 augmentation come from the checkpoint, and a flag that contradicts them is an error.
 """
 

@@ -117,7 +117,8 @@ def pytest_result(step: dict, out: Path) -> dict:
 
 def training_run(step: dict, out: Path, target: float, device: str = "cuda") -> dict:
     """The numbers of one train.py run: per epoch seconds, images/s and test acc@1; totals; time to `target`."""
-    found = sorted((out / "runs" / step["name"]).glob("*/*/results.csv"))
+    # the run's own directory, not train.py's <model>-latest link to it
+    found = sorted(p for p in (out / "runs" / step["name"]).glob("*/*/results.csv") if not p.parent.is_symlink())
     log = out / f"{step['name']}.log"
     text = log.read_text(errors="replace") if log.is_file() else ""
     if not found:

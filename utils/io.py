@@ -222,13 +222,16 @@ def file_sha256(path: str | Path) -> str:
 
 
 def merge_rows(old: Sequence[dict], new: Sequence[dict]) -> list[dict]:
-    """Rows of several runs in one report, keyed by the exact file each measured: its "path" and "sha256". A new row
+    """Rows of several runs in one report, keyed by the exact file each measured: its "real_path" (or "path") and
+    "sha256". A new row
     replaces the old row of the same file and any old row of the same path (that path now holds the new bytes); rows
     of other files (another checkpoint of the same model, its artifacts) stay. Never keyed by model name or format."""
-    keys = {(r.get("path"), r.get("sha256")) for r in new}
-    paths = {r.get("path") for r in new}
-    kept = [r for r in old if (r.get("path"), r.get("sha256")) not in keys and r.get("path") not in paths]
-    return kept + list(new)
+    def where(row: dict):  # the file itself, not a link to it (<model>-latest/ points at another run later)
+        return row.get("real_path") or row.get("path")
+
+    keys = {(where(r), r.get("sha256")) for r in new}
+    paths = {where(r) for r in new}
+    return [r for r in old if (where(r), r.get("sha256")) not in keys and where(r) not in paths] + list(new)
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]], fmt: Callable[[object], str] = str) -> str:
