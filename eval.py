@@ -41,7 +41,7 @@ from utils.errors import InputError
 from utils.evaluation.dashboard import MISTAKES_SHOWN, detail_options, evaluation_figures, log_eval_report
 from utils.evaluation.loop import TTA_CHOICES, class_metrics, per_class_accuracy, per_class_precision
 from utils.evaluation.report import class_metrics_text, default_output, write_summary
-from utils.io import atomic_write_text
+from utils.io import atomic_write_text, file_sha256
 from utils.plots import close_figures, save_figure
 
 
@@ -65,7 +65,7 @@ def parse_args(argv=None):
     p.add_argument("--save_examples", action="store_true",
                    help="also save misclassified_examples.png (the first wrong predictions as the model saw them)")
     cli.add_tensorboard_args(p, "the evaluation", "eval/<report name>")
-    p.add_argument("--speed_repeats", type=int, default=20, help="timed repeats for latency/throughput (0 = skip timing)")
+    p.add_argument("--speed_repeats", type=cli.non_negative(), default=20, help="timed repeats for latency/throughput (0 = skip timing)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
@@ -115,7 +115,7 @@ def main(argv=None) -> int:
     name = info.model_name
     report = {
         "model": name, "format": loaded.format, "engine": loaded.engine, "precision": loaded.precision,
-        "compute": loaded.compute, "weights": str(args.weights),
+        "compute": loaded.compute, "weights": str(args.weights), "sha256": file_sha256(args.weights),
         "dataset": spec.name, "split": split, "num_images": stats["num_images"], "tta": args.tta,
         "loss": stats["loss"], "acc1": stats["acc1"], "acc5": stats["acc5"],
         "per_class_acc": per_class_accuracy(stats["confusion_matrix"], classes),
@@ -133,16 +133,7 @@ def main(argv=None) -> int:
             report[key] = stats[key]
     report.update(device=str(loaded.device), torch=str(torch.__version__), machine=platform.processor() or platform.machine())
 
-    out = Path(args.output) if args.output else default_output(name, loaded.format)
-    atomic_write_text(out, json.dumps(report, indent=2) + "\n")
-    figures = evaluation_figures(stats, classes, pre, title=f"{name} ({loaded.format})")
-    board = log_eval_report(Path(args.log_dir) / "eval" / out.stem, report, stats, figures) if args.tensorboard else None
-    cm_name = "confusion_matrix.png" if loaded.format == "pytorch" else f"confusion_matrix_{loaded.format}.png"
-    cm_png = save_figure(figures.pop("confusion_matrix"), out.with_name(cm_name))
-    grid = None
-    if args.save_examples and "misclassified" in figures:
-        grid = save_figure(figures.pop("misclassified"), out.with_name("misclassified_examples.png"))
-    close_figures(*figures.values())
+    # the metrics first: a report that cannot be written (disk full, read-only) does not lose them
     tta = f", {args.tta} TTA" if args.tta != "none" else ""
     print(f"{name} [{loaded.format}, {loaded.compute}{tta}] on {spec.name}/{split} ({stats['num_images']} images): "
           f"acc@1 {stats['acc1']:.4f}  acc@5 {stats['acc5']:.4f}  loss {stats['loss']:.4f}")
@@ -152,6 +143,17 @@ def main(argv=None) -> int:
           + (f"  latency {report['latency_ms']:.2f} ms (batch 1)  throughput {report['throughput_img_s']:.0f} img/s "
              f"(batch {report['speed_batch_size']}) on {loaded.device}" if "latency_ms" in report else ""))
     print(class_metrics_text(report, classes))
+    out, tag = (Path(args.output), "") if args.output else default_output(name, loaded.format, report["weights"],
+                                                                            report["sha256"])
+    atomic_write_text(out, json.dumps(report, indent=2) + "\n")
+    figures = evaluation_figures(stats, classes, pre, title=f"{name} ({loaded.format})")
+    board = log_eval_report(Path(args.log_dir) / "eval" / out.stem, report, stats, figures) if args.tensorboard else None
+    cm_name = f"confusion_matrix{'' if loaded.format == 'pytorch' else '_' + loaded.format}{tag}.png"
+    cm_png = save_figure(figures.pop("confusion_matrix"), out.with_name(cm_name))
+    grid = None
+    if args.save_examples and "misclassified" in figures:
+        grid = save_figure(figures.pop("misclassified"), out.with_name(f"misclassified_examples{tag}.png"))
+    close_figures(*figures.values())
     if grid:
         print(f"misclassified examples: {grid}")
     print(f"report: {out}\nconfusion matrix: {cm_png}")

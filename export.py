@@ -55,8 +55,8 @@ def parse_args(argv=None):
     p.add_argument("--parity_images", nargs="+", default=None, metavar="IMG",
                    help="real images for the parity check (files, folder or glob); default: 16 validation images of "
                         "the training data, if still on disk")
-    p.add_argument("--atol", type=float, default=FP32_ATOL, help="FP32 parity: allowed max absolute logit difference")
-    p.add_argument("--rtol", type=float, default=FP32_RTOL,
+    p.add_argument("--atol", type=cli.non_negative(float), default=FP32_ATOL, help="FP32 parity: allowed max absolute logit difference")
+    p.add_argument("--rtol", type=cli.non_negative(float), default=FP32_RTOL,
                    help="FP32 parity: or this fraction of the largest |logit|, when that allows more (large logits)")
     return p.parse_args(argv)
 

@@ -51,11 +51,11 @@ def build_parser():
                    help="image file(s) (JPEG, PNG, ...), folder(s) (searched recursively) or quoted glob(s)")
     p.add_argument("--weights", default=None, metavar="CKPT",
                    help="project resnet18 checkpoint; default: torchvision's ImageNet ResNet18 weights")
-    p.add_argument("--max_side", type=int, default=1024,
+    p.add_argument("--max_side", type=cli.non_negative(), default=1024,
                    help="shrink the image so its longer side is at most this many pixels before the FCN (0 = full size)")
-    p.add_argument("--threshold", type=float, default=0.5,
+    p.add_argument("--threshold", type=cli.in_range(0, 1, low_open=True), default=0.5,
                    help="fraction (0-1] of the min-max normalised score map that defines the object region")
-    p.add_argument("--topk", type=int, default=5, help="how many classes to list")
+    p.add_argument("--topk", type=cli.positive(), default=5, help="how many classes to list")
     p.add_argument("--out_dir", default="results/fcn", help="results go to <out_dir>/<image name>/")
     cli.add_device_arg(p)
     p.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")

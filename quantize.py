@@ -22,12 +22,14 @@ Modes (--backend picks onnx, pytorch or both):
 
 Every format is evaluated on the validation split the checkpoint was trained on (or --dataset/--data_root)
 against the FP32 PyTorch model. Results: a table on stdout (format, size MB, acc@1, acc@5, latency ms at
-batch 1, throughput img/s) and results/quantization/<model>.json (rows merged across modes).
+batch 1, throughput img/s) and results/quantization/<model>.json (rows merged across modes and checkpoints, each keyed by the exact
+file it measured: path + sha256; re-running a checkpoint replaces its rows, another checkpoint adds its own).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -42,7 +44,7 @@ from utils.deploy.export import export_artifact
 from utils.deploy.quantize import fp16_checkpoint, quantize_dynamic_int8, quantize_fx_int8, quantize_onnx_int8, save_quantized_torchscript
 from utils.deploy.runtime import OnnxModel
 from utils.errors import InputError
-from utils.io import atomic_write_text, file_sha256, markdown_table
+from utils.io import atomic_write_text, file_sha256, markdown_table, merge_rows
 
 TABLE_COLUMNS = ("format", "compute", "size (MB)", "acc@1 (%)", "acc@5 (%)", "Δacc@1 (points)", "latency (ms)", "throughput (img/s)")
 
@@ -60,7 +62,7 @@ def parse_args(argv=None):
                         "file, or the FX .pt with --backend pytorch; dynamic: the .pt)")
     cli.add_data_args(p, batch_size=32, num_workers=0, from_checkpoint=True)
     p.add_argument("--max_images", type=cli.positive(), default=None, help="evaluate on the first N validation images only")
-    p.add_argument("--speed_repeats", type=int, default=20, help="timed repeats for latency/throughput (0 = skip)")
+    p.add_argument("--speed_repeats", type=cli.non_negative(), default=20, help="timed repeats for latency/throughput (0 = skip)")
     p.add_argument("--results", default=None, metavar="JSON", help="results file (default results/quantization/<model>.json)")
     cli.add_device_arg(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -99,12 +101,15 @@ def main(argv=None) -> int:
     out_dir = weights.parent / "converted_models"
     onnx_on, torch_on = args.backend in ("all", "onnx"), args.backend in ("all", "pytorch")
     rows: list[dict] = []
+    weights_sha256 = file_sha256(weights)
 
     def measure(path: Path, note: str = "", eval_device: torch.device = device) -> dict:
         loaded = load_for_eval(path, eval_device, args.model, args.device)
         stats = evaluate_loaded(loaded, loader, len(data_classes), args.speed_repeats, not args.quiet)
         row = {"format": loaded.format, "engine": loaded.engine, "precision": loaded.precision, "compute": loaded.compute,
-               "path": str(path), "size_mb": loaded.size_mb, "file_mb": path.stat().st_size / 1e6,
+               "path": str(path), "real_path": os.path.realpath(path), "sha256": file_sha256(path),
+               "checkpoint": str(weights), "checkpoint_sha256": weights_sha256,
+               "size_mb": loaded.size_mb, "file_mb": path.stat().st_size / 1e6,
                "acc1": stats["acc1"], "acc5": stats["acc5"], "loss": stats["loss"], "num_images": stats["num_images"],
                "mode": args.mode, "note": note}
         row.update({k: stats[k] for k in ("latency_ms", "throughput_img_s", "speed_batch_size") if k in stats})
@@ -164,10 +169,14 @@ def main(argv=None) -> int:
     for row in rows:
         row["delta_acc1_points"] = 100 * (row["acc1"] - base)
     results = Path(args.results) if args.results else Path("results") / "quantization" / f"{name}.json"
-    merged = {r["format"]: r for r in (json.loads(results.read_text()).get("rows", []) if results.is_file() else [])}
-    merged.update({r["format"]: r for r in rows})
+    # rows of every checkpoint of this model quantized so far, keyed by the exact file (path + sha256)
+    try:
+        earlier = json.loads(results.read_text()).get("rows", []) if results.is_file() else []
+    except (ValueError, AttributeError):
+        raise InputError(f"{results} is not a quantization report (JSON with rows); fix: move it away or pass another "
+                         "--results") from None
     doc = {"model": name, "weights": str(weights), "dataset": spec.name, "num_images": rows[0]["num_images"],
-           "device": str(device), "torch": str(torch.__version__), "rows": list(merged.values())}
+           "device": str(device), "torch": str(torch.__version__), "rows": merge_rows(earlier, rows)}
     atomic_write_text(results, json.dumps(doc, indent=2) + "\n")
     table = [[r["format"], r["compute"], f"{r['size_mb']:.2f}", f"{100 * r['acc1']:.2f}", f"{100 * r['acc5']:.2f}",
               f"{r['delta_acc1_points']:+.2f}", f"{r['latency_ms']:.2f}" if "latency_ms" in r else "",

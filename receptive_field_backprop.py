@@ -53,12 +53,12 @@ def build_parser():
                    help="image file(s) (JPEG, PNG, ...), folder(s) (searched recursively) or quoted glob(s)")
     p.add_argument("--weights", default=None, metavar="CKPT",
                    help="project resnet18 checkpoint; default: torchvision's ImageNet ResNet18 weights")
-    p.add_argument("--pixel", type=int, nargs=2, default=None, metavar=("Y", "X"),
+    p.add_argument("--pixel", type=cli.non_negative(), nargs=2, default=None, metavar=("Y", "X"),
                    help="score-map unit to backpropagate from; default: the predicted class's maximum")
-    p.add_argument("--max_side", type=int, default=512,
+    p.add_argument("--max_side", type=cli.non_negative(), default=512,
                    help="shrink the image so its longer side is at most this many pixels (0 = full size); "
                         "three backward passes at full resolution are slow on a CPU")
-    p.add_argument("--threshold", type=float, default=0.05,
+    p.add_argument("--threshold", type=cli.in_range(0, 1, low_open=True, high_open=True), default=0.05,
                    help="fraction of the peak |gradient| above which a pixel counts for the effective and net boxes")
     p.add_argument("--out_dir", default="results/receptive_field", help="results go to <out_dir>/<image name>/")
     cli.add_device_arg(p)

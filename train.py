@@ -5,17 +5,20 @@ Examples:
   python train.py --model resnet18 --dataset path/to/folder --pretrained --fp16 --ema --tensorboard
   torchrun --nproc_per_node=2 train.py --model custom --img_size 28
 
-Writes <path_to_save>/<dataset>/<model>/ with best.pth, last.pth, classes.txt, args.json,
-results.csv and results.png; with --tensorboard, the run's dashboard under <log_dir>/<dataset>/<run dir name>/<time>/
-(continued by --resume). An image folder without val/ is split (split.json); with --skip_bad_images, the files left
-out are listed in skipped_images.txt.
---resume continues a run from its last.pth: the network (model, img_size, norm_type, small_input) and the
-augmentation come from the checkpoint, and a flag that contradicts them is an error; the dataset's classes must be
-the checkpoint's. --init_from CKPT starts a new run from a checkpoint's weights (fine-tuning, other classes allowed).
+Writes <path_to_save>/<dataset>/<model>/ (or <model>-2, -3, ... when that exists: a run never overwrites another;
+--name replaces <model>, --exist_ok reuses it) with best.pth, last.pth, classes.txt, args.json, results.csv and
+results.png, prints it first and last as "run_dir: <path>" and links <model>-latest to it; with --tensorboard, the
+run's dashboard under <log_dir>/<dataset>/<run dir name>/<time>/ (continued by --resume). An image folder without
+val/ is split (split.json); with --skip_bad_images, the files left out are listed in skipped_images.txt.
+--resume continues a run from its last.pth, in that checkpoint's directory: the network (model, img_size, norm_type,
+small_input) and the augmentation come from the checkpoint, and a flag that contradicts them is an error; the
+dataset's classes must be the checkpoint's. --init_from CKPT starts a new run from a checkpoint's weights
+(fine-tuning, other classes allowed).
 """
 
 from __future__ import annotations
 
+import math
 import signal
 import sys
 import time
@@ -24,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from models import MODEL_NAMES, build_model, count_parameters, model_kwargs
+from models import MODEL_NAMES, build_model, count_parameters, min_img_size, model_kwargs, resolve_small_input
 from models.norm import NORM_TYPES
 from utils import cli
 from utils.checkpoint import head_keys, inference_state, load_checkpoint, load_matching
@@ -38,7 +41,6 @@ from utils.data.splits import check_fraction, split_json
 from utils.distributed import barrier, cleanup, init_distributed, is_distributed, is_main_process
 from utils.errors import InputError
 from utils.evaluation.loop import TTA_CHOICES, evaluate
-from utils.io import atomic_write_text
 from utils.precision import AMP_DTYPES, Precision, needs_grad_scaler, resolve_precision
 from utils.training.checkpointer import CheckpointSaver, ResumePoint, restore
 from utils.training.dashboard import TrainingDashboard, evaluation_details
@@ -49,6 +51,7 @@ from utils.training.optim import OPTIMIZERS, build_optimizer
 from utils.training.recorder import RunRecorder
 from utils.training.resume import apply_checkpoint_args
 from utils.training.rng import seed_everything
+from utils.training.run_dir import RunDir, check_run_name, choose_run_dir
 from utils.training.schedule import SCHEDULES, WarmupSchedule
 
 # --resume takes these from the checkpoint: they define the network, its input and the augmentation it was trained with
@@ -72,7 +75,7 @@ def get_args_parser():
                         "seed's recipe); light = flip only; none; auto = seed above 64 px, light at native sizes <= 64 px. "
                         "Horizontal flips are wrong for digits, text and anything with a handedness: use none there "
                         "(on a digits dataset flips cost 3.7 points of test acc@1); nothing is guessed from class names")
-    p.add_argument("--random_erasing", type=float, default=0.0, metavar="P",
+    p.add_argument("--random_erasing", type=cli.in_range(0, 1), default=0.0, metavar="P",
                    help="RandomErasing probability added to the policy (timm's --reprob; 0 = off)")
     p.add_argument("--random_crop_padding", type=cli.non_negative(), default=0, metavar="P",
                    help="CIFAR-style translation added to the policy: pad by P black pixels, crop img_size at a random "
@@ -81,19 +84,19 @@ def get_args_parser():
                    help="torchvision policy applied to each image after the geometry: ra = RandAugment, ta_wide = "
                         "TrivialAugmentWide, augmix = AugMix, autoaugment = AutoAugment (ImageNet policy); each image draws "
                         "its own operations, in both data pipelines")
-    p.add_argument("--mixup_alpha", type=float, default=0.0,
+    p.add_argument("--mixup_alpha", type=cli.non_negative(float), default=0.0,
                    help="Mixup on batches with Beta(alpha, alpha) weights (0 = off; 0.2 is common)")
-    p.add_argument("--cutmix_alpha", type=float, default=0.0,
+    p.add_argument("--cutmix_alpha", type=cli.non_negative(float), default=0.0,
                    help="CutMix on batches (0 = off; 1.0 is common); with --mixup_alpha too, each batch uses one of the two. "
                         "With either, the loss uses the mixed soft targets and train acc@1 counts predictions of the label "
                         "with the larger mixing weight")
     cli.add_data_args(p)
-    p.add_argument("--wp_epoch", type=int, default=1, help="warm-up epochs (LR rises linearly per iteration)")
-    p.add_argument("--start_epoch", type=int, default=None,
+    p.add_argument("--wp_epoch", type=cli.non_negative(), default=1, help="warm-up epochs (LR rises linearly per iteration)")
+    p.add_argument("--start_epoch", type=cli.non_negative(), default=None,
                    help="epoch to start at (default: 0, or the one after the checkpoint's with --resume)")
     p.add_argument("--max_epoch", type=cli.positive(), default=10,
                    help="total number of epochs (with --time_budget: the planned length until the first epoch is timed)")
-    p.add_argument("--time_budget", type=float, default=0.0, metavar="MINUTES",
+    p.add_argument("--time_budget", type=cli.non_negative(float), default=0.0, metavar="MINUTES",
                    help="train for this wall-clock budget: after the first epoch the run fixes its number of epochs so it "
                         "ends inside the budget, and fits the LR schedule to them (0 = off: --max_epoch decides)")
     p.add_argument("--patience", type=cli.non_negative(), default=0, metavar="N",
@@ -108,9 +111,10 @@ def get_args_parser():
     p.add_argument("--sched", default="cosine", choices=SCHEDULES,
                    help="LR schedule per step after the warm-up: cosine or linear decay to --min_lr; onecycle = the curve of "
                         "torch's OneCycleLR (rises from base_lr/25 over the --wp_epoch warm-up, falls to --min_lr)")
-    p.add_argument("--min_lr", type=float, default=1e-6, help="learning rate at the end of the decay")
-    p.add_argument("--weight_decay", type=float, default=5e-2, help="weight decay (not applied to biases and norm layers)")
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (beta1 for Adam/AdamW)")
+    p.add_argument("--min_lr", type=cli.non_negative(float), default=1e-6, help="learning rate at the end of the decay")
+    p.add_argument("--weight_decay", type=cli.non_negative(float), default=5e-2,
+                   help="weight decay (not applied to biases and norm layers)")
+    p.add_argument("--momentum", type=cli.in_range(0, 1, high_open=True), default=0.9, help="SGD momentum (beta1 for Adam/AdamW)")
     p.add_argument("--accumulation", type=cli.positive(), default=1,
                    help="micro-batches per optimizer step (effective batch = batch_size * accumulation)")
     p.add_argument("--val_fraction", type=float, default=0.1,
@@ -124,10 +128,10 @@ def get_args_parser():
                    help="balanced: draw training images with replacement so that every class is equally likely in each "
                         "epoch (WeightedRandomSampler, weights 1/class count; per process under torchrun); random: each "
                         "image once per epoch")
-    p.add_argument("--label_smoothing", type=float, default=0.0, help="cross-entropy label smoothing")
-    p.add_argument("--clip_grad", type=float, default=0.0, help="clip the gradient norm to this value (0 = off)")
+    p.add_argument("--label_smoothing", type=cli.in_range(0, 1, high_open=True), default=0.0, help="cross-entropy label smoothing")
+    p.add_argument("--clip_grad", type=cli.non_negative(float), default=0.0, help="clip the gradient norm to this value (0 = off)")
     p.add_argument("--ema", action="store_true", help="keep an EMA of the weights; validation and best.pth use it")
-    p.add_argument("--ema_decay", type=float, default=0.9999, help="EMA decay (warmed up as decay*(1-exp(-step/2000)))")
+    p.add_argument("--ema_decay", type=cli.in_range(0, 1), default=0.9999, help="EMA decay (warmed up as decay*(1-exp(-step/2000)))")
     p.add_argument("--fp16", action="store_true",
                    help="mixed precision: float16 autocast + GradScaler on CUDA; bfloat16 autocast on CPUs with native bf16 "
                         "(AVX-512 BF16 or AMX); on other CPUs it falls back to float32 with a warning (emulated bf16 is "
@@ -145,7 +149,8 @@ def get_args_parser():
                    help="torch.compile the model (first epoch pays minutes of compilation; see benchmarks/README.md)")
     p.add_argument("--cuda", action="store_true", help="require CUDA (error if there is no GPU)")
     cli.add_device_arg(p)
-    p.add_argument("--seed", type=int, default=42, help="random seed (each epoch is seeded from it, so resumed runs repeat exactly)")
+    p.add_argument("--seed", type=cli.non_negative(), default=42,
+                   help="random seed (each epoch is seeded from it, so resumed runs repeat exactly)")
     p.add_argument("-r", "--resume", default=None, metavar="CKPT",
                    help="continue from a last.pth (model, optimizer, EMA, RNG, epoch; the network's flags come from it)")
     p.add_argument("--init_from", default=None, metavar="CKPT",
@@ -153,7 +158,15 @@ def get_args_parser():
                         "every tensor whose name and shape fit is loaded, the classification head is new when the "
                         "dataset's classes differ from the checkpoint's; the network flags (model, img_size, norm_type, "
                         "small_input) default to the checkpoint's")
-    p.add_argument("--path_to_save", default="weights", help="runs go to <path_to_save>/<dataset>/<model>/")
+    p.add_argument("--path_to_save", default="weights",
+                   help="runs go to <path_to_save>/<dataset>/<name>/, or <name>-2, -3, ... when that exists (a run never "
+                        "overwrites another); the chosen directory is printed first and last as 'run_dir: <path>', and "
+                        "<name>-latest links to the newest run with a checkpoint")
+    p.add_argument("--name", type=check_run_name, default=None,
+                   help="the run directory's name (default: the model name); numbered like the default when it exists")
+    p.add_argument("--exist_ok", action="store_true",
+                   help="reuse <path_to_save>/<dataset>/<name>/ even when an earlier run is there (its files are replaced "
+                        "as this run writes its own, from the end of the first epoch on)")
     p.add_argument("--tensorboard", action="store_true",
                    help="log the run's dashboard (scalars, HParams, confusion matrix, mistakes, PR curves, graph) under --log_dir")
     p.add_argument("--log_dir", default="logs", help="TensorBoard root: logs go to <log_dir>/<dataset>/<run dir name>/<time>/")
@@ -182,15 +195,31 @@ def main(argv=None) -> int:
         for key in INIT_FLAGS:
             if key in saved and key not in explicit:
                 setattr(args, key, saved[key])
+    small = resolve_small_input(args.small_input, args.img_size)
+    if args.img_size < min_img_size(args.model, small):
+        off = " with --small_input off" if min_img_size(args.model, not small) < min_img_size(args.model, small) else ""
+        parser.error(f"argument --img_size: {args.model} needs at least {min_img_size(args.model, small)} px{off}, "
+                     f"got {args.img_size}")
     device = cli.resolve_device(args.device, require_cuda=args.cuda)
     rank, world, local_rank = init_distributed(device.type)
     if device.type == "cuda" and is_distributed():
         device = torch.device("cuda", local_rank)
-    main_proc = is_main_process()
-    seed_everything(args.seed + rank)
-
     spec = DataSpec(args.dataset, args.data_root, args.skip_bad_images, val_fraction=args.val_fraction, seed=args.seed,
                     split_record=ckpt.get("split") if ckpt is not None else None)
+    run = choose_run_dir(args.path_to_save, spec.name, args.name or args.model, exist_ok=args.exist_ok, resume=args.resume)
+    if is_main_process():
+        run.announce()
+    try:
+        return train(args, ckpt, init, spec, run, device, rank, world)
+    finally:
+        if is_main_process():
+            run.discard_if_empty()  # a run that failed before writing anything leaves no empty directory
+
+
+def train(args, ckpt: dict | None, init: dict | None, spec: DataSpec, run: RunDir, device: torch.device, rank: int,
+          world: int) -> int:
+    main_proc = is_main_process()
+    seed_everything(args.seed + rank)
     pre = Preprocess.for_size(args.img_size)
     augment = resolve_augment(args.augment, args.img_size, args.random_erasing, args.random_crop_padding, args.auto_augment)
     train_set, val_set, classes = build_datasets(spec, pre, augment=augment)
@@ -224,16 +253,16 @@ def main(argv=None) -> int:
                                     weight=class_weights.to(device) if class_weights is not None else None)
     val_criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
 
-    run_dir = Path(args.path_to_save) / spec.name / args.model
+    run_dir = run.path
     identity = {"model_name": args.model, "num_classes": len(classes), "classes": classes, "preprocess": pre.to_dict(),
                 "model_kwargs": kwargs, "augment": augment.to_dict(), "args": vars(args),
                 "split": getattr(train_set, "split", None),
                 "class_weights": class_weights.tolist() if class_weights is not None else None}
-    recorder, saver, length = open_run(args, run_dir, identity, model, state, resume, device, main_proc)
+    data_files = describe_folders(train_set, val_set, run_dir) if main_proc else {}
+    recorder, saver, length = open_run(args, run_dir, identity, model, state, resume, device, main_proc, data_files)
     if main_proc:
         describe_run(args, model, len(train_set), len(val_set), classes, device, world, loaders, augment, precision, resume,
                      recorder.log_dir)
-        describe_folders(train_set, val_set, run_dir)
         describe_balance(args, train_set, classes, class_weights)
     # SIGTERM (docker stop, kill, job schedulers) behaves like Ctrl-C: save last.pth, then exit. Its own handler, not
     # a copy of SIGINT's: a shell starts background jobs with SIGINT ignored, and copying that would ignore SIGTERM too.
@@ -252,8 +281,12 @@ def main(argv=None) -> int:
             recorder.add(row)
             stop = length.after_epoch(epoch + 1, time.perf_counter() - start, row.get("val_acc1"), state.scheduler, state.step)
             recorder.set_max_epoch(length.max_epoch, args)  # a time budget fixes it after the first epoch
+            check_finite(row, args)  # a diverged run stops before its NaN weights reach last.pth/best.pth
+            recorder.write_identity()  # args.json and classes.txt once the first epoch is through (then no-op)
             saver.epoch_end(epoch, row.get("val_acc1"))
             recorder.write_epoch(row, stats["images_per_s"])
+            if main_proc and epoch == resume.start_epoch:
+                run.mark_latest()  # <name>-latest follows the newest run with a checkpoint
             epoch += 1
             barrier()
             if stop:
@@ -265,6 +298,7 @@ def main(argv=None) -> int:
         saved = saver.interrupted()
         if saved:
             print(f"\ninterrupted in epoch {epoch + 1}: saved {saved}; continue with --resume", flush=True)
+            run.announce()
         cleanup()
         return 130
     finally:
@@ -272,6 +306,7 @@ def main(argv=None) -> int:
     if main_proc:
         recorder.plot()
         print(f"best val acc@1 {saver.best_acc1:.4f}\nresults saved to {run_dir}/ (best.pth, last.pth, results.csv, results.png)")
+        run.announce()
     cleanup()
     return 0
 
@@ -292,6 +327,14 @@ def initialise_from(model: nn.Module, init: dict, args, classes: list[str], kwar
               + (f" ({', '.join(skipped[:6])}{', ...' if len(skipped) > 6 else ''})" if skipped else "") + head)
 
 
+def check_finite(row: dict, args) -> None:
+    """A NaN/inf training or validation loss means the weights diverged: stop with one line (exit 2)."""
+    bad = [f"{key} {row[key]}" for key in ("train_loss", "val_loss") if key in row and not math.isfinite(row[key])]
+    if bad:
+        raise InputError(f"training diverged in epoch {row['epoch']} ({', '.join(bad)}): nothing of this epoch was saved; "
+                         f"fix: lower --base_lr (now {args.base_lr:g}), add --clip_grad 1.0 or a longer --wp_epoch")
+
+
 def wrap_model(model: nn.Module, compile_model: bool, device: torch.device) -> nn.Module:
     """DistributedDataParallel under torchrun (even with one process: --nproc_per_node=1 runs the DDP path on NCCL),
     then torch.compile when asked (unwrap() reaches the plain module)."""
@@ -301,12 +344,13 @@ def wrap_model(model: nn.Module, compile_model: bool, device: torch.device) -> n
 
 
 def open_run(args, run_dir: Path, identity: dict, model: nn.Module, state: TrainState, resume: ResumePoint,
-             device: torch.device, main_proc: bool) -> tuple[RunRecorder, CheckpointSaver, TrainingLength]:
+             device: torch.device, main_proc: bool, data_files: dict[str, str]) -> tuple[RunRecorder, CheckpointSaver,
+                                                                                              TrainingLength]:
     """The run's records (results.csv, TensorBoard), checkpoint policy and length policy, started."""
     dashboard = TrainingDashboard.open(args, run_dir, resume, identity, model=model, state=state,
                                        device=device) if args.tensorboard and main_proc else None
     recorder = RunRecorder(run_dir, max_epoch=args.max_epoch, history=resume.history, enabled=main_proc, dashboard=dashboard)
-    recorder.start(identity["classes"], vars(args))
+    recorder.start(identity["classes"], vars(args), data_files)
     state.on_log = recorder.log_step
     saver = CheckpointSaver(run_dir, identity=identity, model=model, state=state, history=recorder.history,
                             best_acc1=resume.best_acc1, finished=resume.start_epoch - 1, enabled=main_proc)
@@ -349,8 +393,10 @@ def describe_run(args, model, num_train: int, num_val: int, classes: list[str], 
               "raise --max_epoch to train longer")
 
 
-def describe_folders(train_set, val_set, run_dir: Path) -> None:
-    """Image folders: used and skipped images per class of each split; the skipped files' report saved in the run."""
+def describe_folders(train_set, val_set, run_dir: Path) -> dict[str, str]:
+    """Image folders: used and skipped images per class of each split. Returns the files the run keeps about its data
+    (split.json, skipped_images.txt), written with args.json once the first epoch is through."""
+    files = {}
     scans = [(name, getattr(ds, "scan", None)) for name, ds in (("train", train_set), ("val", val_set))]
     scans = [(name, scan) for name, scan in scans if scan is not None]
     for name, scan in scans:
@@ -359,10 +405,11 @@ def describe_folders(train_set, val_set, run_dir: Path) -> None:
     if split is not None:
         print(f"split: {len(train_set)} train / {len(val_set)} val images of {split['root']} (held out per class: "
               f"--val_fraction {split['val_fraction']}, --seed {split['seed']}); file lists in {run_dir / 'split.json'}")
-        atomic_write_text(run_dir / "split.json", split_json(split))
+        files["split.json"] = split_json(split)
     if any(scan.bad for _, scan in scans):
-        path = atomic_write_text(run_dir / "skipped_images.txt", bad_images_report([scan for _, scan in scans]) + "\n")
-        print(f"skipped images listed in {path}")
+        files["skipped_images.txt"] = bad_images_report([scan for _, scan in scans]) + "\n"
+        print(f"skipped images listed in {run_dir / 'skipped_images.txt'}")
+    return files
 
 
 def describe_balance(args, train_set, classes: list[str], class_weights) -> None:

@@ -56,7 +56,7 @@ def parse_args(argv=None):
     p.add_argument("--max_images", type=cli.positive(), default=None, help="evaluate on the first N validation images")
     p.add_argument("--calib_batches", type=cli.positive(), default=10, help="training batches calibrating INT8")
     p.add_argument("--repeats", type=cli.positive(), default=20, help="timed repeats for latency (half for throughput)")
-    p.add_argument("--threads", type=int, default=0,
+    p.add_argument("--threads", type=cli.non_negative(), default=0,
                    help="torch and ONNX Runtime intra-op threads for the in-process rows (0 = library defaults)")
     p.add_argument("--predict_runs", type=cli.positive(), default=3, help="predict.py processes per target (median)")
     p.add_argument("--workdir", default=None, help="where artifacts are written (default: a temporary folder)")

@@ -39,6 +39,18 @@ def resolve_small_input(small_input: str | bool, img_size: int) -> bool:
     return {"auto": img_size <= SMALL_INPUT_MAX, "on": True, "off": False}[small_input]
 
 
+def min_img_size(name: str, small_input: bool) -> int:
+    """The smallest --img_size the network runs at. FashionCNN's three 2x2 poolings need 8 px; ResNet9's three
+    unpadded 2x2 poolings need 8 px after its stem, so 8 with the stride-1 stem and 31 with the large-input one
+    (stride-2 padded conv, then a 2x2 pool); torchvision's networks pad every stage and pool adaptively, so any
+    size runs. tests/test_bad_flags.py proves each bound by forward passes at the bound and one pixel below."""
+    if name == "custom":
+        return 8
+    if name == "resnet9":
+        return 8 if small_input else 31
+    return 1
+
+
 def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model

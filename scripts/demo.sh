@@ -11,10 +11,15 @@ EPOCHS=${EPOCHS:-3}
 if [ -d ../shared/data/FashionMNIST/raw ] && [ ! -e data/FashionMNIST/raw/train-images-idx3-ubyte.gz ]; then
   mkdir -p data/FashionMNIST/raw && cp ../shared/data/FashionMNIST/raw/*.gz data/FashionMNIST/raw/
 fi
-$PY train.py --model custom --img_size 28 --max_epoch "$EPOCHS" --batch_size 128 --tensorboard --quiet
-$PY eval.py --weights weights/FashionMNIST/custom/best.pth --quiet
+# Each run gets its own directory (weights/FashionMNIST/custom, then custom-2, ...): follow the one this run
+# printed as "run_dir: <path>", so running the demo again uses the new run.
+LOG=$(mktemp)
+trap 'rm -f "$LOG"' EXIT
+$PY train.py --model custom --img_size 28 --max_epoch "$EPOCHS" --batch_size 128 --tensorboard --quiet | tee "$LOG"
+RUN=$(sed -n 's/^run_dir: //p' "$LOG" | tail -n 1)
+$PY eval.py --weights "$RUN/best.pth" --quiet
 # Deploy: export to ONNX (checked against PyTorch), save three real test images as PNG, predict them
 # with ONNX Runtime (no torch import; class names and preprocessing come from the .onnx metadata).
-$PY export.py --weights weights/FashionMNIST/custom/best.pth
+$PY export.py --weights "$RUN/best.pth"
 $PY save_test_images.py --out data/test_images --count 3
-$PY predict.py --model weights/FashionMNIST/custom/converted_models/custom.onnx --image data/test_images --topk 3
+$PY predict.py --model "$RUN/converted_models/custom.onnx" --image data/test_images --topk 3

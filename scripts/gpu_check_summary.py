@@ -24,6 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from utils import cli  # noqa: E402
 from utils.io import markdown_table, write_json  # noqa: E402
 
 SCHEMA = 1
@@ -33,10 +34,11 @@ MOONSHOT_SECONDS = 10.0
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.OneLineErrorParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="results/gpu_check", help="the directory gpu_check.sh wrote (default: %(default)s)")
-    p.add_argument("--target", type=float, default=0.93, help="test acc@1 (fraction) for the time-to-target (default: %(default)s)")
-    p.add_argument("--budget", type=float, default=None, help="the run's time budget in seconds, recorded in the summary")
+    p.add_argument("--target", type=cli.in_range(0, 1, low_open=True), default=0.93,
+                   help="test acc@1 (fraction) for the time-to-target (default: %(default)s)")
+    p.add_argument("--budget", type=cli.non_negative(float), default=None, help="the run's time budget in seconds, recorded in the summary")
     return p.parse_args(argv)
 
 
@@ -115,7 +117,8 @@ def pytest_result(step: dict, out: Path) -> dict:
 
 def training_run(step: dict, out: Path, target: float, device: str = "cuda") -> dict:
     """The numbers of one train.py run: per epoch seconds, images/s and test acc@1; totals; time to `target`."""
-    found = sorted((out / "runs" / step["name"]).glob("*/*/results.csv"))
+    # the run's own directory, not train.py's <model>-latest link to it
+    found = sorted(p for p in (out / "runs" / step["name"]).glob("*/*/results.csv") if not p.parent.is_symlink())
     log = out / f"{step['name']}.log"
     text = log.read_text(errors="replace") if log.is_file() else ""
     if not found:

@@ -71,7 +71,8 @@ def main(argv=None) -> int:
     p = cli.parser(__doc__)
     p.add_argument("--recipes", default="docs/recipes", help="folder with one sub-folder per recipe (results.csv, args.json)")
     p.add_argument("--out", default="docs/images/time_to_accuracy.png", help="PNG to write")
-    p.add_argument("--targets", type=float, nargs="*", default=[93.5, 95.0, 96.0], help="acc@1 targets drawn as lines (%%)")
+    p.add_argument("--targets", type=cli.in_range(0, 100, low_open=True), nargs="*", default=[93.5, 95.0, 96.0],
+                   help="acc@1 targets drawn as lines (%%)")
     args = p.parse_args(argv)
     folders = sorted(q for q in Path(args.recipes).iterdir() if q.is_dir()) if Path(args.recipes).is_dir() else []
     recipes = [r for r in (load_recipe(q) for q in folders) if r and r["acc1"]]

@@ -29,6 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from utils import cli  # noqa: E402
 from utils.errors import InputError  # noqa: E402
 from utils.io import atomic_path  # noqa: E402
 
@@ -80,11 +81,11 @@ def screenshot(chromium: str, url: str, out: Path, width: int, height: int, scal
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.OneLineErrorParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--logdir", default="logs", help="TensorBoard log directory to serve")
     p.add_argument("--out", default="docs/images", help="where the PNGs go")
     p.add_argument("--dashboards", nargs="+", default=list(DASHBOARDS), choices=list(DASHBOARDS), help="which dashboards")
-    p.add_argument("--virtual-time-budget", type=int, default=20000, dest="budget",
+    p.add_argument("--virtual-time-budget", type=cli.positive(), default=20000, dest="budget",
                    help="milliseconds of page time before each screenshot")
     p.add_argument("--chromium", default=shutil.which("chromium") or "chromium", help="the Chromium binary")
     args = p.parse_args(argv)

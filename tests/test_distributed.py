@@ -38,12 +38,19 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
            "--model", "custom", "--img_size", "28", "--max_epoch", "2", "--wp_epoch", "0", "--batch_size", "20",
            "--num_workers", "0", "--data_root", str(data_root), "--path_to_save", str(out), "--quiet",
            "--tensorboard", "--log_dir", str(logs), "--base_lr", "3e-3", "--ema", "--ema_decay", "0.9"]
+    earlier = out / "FashionMNIST" / "custom"  # an earlier run: this one must go to custom-2, on both processes
+    earlier.mkdir(parents=True)
+    (earlier / "best.pth").write_bytes(b"earlier run")
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "2 processes" in proc.stdout
     assert proc.stdout.count("epoch 1/2") == 1 and proc.stdout.count("best val acc@1") == 1  # rank 0 prints
 
-    run_dir = out / "FashionMNIST" / "custom"
+    run_dir = out / "FashionMNIST" / "custom-2"
+    # rank 0 chose the directory and both processes used it: no custom-3, the earlier run untouched
+    assert [line for line in proc.stdout.splitlines() if line.startswith("run_dir: ")] == [f"run_dir: {run_dir}"] * 2
+    assert sorted(p.name for p in run_dir.parent.iterdir()) == ["custom", "custom-2", "custom-latest"]
+    assert sorted(p.name for p in earlier.iterdir()) == ["best.pth"] and (earlier / "best.pth").read_bytes() == b"earlier run"
     assert sorted(p.name for p in run_dir.iterdir()) == sorted(
         ["best.pth", "last.pth", "classes.txt", "args.json", "results.csv", "results.png"])
     (event_file,) = logs.rglob("events.out.tfevents.*")  # one SummaryWriter (its file name holds the pid)

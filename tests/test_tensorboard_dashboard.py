@@ -71,9 +71,11 @@ def logged(tmp_path_factory) -> dict:
     shutil.copy(run_dir / "last.pth", tmp / "epoch2.pth")
     assert train.main(train_args(root, weights, logs, "--max_epoch", "3", "--ema", "--resume", str(run_dir / "last.pth"))) == 0
     extended = csv_rows(run_dir)
-    # back to the epoch-2 checkpoint: epoch 3 again, now with label smoothing (other losses than the leg before)
+    # back to the epoch-2 checkpoint: epoch 3 again, now with label smoothing (other losses than the leg before);
+    # put back in the run directory, since --resume continues in the checkpoint's own directory
+    shutil.copy(tmp / "epoch2.pth", run_dir / "last.pth")
     assert train.main(train_args(root, weights, logs, "--max_epoch", "3", "--ema", "--label_smoothing", "0.1",
-                                 "--resume", str(tmp / "epoch2.pth"))) == 0
+                                 "--resume", str(run_dir / "last.pth"))) == 0
     other_dir = tmp / "other" / "FashionMNIST" / "custom"
     other = train_args(root, tmp / "other", logs, "--max_epoch", "1", "--optimizer", "sgd", "--base_lr", "0.05")
     assert train.main(other) == 0

@@ -8,6 +8,7 @@ quantize, predict and the analysis scripts read.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import TypedDict
 
@@ -17,7 +18,7 @@ from torch import nn
 from models import build_model
 from utils.data.preprocess import Preprocess
 from utils.errors import InputError
-from utils.io import atomic_path
+from utils.io import atomic_path, open_for_writing
 from utils.model_info import ModelInfo
 
 
@@ -53,26 +54,56 @@ class Checkpoint(TypedDict, total=False):
 
 
 def save_checkpoint(ckpt: Checkpoint, path: str | Path) -> Path:
-    """torch.save under a temporary name, then rename: a crash never leaves half a checkpoint."""
-    with atomic_path(path) as tmp:
-        torch.save(ckpt, tmp)
+    """torch.save under a temporary name, then rename: a crash never leaves half a checkpoint. Through a Python file
+    object, so a full disk is an OSError (ENOSPC, one line) rather than torch's zip writer's RuntimeError."""
+    with atomic_path(path) as tmp, open_for_writing(tmp) as f:
+        torch.save(ckpt, f)
     return Path(path)
 
 
+# what every consumer (eval, export, predict, quantize, --resume) reads; FP16 checkpoints of quantize.py have them too
+REQUIRED_KEYS = ("model_name", "num_classes", "classes", "preprocess", "model")
+
+
+def load_error(path: Path, e: Exception) -> InputError:
+    """Why torch.load(weights_only=True) refused a file, in one line. Never torch's advice to retry with
+    weights_only=False: a file that needs it runs code when loaded."""
+    text = str(e)
+    code = re.search(r"GLOBAL\s+([\w.]+)", text)
+    if code:
+        return InputError(f"refusing to load {path}: it contains code: {code[1]} (a train.py checkpoint holds only "
+                          "tensors and plain values, and loading this one would run that code); fix: use a checkpoint "
+                          "written by train.py that you trust")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head != b"PK\x03\x04" and not code:  # torch.save writes zip archives (PK..), even for one tensor
+        return InputError(f"cannot read checkpoint {path}: it is not a PyTorch checkpoint (no zip archive as torch.save "
+                          "writes); fix: pass a checkpoint written by train.py (best.pth or last.pth)")
+    if "central directory" in text or "zip archive" in text or isinstance(e, EOFError):
+        return InputError(f"cannot read checkpoint {path}: the file is truncated or corrupt (not a complete PyTorch zip "
+                          "archive); fix: copy it again, or use the run's other checkpoint (last.pth / best.pth)")
+    lines = [line.strip() for line in text.splitlines() if line.strip() and "weights_only" not in line
+             and "Weights only load failed" not in line and "documentation" not in line]
+    reason = lines[0] if lines else ""
+    return InputError(f"cannot read checkpoint {path}: {type(e).__name__}{': ' + reason if reason else ''}; fix: pass a "
+                      "checkpoint written by train.py (best.pth or last.pth)")
+
+
 def load_checkpoint(path: str | Path, map_location="cpu") -> Checkpoint:
-    """Load a project checkpoint safely: weights_only=True, never arbitrary unpickling."""
+    """Load a project checkpoint safely: weights_only=True, never arbitrary unpickling; anything else is one line."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"checkpoint not found: {path}")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        reason = next((line for line in lines if "WeightsUnpickler error" in line), lines[0] if lines else "")
-        raise InputError(f"cannot load checkpoint {path} safely (weights_only=True): {type(e).__name__}: {reason} "
-                         "(is it a checkpoint written by train.py?)") from None
+        raise load_error(path, e) from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_name" not in ckpt:
         raise InputError(f"{path} is not a checkpoint written by train.py (it has no model_name/model entries)")
+    missing = [key for key in REQUIRED_KEYS if key not in ckpt]
+    if missing:
+        raise InputError(f"{path} is not a complete checkpoint written by train.py: it lacks {', '.join(missing)} "
+                         "(the network's description); fix: use best.pth or last.pth of a train.py run")
     return ckpt
 
 

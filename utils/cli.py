@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -15,8 +16,15 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     """Show defaults in --help and keep the description's line breaks."""
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """An invalid flag is one line on stderr (no usage block), exit 2, like every other bad input."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {' '.join(message.split())} (see: {self.prog} --help)\n")
+
+
 def parser(description: str) -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+    return OneLineErrorParser(description=description, formatter_class=HelpFormatter)
 
 
 def add_device_arg(p: argparse.ArgumentParser, default: str = "auto") -> None:
@@ -89,22 +97,53 @@ def resolve_device(choice: str, require_cuda: bool = False):
     return torch.device("cpu")
 
 
+def _number(kind, text: str):
+    """`text` as an int or a finite float; argparse shows the ArgumentTypeError's message on one line."""
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def _described(check, kind, invalid: list[str]):
+    """Name the check after its type (argparse: "invalid int value") and keep values it refuses (tests feed them)."""
+    check.__name__ = kind.__name__
+    check.invalid_examples = invalid + (["nan", "inf"] if kind is float else ["1.5"])
+    return check
+
+
 def positive(kind=int) -> Callable[[str], int | float]:
     def check(text: str):
-        value = kind(text)
+        value = _number(kind, text)
         if value <= 0:
             raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
         return value
-    return check
+    return _described(check, kind, ["0", "-1", "x"])
 
 
 def non_negative(kind=int) -> Callable[[str], int | float]:
     def check(text: str):
-        value = kind(text)
+        value = _number(kind, text)
         if value < 0:
             raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
         return value
-    return check
+    return _described(check, kind, ["-1", "x"])
+
+
+def in_range(low: float, high: float, *, kind=float, low_open: bool = False, high_open: bool = False) -> Callable[[str], float]:
+    """A number in [low, high] (an open end excludes its bound: e.g. label smoothing in [0, 1))."""
+    interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+
+    def check(text: str):
+        value = _number(kind, text)
+        if value < low or value > high or (low_open and value == low) or (high_open and value == high):
+            raise argparse.ArgumentTypeError(f"must be in {interval}, got {text}")
+        return value
+    bad = [f"{low - 1:g}", f"{high + 1:g}"] + ([f"{low:g}"] if low_open else []) + ([f"{high:g}"] if high_open else [])
+    return _described(check, kind, bad)
 
 
 def run(main: Callable[[], int | None]) -> None:

@@ -85,10 +85,10 @@ def add_model_args(p: argparse.ArgumentParser, default_model: str = "resnet18") 
     p.add_argument("--model", default=None,
                    help=f"registry name (custom, resnet18..152, mobilenet_v2/v3, efficientnet_b0, fcn_resnet18) or any "
                         f"torchvision classifier (vgg16, alexnet, ...); default {default_model}, or the checkpoint's model")
-    p.add_argument("--num_classes", type=int, default=None,
+    p.add_argument("--num_classes", type=cli.positive(), default=None,
                    help="output classes; default 10 for the registry's training models, 1000 for other "
                         "(ImageNet) architectures and fcn_resnet18")
-    p.add_argument("--input_size", type=int, nargs=3, default=None, metavar=("C", "H", "W"),
+    p.add_argument("--input_size", type=cli.positive(), nargs=3, default=None, metavar=("C", "H", "W"),
                    help="input tensor size without the batch dimension; default 3 224 224 (or the checkpoint's)")
     p.add_argument("--weights", default=None, metavar="CKPT",
                    help="project checkpoint (train.py): model, classes and input size come from it")
@@ -618,7 +618,8 @@ def compare_table(results: list[ToolResult], am: AnalysisModel) -> str:
 def tool_parser(tool: str, description: str) -> argparse.ArgumentParser:
     p = cli.parser(description)
     add_model_args(p)
-    p.add_argument("--max_depth", type=int, default=2, help="deepest module level shown in the per-module table (0 = whole model)")
+    p.add_argument("--max_depth", type=cli.non_negative(), default=2,
+                   help="deepest module level shown in the per-module table (0 = whole model)")
     p.add_argument("--out_dir", default=str(COMPLEXITY_DIR), help=f"where <model>_<H>x<W>_{tool}.txt/.json are written")
     return p
 

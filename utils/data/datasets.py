@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import gzip
+import math
 import shutil
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,12 +120,53 @@ def ensure_fashion_mnist(data_root: str | Path) -> Path:
     return root
 
 
+def _idx_problem(data: bytes, header_only: bool = False, size: int = 0) -> str | None:
+    """What is wrong with an IDX file (Fashion-MNIST's format: magic, dimensions, then uint8 values), or None."""
+    if len(data) < 8 or data[:2] != b"\0\0" or data[2] != 8 or not 1 <= data[3] <= 3:
+        return "not an IDX file of uint8 values"
+    ndim = data[3]
+    if len(data) < 4 + 4 * ndim:
+        return "its header is cut off"
+    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    expected = 4 + 4 * ndim + math.prod(dims)
+    actual = size if header_only else len(data)
+    if actual != expected:
+        return f"{actual} bytes of data where its header ({' x '.join(map(str, dims))}) needs {expected}"
+    return None
+
+
+def verify_fashion_files(raw: Path) -> None:
+    """Check the four files before torchvision reads them: a truncated or corrupt file (or .gz archive) is one line
+    naming it, instead of torchvision's attempt to download a replacement. Extracted files: header and size only;
+    archives that torchvision still has to extract: decompressed in full (once; later runs find the extracted file)."""
+    for name in FASHION_MNIST_FILES:
+        plain, packed = raw / name, raw / f"{name}.gz"
+        try:
+            if plain.is_file():
+                with open(plain, "rb") as f:
+                    problem = _idx_problem(f.read(16), header_only=True, size=plain.stat().st_size)
+                path = plain
+            elif packed.is_file():
+                path = packed
+                with gzip.open(packed, "rb") as f:
+                    problem = _idx_problem(f.read())
+            else:
+                continue
+        except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError; a cut archive an EOFError
+            problem = f"{type(e).__name__}: {e}"
+        if problem:
+            raise InputError(f"Fashion-MNIST file {path} is truncated or corrupt ({problem}); fix: delete it and put "
+                             f"the original {path.name} there (or delete it and let the run download it)")
+
+
 def fashion_mnist(data_root: str | Path, train: bool, transform=None) -> datasets.FashionMNIST:
     root = ensure_fashion_mnist(data_root)
+    verify_fashion_files(Path(root) / "FashionMNIST" / "raw")
     try:
         return datasets.FashionMNIST(str(root), train=train, download=True, transform=transform)
     except RuntimeError as e:
-        raise InputError(f"Fashion-MNIST files in {root}/FashionMNIST/raw are unusable: {e}") from None
+        reason = " ".join(str(e).split())
+        raise InputError(f"Fashion-MNIST files in {root}/FashionMNIST/raw are unusable: {reason}") from None
 
 
 # ----------------------------------------------------------------------------- image folders

@@ -96,8 +96,26 @@ def mistakes_figure(mistakes: Mistakes, classes: list[str], pre: Preprocess):
     return examples_figure(images, titles)
 
 
-def default_output(model_name: str, fmt: str) -> Path:
-    return Path("results") / (f"{model_name}.json" if fmt == "pytorch" else f"{model_name}_{fmt}.json")
+def default_output(model_name: str, fmt: str, weights: str, sha256: str, results_dir: Path = Path("results")) -> tuple[Path, str]:
+    """The report of one evaluated file, keyed by that exact file (path + sha256): results/<model>[_<format>].json,
+    or <stem>-2.json, -3, ... when that name holds the report of another file (another checkpoint of the same model,
+    or the same path with other bytes), so evaluating two checkpoints never replaces one's report by the other's;
+    evaluating the same file again replaces its own. Returns the path and its numbering suffix ("" or "-N") for the
+    report's figures."""
+    stem = model_name if fmt == "pytorch" else f"{model_name}_{fmt}"
+    n = 1
+    while True:
+        tag = "" if n == 1 else f"-{n}"
+        path = results_dir / f"{stem}{tag}.json"
+        if not path.exists():
+            return path, tag
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, ValueError):
+            old = {}
+        if isinstance(old, dict) and old.get("weights") == weights and old.get("sha256") == sha256:
+            return path, tag
+        n += 1
 
 
 def class_metrics_text(metrics: dict, classes: list[str], max_rows: int = 20) -> str:

@@ -4,6 +4,7 @@ how a run continues from one.
 - last.pth after every finished epoch; best.pth when validation acc@1 improves.
 - Interrupted (Ctrl-C, SIGTERM): last.pth labelled with the last *finished* epoch, so --resume repeats the
   interrupted epoch once, exactly as an uninterrupted run would have trained it.
+- Start: temporary files that killed saves of earlier runs left in the run directory are removed.
 - Resume: model, optimizer, scheduler position, scaler, EMA, RNG, history and best acc@1 come back;
   the checkpoint is dropped from memory afterwards by the caller.
 """
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 from utils.checkpoint import Checkpoint, save_checkpoint
+from utils.io import remove_stale_temps
 from utils.training.ema import ModelEMA, unwrap
 from utils.training.engine import TrainState
 from utils.training.rng import rng_state, set_rng_state
@@ -65,6 +67,9 @@ class CheckpointSaver:
                  best_acc1: float = 0.0, finished: int = -1, enabled: bool = True):
         self.run_dir, self.identity, self.model, self.state = Path(run_dir), identity, model, state
         self.history, self.best_acc1, self.finished, self.enabled = history, best_acc1, finished, enabled
+        if enabled:
+            for path in remove_stale_temps(self.run_dir):
+                print(f"removed {path.name} (a temporary file of a killed save)")
 
     def assemble(self, epoch: int) -> Checkpoint:
         state, ema = self.state, self.state.ema

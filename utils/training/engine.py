@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from utils.distributed import all_reduce_sum, world_size
+from utils.errors import InputError
 from utils.evaluation.loop import progress
 from utils.precision import autocast
 
@@ -135,9 +136,10 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, state: Train
             loss_sum, correct, window_loss, window_correct, grad_sum, grad_count = synced
             now = time.perf_counter()
             if not math.isfinite(window_loss):
-                raise FloatingPointError(f"the training loss became {window_loss / window_seen:g} in epoch {epoch} "
-                                         f"(by batch {i + 1} of {num_batches}): lower --base_lr, add --clip_grad 1.0, "
-                                         "or train without --fp16")
+                # bad hyper-parameters, not a bug: one line, exit 2, and the epoch's diverged weights are never saved
+                raise InputError(f"training diverged: the loss became {window_loss / window_seen:g} in epoch {epoch} "
+                                 f"(by batch {i + 1} of {num_batches}), nothing of this epoch was saved; fix: lower "
+                                 "--base_lr, add --clip_grad 1.0, or train without --fp16")
             if state.on_log is not None:
                 values = {"loss": window_loss / window_seen, "acc1": window_correct / window_seen, "lr": lr,
                           "images_per_s": window_seen * world_size() / max(now - last_log, 1e-9)}

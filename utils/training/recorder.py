@@ -29,13 +29,20 @@ class RunRecorder:
         self.history: list[dict] = list(history or [])
         self.dashboard = dashboard if enabled else None
         self.log_dir = str(self.dashboard.log_dir) if self.dashboard is not None else None
+        self.pending: dict[str, str] | None = None  # file name -> text, written after the first epoch
 
-    def start(self, classes: list[str], args: dict) -> None:
-        """classes.txt and args.json, written when the run begins."""
-        if self.enabled:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.run_dir / "classes.txt", "\n".join(classes) + "\n")
-            atomic_write_text(self.run_dir / "args.json", json.dumps(args, indent=2) + "\n")
+    def start(self, classes: list[str], args: dict, files: dict[str, str] | None = None) -> None:
+        """classes.txt, args.json and the run's other descriptive `files` (name -> text: split.json,
+        skipped_images.txt), kept until the first epoch ends (write_identity): a run that fails before that leaves
+        the directory as it was (--exist_ok or --resume reuse an earlier run's)."""
+        self.pending = {"classes.txt": "\n".join(classes) + "\n", "args.json": json.dumps(args, indent=2) + "\n",
+                        **(files or {})}
+
+    def write_identity(self) -> None:
+        if self.pending is not None and self.enabled:
+            for name, text in self.pending.items():
+                atomic_write_text(self.run_dir / name, text)
+        self.pending = None
 
     def set_max_epoch(self, max_epoch: int, args) -> None:
         """The run's length changed (--time_budget): record it in args (and so in the checkpoints) and args.json."""
@@ -43,7 +50,7 @@ class RunRecorder:
             self.max_epoch = args.max_epoch = max_epoch
             if self.dashboard is not None:
                 self.dashboard.max_epoch = max_epoch
-            if self.enabled:
+            if self.enabled and self.pending is None:  # else args.json is still to be written, with this length
                 atomic_write_text(self.run_dir / "args.json", json.dumps(vars(args), indent=2) + "\n")
 
     def log_step(self, step: int, values: dict) -> None:
@@ -69,6 +76,7 @@ class RunRecorder:
         """results.csv rewritten with every row, the epoch to TensorBoard, one line on stdout."""
         if not self.enabled:
             return
+        self.write_identity()
         self.write_csv()
         if self.dashboard is not None:
             self.dashboard.epoch_end(row, self.history, images_per_s)
