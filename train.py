@@ -117,7 +117,7 @@ def get_args_parser():
     p.add_argument("--momentum", type=cli.in_range(0, 1, high_open=True), default=0.9, help="SGD momentum (beta1 for Adam/AdamW)")
     p.add_argument("--accumulation", type=cli.positive(), default=1,
                    help="micro-batches per optimizer step (effective batch = batch_size * accumulation)")
-    p.add_argument("--val_fraction", type=float, default=0.1,
+    p.add_argument("--val_fraction", type=cli.in_range(0, 1, low_open=True, high_open=True), default=0.1,
                    help="a --dataset without val/ (or test/), i.e. only class folders or train/ only, is split per class "
                         "(stratified, fixed by --seed): this share of each class's images is held out for validation "
                         "(at least one per class on each side); the file lists go to split.json and the checkpoints")

@@ -76,7 +76,8 @@ def parse_args(argv=None):
     p.add_argument("--img_size", type=cli.positive(), default=224, help="crop size fed to the network")
     p.add_argument("--batch_size", type=cli.positive(), default=32, help="images per training step")
     p.add_argument("--num_workers", type=cli.non_negative(), default=2, help="DataLoader workers of the PIL pipeline (train.py's default)")
-    p.add_argument("--val_fraction", type=float, default=0.15, help="share of each class held out for the accuracy")
+    p.add_argument("--val_fraction", type=cli.in_range(0, 1, low_open=True, high_open=True), default=0.15,
+                   help="share of each class held out for the accuracy")
     p.add_argument("--base_lr", type=cli.positive(float), default=1e-3, help="AdamW learning rate (cosine decay over the epochs)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                    help="bf16 = bfloat16 autocast (train.py --fp16 on CPU) for both pipelines; auto = bf16 where the CPU "
@@ -85,7 +86,7 @@ def parse_args(argv=None):
                    help="models trained for --epochs full epochs per pipeline and evaluated on the held-out split")
     p.add_argument("--timed_batches", type=cli.positive(), default=10,
                    help="the other models: training batches timed per pipeline (after one untimed batch)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the folder's content and of the training runs")
+    p.add_argument("--seed", type=cli.non_negative(), default=0, help="seed of the folder's content and of the training runs")
     p.add_argument("--workdir", default="results/benchmarks/photos", help="where the JPEG folder and the cache go")
     cli.add_device_arg(p)
     p.add_argument("--out", default="results/benchmarks/bench_photos.json", help="JSON file with every row and the machine")

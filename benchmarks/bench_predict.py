@@ -64,6 +64,9 @@ def parse_config(text: str) -> tuple[str, int]:
     return name, int(size)
 
 
+parse_config.invalid_examples = ["resnet18", "resnet18:0", "nomodel:28"]  # checked by tests/test_bad_flags.py
+
+
 def parse_args(argv=None):
     p = cli.parser(__doc__)
     p.add_argument("--configs", nargs="+", type=parse_config, default=[("custom", 28), ("resnet18", 224)],

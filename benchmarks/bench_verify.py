@@ -14,7 +14,6 @@ quality 90, with image structure (smooth gradients, shapes, texture), written by
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
@@ -29,6 +28,7 @@ import torch  # noqa: E402
 from PIL import Image, ImageDraw, ImageFilter  # noqa: E402
 
 from benchmarks.common import ROOT, OtherLoad, command_line, contention_note, machine_info, table, write_json  # noqa: E402
+from utils import cli  # noqa: E402
 from utils.data.folders import check_images  # noqa: E402
 
 COLUMNS = [("method", "method"), ("images", "images"), ("threads", "threads"), ("seconds", "s"),
@@ -76,9 +76,9 @@ def verify_and_eoi(path: str) -> str | None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--images", type=int, default=2000, help="JPEGs to make and check")
-    p.add_argument("--threads", type=int, default=os.cpu_count(), help="checking threads")
+    p = cli.parser(__doc__)
+    p.add_argument("--images", type=cli.positive(), default=2000, help="JPEGs to make and check")
+    p.add_argument("--threads", type=cli.positive(), default=os.cpu_count(), help="checking threads")
     p.add_argument("--out", default=str(ROOT / "results" / "benchmarks" / "verify.json"))
     args = p.parse_args(argv)
     meter = OtherLoad()
