@@ -351,3 +351,18 @@ def test_init_from_refuses_a_network_it_does_not_fit(tmp_path, animals_run):
     with pytest.raises(InputError, match="--init_from starts a new run from a checkpoint's weights: drop --resume"):
         train_in_process(root, tmp_path / "runs", "--init_from", str(animals_run / "best.pth"), "--resume",
                          str(animals_run / "last.pth"))
+
+
+def test_eval_reports_or_skips_bad_images(tmp_path, animals_run, capsys):
+    import eval as eval_script
+
+    root = make_image_folder(tmp_path / "animals", classes=("cat", "dog", "fish"), per_class=4)
+    cut = write_truncated_jpeg(root / "val" / "dog" / "cut.jpg")
+    argv = ["--weights", str(animals_run / "best.pth"), "--dataset", str(root), "--device", "cpu", "--quiet", "--num_workers",
+            "0", "--speed_repeats", "0", "--output", str(tmp_path / "r.json")]
+    with pytest.raises(InputError, match=rf"^cannot read image {cut}: OSError: image file is truncated"):
+        eval_script.main(argv)
+    assert not (tmp_path / "r.json").exists()
+    assert eval_script.main([*argv, "--skip_bad_images"]) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["num_images"] == 12
+    assert f"  {cut}: OSError: image file is truncated" in capsys.readouterr().err

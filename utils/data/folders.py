@@ -283,7 +283,7 @@ def scan_folder(root: str | Path, *, verify: bool = True, show_progress: bool = 
         files, broken, ignored = list_class_files(root / name)
         if not files and not broken:
             raise InputError(f"class folder {root / name} has no images (files with an image extension Pillow reads: "
-                             f"{', '.join(sorted(image_extensions())[:12])}, ...)")
+                             f"{', '.join(sorted(image_extensions())[:12])}, ...); fix: add images or remove the folder")
         paths += files
         targets += [idx] * len(files)
         scan.bad += broken
