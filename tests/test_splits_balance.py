@@ -86,9 +86,10 @@ def test_split_errors(tmp_path):
         build_eval_dataset(DataSpec(str(root)), PRE)
     import train
 
-    full = make_image_folder(tmp_path / "full")  # has val/: the fraction is unused, and still checked first
-    with pytest.raises(InputError, match=r"--val_fraction must be between 0 and 1 \(exclusive\), got 1.0"):
+    full = make_image_folder(tmp_path / "full")  # has val/: the fraction is unused, and still checked
+    with pytest.raises(SystemExit) as exited:  # refused by argparse, before anything is read or written
         train.main(["--dataset", str(full), "--val_fraction", "1", "--path_to_save", str(tmp_path / "out")])
+    assert exited.value.code == 2
     assert not (tmp_path / "out").exists()
 
 

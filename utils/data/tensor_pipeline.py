@@ -30,8 +30,8 @@ from torch.utils.data import Sampler
 from tqdm import tqdm
 
 from utils.data.augment import Augment, auto_augment_policy, resolve_augment
-from utils.errors import InputError
 from utils.data.preprocess import Preprocess, center_crop, load_image, resize_shorter, scale_and_normalize, to_model_mode
+from utils.errors import InputError
 
 PIPELINES = ("auto", "pil", "tensor")
 CROP_SCALE = (0.8, 1.0)
