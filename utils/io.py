@@ -74,6 +74,8 @@ def write_error(e: OSError, path: Path) -> InputError:
            errno.ENOTDIR: "a part of the output path is a file, not a folder; choose another output path",
            errno.EEXIST: "a part of the output path is a file, not a folder; choose another output path",
            errno.EISDIR: "the output path is a folder; choose a file name"}.get(e.errno, "write somewhere else")
+    if e.errno in (errno.ENOTDIR, errno.EEXIST):  # name the file that stands where a folder should be
+        where = next((p for p in (Path(where), *Path(where).parents) if p.exists() and not p.is_dir()), where)
     writing = f" (writing {path})" if Path(where) != path else ""
     return InputError(f"{cause}: {where}{writing}; fix: {fix}")
 
