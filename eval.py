@@ -39,8 +39,8 @@ from utils.deploy.artifacts import evaluate_loaded, load_for_eval
 from utils.deploy.metadata import artifact_kind
 from utils.errors import InputError
 from utils.evaluation.dashboard import MISTAKES_SHOWN, detail_options, evaluation_figures, log_eval_report
-from utils.evaluation.loop import TTA_CHOICES, class_metrics, per_class_accuracy, per_class_precision
-from utils.evaluation.report import class_metrics_text, default_output, write_summary
+from utils.evaluation.loop import TTA_CHOICES, class_metrics, per_class_accuracy
+from utils.evaluation.report import class_metrics_fields, class_metrics_text, default_output, write_summary
 from utils.io import atomic_write_text, file_sha256
 from utils.plots import close_figures, save_figure
 
@@ -119,9 +119,8 @@ def main(argv=None) -> int:
         "dataset": spec.name, "split": split, "num_images": stats["num_images"], "tta": args.tta,
         "loss": stats["loss"], "acc1": stats["acc1"], "acc5": stats["acc5"],
         "per_class_acc": per_class_accuracy(stats["confusion_matrix"], classes),
-        "per_class_precision": per_class_precision(stats["confusion_matrix"], classes),
-        # precision/recall/f1/support per class, their _macro and _weighted averages, balanced_accuracy
-        **class_metrics(stats, classes),
+        # per_class_precision/recall/f1, support, their _macro and _weighted averages, balanced_accuracy
+        **class_metrics_fields(class_metrics(stats, classes)),
         "confusion_matrix": stats["confusion_matrix"].tolist(), "classes": classes,
         **({"files": [relative(p, Path(record["root"])) for p, _ in dataset.samples]} if record is not None else {}),
         "params": loaded.params, "size_mb": loaded.size_mb, "img_size": pre.img_size, **loaded.extra,

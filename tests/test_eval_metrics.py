@@ -63,9 +63,11 @@ def test_eval_json_class_metrics_equal_hand_computation(tmp_path, trained_ckpt, 
     values = [report[k] for k in ("precision_macro", "precision_weighted", "recall_macro", "f1_macro", "f1_weighted",
                                   "balanced_accuracy")]
     assert len({round(v, 6) for v in values}) == len(values), values
+    assert report["precision"] == "fp32"  # the format's field is untouched by the per-class metrics
     for name in ("precision", "recall", "f1"):
-        assert list(report[name]) == classes
-        assert [report[name][c] for c in classes] == pytest.approx(expected[name], abs=1e-6), name
+        per_class = report[f"per_class_{name}"]
+        assert list(per_class) == classes
+        assert [per_class[c] for c in classes] == pytest.approx(expected[name], abs=1e-6), name
         assert report[f"{name}_macro"] == pytest.approx(expected[f"{name}_macro"], abs=1e-6), name
         assert report[f"{name}_weighted"] == pytest.approx(expected[f"{name}_weighted"], abs=1e-6), name
     assert [report["support"][c] for c in classes] == expected["support"].astype(int).tolist()
@@ -77,7 +79,7 @@ def test_eval_json_class_metrics_equal_hand_computation(tmp_path, trained_ckpt, 
         row = next(line for line in printed.splitlines() if line.startswith(c + " ") and "  " in line)
         numbers = row[len(c):].split()
         assert [float(v) for v in numbers[:3]] == pytest.approx(
-            [report["precision"][c], report["recall"][c], report["f1"][c]], abs=5e-5)
+            [report["per_class_precision"][c], report["per_class_recall"][c], report["per_class_f1"][c]], abs=5e-5)
         assert int(numbers[3]) == report["support"][c]
     macro = next(line for line in printed.splitlines() if line.startswith("macro avg"))
     assert float(macro.split()[4]) == pytest.approx(report["f1_macro"], abs=5e-5)
@@ -87,7 +89,7 @@ def test_eval_json_class_metrics_equal_hand_computation(tmp_path, trained_ckpt, 
 def test_class_table_lists_the_lowest_f1_classes_when_there_are_many():
     classes = [f"c{i}" for i in range(30)]
     f1 = {c: i / 30 for i, c in enumerate(classes)}
-    metrics = {"precision": f1, "recall": f1, "f1": f1, "support": dict.fromkeys(classes, 2),
+    metrics = {"per_class_precision": f1, "per_class_recall": f1, "per_class_f1": f1, "support": dict.fromkeys(classes, 2),
                **{f"{m}_{a}": 0.5 for m in ("precision", "recall", "f1") for a in ("macro", "weighted")},
                "balanced_accuracy": 0.5}
     text = class_metrics_text(metrics, classes, max_rows=5)

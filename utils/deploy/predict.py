@@ -338,7 +338,7 @@ def run_prediction(forward: Forward, paths: Sequence[Path], pre: Preprocess, cla
             consume(None)
         else:
             try:
-                with atomic_path(target[0]) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+                with atomic_path(target[0]) as tmp, open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
                     consume(RowWriter(f, target[1], k))
             except OSError as e:
                 raise InputError(f"cannot write --output {target[0]}: {e.strerror or e}") from None

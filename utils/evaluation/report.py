@@ -118,21 +118,35 @@ def default_output(model_name: str, fmt: str, weights: str, sha256: str, results
         n += 1
 
 
-def class_metrics_text(metrics: dict, classes: list[str], max_rows: int = 20) -> str:
-    """eval.py's compact per-class table (precision, recall, F1, support) and the averages, from class_metrics().
+def class_metrics_fields(metrics: dict) -> dict:
+    """The eval loop's class_metrics() as eval.py's JSON fields: per_class_precision / per_class_recall /
+    per_class_f1 / support (class -> value), and the flat averages precision_macro, ..., f1_weighted and
+    balanced_accuracy (the report's own "precision" field is the numeric format, fp32/fp16/int8)."""
+    out = {f"per_class_{name}": metrics[name] for name in ("precision", "recall", "f1")}
+    out["support"] = metrics["support"]
+    out.update({f"{name}_{avg}": metrics[f"{name}_{avg}"] for name in ("precision", "recall", "f1")
+                for avg in ("macro", "weighted")})
+    out["balanced_accuracy"] = metrics["balanced_accuracy"]
+    return out
+
+
+def class_metrics_text(fields: dict, classes: list[str], max_rows: int = 20) -> str:
+    """eval.py's compact per-class table (precision, recall, F1, support) and the averages, from
+    class_metrics_fields() (or the JSON report holding them).
 
     With more than `max_rows` classes only the `max_rows` lowest-F1 classes are listed (the JSON has them all)."""
     order = list(classes)
-    shown = order if len(order) <= max_rows else sorted(order, key=lambda c: metrics["f1"][c])[:max_rows]
+    precision, recall, f1 = (fields[f"per_class_{name}"] for name in ("precision", "recall", "f1"))
+    shown = order if len(order) <= max_rows else sorted(order, key=lambda c: f1[c])[:max_rows]
     width = max([len("class"), *(len(c) for c in shown)])
     lines = [f"{'class':<{width}}  precision  recall     f1  support"]
-    lines += [f"{c:<{width}}  {metrics['precision'][c]:9.4f}  {metrics['recall'][c]:6.4f}  {metrics['f1'][c]:6.4f}  "
-              f"{metrics['support'][c]:7d}" for c in shown]
+    lines += [f"{c:<{width}}  {precision[c]:9.4f}  {recall[c]:6.4f}  {f1[c]:6.4f}  "
+              f"{fields['support'][c]:7d}" for c in shown]
     if len(shown) < len(order):
         lines.append(f"({len(order) - len(shown)} more classes in the JSON report; the {len(shown)} lowest F1 shown)")
-    total = sum(metrics["support"].values())
+    total = sum(fields["support"].values())
     for avg in ("macro", "weighted"):
-        lines.append(f"{avg + ' avg':<{width}}  {metrics[f'precision_{avg}']:9.4f}  {metrics[f'recall_{avg}']:6.4f}  "
-                     f"{metrics[f'f1_{avg}']:6.4f}  {total:7d}")
-    lines.append(f"balanced accuracy {metrics['balanced_accuracy']:.4f} (mean recall over the classes with images)")
+        lines.append(f"{avg + ' avg':<{width}}  {fields[f'precision_{avg}']:9.4f}  {fields[f'recall_{avg}']:6.4f}  "
+                     f"{fields[f'f1_{avg}']:6.4f}  {total:7d}")
+    lines.append(f"balanced accuracy {fields['balanced_accuracy']:.4f} (mean recall over the classes with images)")
     return "\n".join(lines)
