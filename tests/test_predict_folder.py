@@ -369,3 +369,21 @@ def test_streaming_memory_stays_flat(onnx_model, tmp_path):
     for workers in (0, 2):  # decoding in the main thread, and in 2 threads (up to 2 batches + 2 images in flight)
         assert (m[f"workers{workers}_2000"] - m[f"workers{workers}_500"]) / 1.5 < 0.1 * held, (workers, m)
     assert len((tmp_path / "rows.csv").read_text().splitlines()) == 2001
+
+
+def test_a_folder_lists_the_images_a_training_folder_would_use(tmp_path):
+    """Prediction over a folder follows utils.data.folders: every Pillow format (.jfif, .gif), no hidden or junk files."""
+    from PIL import Image
+
+    from utils.deploy.predict import expand_images
+
+    folder = tmp_path / "photos"
+    (folder / "sub").mkdir(parents=True)
+    (folder / ".ipynb_checkpoints").mkdir()
+    img = Image.new("RGB", (12, 9), (200, 30, 30))
+    for name in ("a.jpg", "b.jfif", "sub/c.gif", "._a.jpg", ".ipynb_checkpoints/d.png", "e.webp"):
+        img.save(folder / name, format={"jfif": "JPEG", "jpg": "JPEG"}.get(name.rsplit(".", 1)[1], None))
+    (folder / "Thumbs.db").write_bytes(b"junk")
+    (folder / "notes.txt").write_text("not an image")
+    found = [p.relative_to(folder).as_posix() for p in expand_images([str(folder)])]
+    assert found == ["a.jpg", "b.jfif", "e.webp", "sub/c.gif"]

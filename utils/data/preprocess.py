@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from utils.data.folders import has_image_extension, is_ignored_name
 from utils.errors import InputError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 
 @dataclass
@@ -178,7 +178,9 @@ def list_images(spec: str | Path | list) -> list[Path]:
     for s in specs:
         p = Path(s)
         if p.is_dir():
-            out.extend(sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_EXTENSIONS and q.is_file()))
+            # the image files a training folder would use (utils.data.folders: Pillow's formats, no hidden or junk files)
+            out.extend(sorted(q for q in p.rglob("*") if has_image_extension(q.name) and q.is_file()
+                              and not any(is_ignored_name(part) for part in q.relative_to(p).parts)))
         elif any(ch in str(s) for ch in "*?["):
             out.extend(sorted(Path(q) for q in glob.glob(str(s), recursive=True) if Path(q).is_file()))
         else:
