@@ -109,7 +109,8 @@ def folder_tag(paths: Sequence[str | Path]) -> str:
 
 
 def cache_path(paths: Sequence[str | Path], layout: CacheLayout, cache_dir: str | Path = DEFAULT_CACHE_DIR) -> Path:
-    return Path(cache_dir) / f"{layout.kind}-{layout.side}px-{folder_tag(paths)}-{cache_key(paths, layout)}.npy"
+    gray = "-gray" if layout.channels == 1 else ""  # its own prefix: RGB and grayscale runs never remove each other's file
+    return Path(cache_dir) / f"{layout.kind}-{layout.side}px{gray}-{folder_tag(paths)}-{cache_key(paths, layout)}.npy"
 
 
 def decode(path: str | Path, layout: CacheLayout) -> np.ndarray:
