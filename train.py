@@ -143,7 +143,8 @@ def get_args_parser():
     p.add_argument("--data_pipeline", default="auto", choices=["auto", "pil", "tensor"],
                    help="tensor = dataset held as one uint8 tensor, augmented in batches on --device (same recipe, much "
                         "faster on CPUs); pil = per-image PIL transforms in DataLoader workers; auto = tensor when the "
-                        "images share one size and fit in memory (Fashion-MNIST always)")
+                        "images share one size and fit in memory (Fashion-MNIST always) or an image folder goes through "
+                        "the decode-once cache (--cache auto), else pil")
     cli.add_cache_args(p)
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model (first epoch pays minutes of compilation; see benchmarks/README.md)")

@@ -61,7 +61,7 @@ from utils.training.schedule import WarmupSchedule  # noqa: E402
 PHOTO_SIZE = (500, 375)
 JPEG_QUALITY = 90
 DATA_VERSION = 1
-CLASSES = ("portrait", "portrait_blue", "portrait_sepia", "terrain", "hillshade", "bathymetry", "mri_bone", "mri_inferno",
+CLASSES = ("portrait", "portrait_recoloured", "portrait_sepia", "terrain", "hillshade", "bathymetry", "mri_bone", "mri_inferno",
            "portrait_terrain_blend", "landscape_scene")
 COLUMNS = [("model", "model"), ("pipeline", "pipeline"), ("images_per_s", "train img/s"), ("vs_pil", "x PIL"),
            ("epoch_s", "epoch s"), ("build_s", "cache build s"), ("val_acc1", "held-out acc@1"), ("note", "note")]
@@ -82,6 +82,8 @@ def parse_args(argv=None):
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                    help="bf16 = bfloat16 autocast (train.py --fp16 on CPU) for both pipelines; auto = bf16 where the CPU "
                         "(or GPU) has it natively, else fp32")
+    p.add_argument("--memory_format", default="channels_last", choices=["channels_last", "nchw"],
+                   help="channels_last = train.py --channels_last (faster convolutions with bf16), for both pipelines")
     p.add_argument("--accuracy_models", nargs="*", default=["custom"], choices=MODEL_NAMES,
                    help="models trained for --epochs full epochs per pipeline and evaluated on the held-out split")
     p.add_argument("--timed_batches", type=cli.positive(), default=10,
@@ -138,7 +140,7 @@ def source_pictures() -> tuple[dict[str, np.ndarray], list[str]]:
     scene = np.where((yy > ridge)[..., None], np.array([70, 110, 60]) + rng.normal(0, 12, (450, 600, 3)), sky)
     scene = np.where((((xx - 460) ** 2 + (yy - 90) ** 2) < 40 ** 2)[..., None], np.array([255, 230, 150]), scene)
     canvases = {
-        "portrait": hopper, "portrait_blue": hopper[..., [2, 0, 1]], "portrait_sepia": sepia,
+        "portrait": hopper, "portrait_recoloured": hopper[..., [2, 0, 1]], "portrait_sepia": sepia,
         "terrain": terrain, "hillshade": upsample(np.repeat(shade[..., None], 3, 2), size),
         "bathymetry": upsample(colormap(topo, "ocean"), (600, 450)),
         "mri_bone": upsample(colormap(mri, "bone"), (512, 512)), "mri_inferno": upsample(colormap(mri, "inferno"), (512, 512)),
@@ -255,13 +257,17 @@ def train_run(model_name: str, pipeline: str, args, root: Path, device: torch.de
     train, val, sampler, build_s, num_classes = build_loaders(pipeline, args, root, device)
     torch.manual_seed(args.seed)
     model = build_model(model_name, num_classes, **model_kwargs(args.img_size)).to(device)
+    channels_last = args.memory_format == "channels_last"
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
     full = model_name in args.accuracy_models
     epochs = args.epochs if full else 1
     optimizer = build_optimizer(model, "adamw", lr=args.base_lr, weight_decay=0.05, momentum=0.9)
     schedule = WarmupSchedule(optimizer, steps_per_epoch=len(train), max_epoch=epochs, wp_epoch=0, base_lr=args.base_lr,
                               min_lr=args.base_lr / 100)
     bf16 = args.precision == "bf16"
-    state = TrainState(optimizer=optimizer, scheduler=schedule, amp=bf16, amp_dtype="bfloat16" if bf16 else "auto")
+    state = TrainState(optimizer=optimizer, scheduler=schedule, amp=bf16, amp_dtype="bfloat16" if bf16 else "auto",
+                       channels_last=channels_last)
     criterion = nn.CrossEntropyLoss()
     epoch_s, timed = [], []
     for epoch in range(epochs):
@@ -284,7 +290,7 @@ def train_run(model_name: str, pipeline: str, args, root: Path, device: torch.de
         out["epoch_s"] = [out["images"] / (timed[1] / timed[0])] * 2  # extrapolated: epoch 1 (cold) and a later one
     if full:
         result = evaluate(model, val, device, num_classes, amp=bf16, amp_dtype="bfloat16" if bf16 else "auto",
-                          show_progress=False)
+                          channels_last=channels_last, show_progress=False)
         out["val_acc1"], out["val_images"] = result["acc1"], len(val.dataset) if hasattr(val, "dataset") else len(val.targets)
     return out
 
@@ -352,7 +358,7 @@ def main(argv=None) -> int:
     print(f"\n{args.images} JPEGs of {PHOTO_SIZE[0]}x{PHOTO_SIZE[1]} px (quality {JPEG_QUALITY}, {len(CLASSES)} classes, "
           f"made from {', '.join(s.split(': ')[1] for s in folder['sources'])} of matplotlib's sample data), "
           f"{data['pil']['images']} trained per epoch, {n_val} held out; {args.img_size} px, batch {args.batch_size}, "
-          f"{args.precision}, PIL with {args.num_workers} workers. Steady state = mean of epochs 2..{args.epochs} "
+          f"{args.precision}, {args.memory_format}, PIL with {args.num_workers} workers. Steady state = mean of epochs 2..{args.epochs} "
           f"({', '.join(args.accuracy_models) or 'no model'}: --epochs {args.epochs} full epochs, then held-out acc@1"
           + (f"; two runs' difference has a standard deviation of about {noise:.3f}, binomial over {n_val} images" if noise
              else "") + f"); other models: {args.timed_batches} timed batches per pipeline, epoch time extrapolated.")

@@ -310,3 +310,33 @@ def test_unwritable_cache_dir_is_one_line_exit_2(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "cannot write the image cache" in lines[0] and "--cache off" in lines[0], proc.stderr
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.cuda
+def test_cache_feeds_the_gpu(tmp_path):
+    """Training on a GPU: the cached uint8 images move to the GPU once and are augmented there; the val crops come
+    out equal to the CPU's eval transform (CUDA_TESTS_DEVICE=cpu: a dry run on the CPU)."""
+
+    from conftest import CUDA_TESTS_DEVICE
+
+    from utils.data.loaders import build_train_loaders
+
+    device = torch.device(CUDA_TESTS_DEVICE)
+    folder = make_image_folder(tmp_path / "ds")
+    pre = Preprocess.for_size(32)
+    augment = resolve_augment("seed", 32)
+    train_set, val_set, _ = build_datasets(DataSpec(str(folder)), pre, augment=augment)
+    loaders = build_train_loaders(train_set, val_set, pre, augment, pipeline="auto", batch_size=4, num_workers=0,
+                                  device=device, seed=0, cache="auto", cache_dir=tmp_path / "cache", show_progress=False)
+    assert loaders.pipeline == "tensor" and [c.built for c in loaders.caches] == [True, True]
+    assert loaders.train.images.device.type == device.type
+    loaders.set_epoch(0)
+    images, targets = next(iter(loaders.train))
+    assert images.device.type == device.type and images.shape == (4, 3, 32, 32) and torch.isfinite(images).all()
+    val_images, _ = next(iter(loaders.val))
+    for k, (path, _) in enumerate(val_set.samples[:len(val_images)]):
+        expected = torch.from_numpy(eval_transform(load_image(path), pre))
+        assert torch.allclose(val_images[k].cpu(), expected, atol=1e-6), path
+    again = build_train_loaders(train_set, val_set, pre, augment, pipeline="auto", batch_size=4, num_workers=0,
+                                device=device, seed=0, cache="auto", cache_dir=tmp_path / "cache", show_progress=False)
+    assert [c.built for c in again.caches] == [False, False]

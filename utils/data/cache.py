@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import PIL
+from PIL import Image
 from tqdm import tqdm
 
 from utils.data.preprocess import Preprocess, center_crop, load_image, resize_shorter
@@ -108,7 +109,8 @@ def folder_tag(paths: Sequence[str | Path]) -> str:
 
 
 def cache_path(paths: Sequence[str | Path], layout: CacheLayout, cache_dir: str | Path = DEFAULT_CACHE_DIR) -> Path:
-    return Path(cache_dir) / f"{layout.kind}-{layout.side}px-{folder_tag(paths)}-{cache_key(paths, layout)}.npy"
+    gray = "-gray" if layout.channels == 1 else ""  # its own prefix: RGB and grayscale runs never remove each other's file
+    return Path(cache_dir) / f"{layout.kind}-{layout.side}px{gray}-{folder_tag(paths)}-{cache_key(paths, layout)}.npy"
 
 
 def decode(path: str | Path, layout: CacheLayout) -> np.ndarray:
@@ -226,7 +228,15 @@ def choose_cache(choice: str, pipeline: str, train_set, val_set, pre: Preprocess
         return False, "the dataset is already held as one uint8 tensor"
     channels = getattr(train_set, "channels", pre.channels)
     layout = CacheLayout.for_split("train", pre, channels)
-    native = train_tensor_bytes(train_set, pre)
+    native = None
+    if train_set.samples:
+        try:
+            with Image.open(train_set.samples[0][0]) as img:
+                small = img.size[0] * img.size[1] <= layout.side * layout.side
+        except (OSError, ValueError):
+            small = False  # unreadable: the build names the file
+        # only folders whose first image is small can be uniform and no larger: read all headers only then
+        native = train_tensor_bytes(train_set, pre) if small else None
     if native is not None and native <= layout.nbytes(len(train_set.samples)):
         return False, "the images share one size no larger than the cache's: held in memory as they are"
     needed = layout.nbytes(len(train_set.samples)) + CacheLayout.for_split("val", pre, channels).nbytes(len(val_set.samples))
