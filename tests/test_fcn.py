@@ -130,7 +130,8 @@ def test_fcn_script_rejects_other_checkpoints_and_missing_imagenet_weights(tmp_p
     img = tmp_path / "a.png"
     Image.new("RGB", (50, 40), "red").save(img)
     ckpt = tmp_path / "custom.pth"
-    save_checkpoint({"model_name": "custom", "model": {}, "num_classes": 2}, ckpt)
+    save_checkpoint({"model_name": "custom", "model": {}, "num_classes": 2, "classes": ["a", "b"],
+                     "preprocess": Preprocess.for_size(28).to_dict()}, ckpt)
     with pytest.raises(InputError, match="needs a resnet18 checkpoint"):
         fcn_resnet18.main(["--image", str(img), "--weights", str(ckpt), "--out_dir", str(tmp_path)])
     # no ImageNet weights in an empty torch hub cache and no network: one clear error saying where to put the file
