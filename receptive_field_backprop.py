@@ -32,7 +32,6 @@ Examples:
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +40,7 @@ import torch
 from utils import cli
 from utils.analysis import receptive_field as rf
 from utils.analysis.fcn import fcn_image_tensor, load_fcn, map_to_image, rank_classes, score_geometry
+from utils.analysis.many_images import analyse_each
 from utils.deploy.predict import expand_images, read_image
 from utils.errors import InputError
 from utils.io import atomic_path, atomic_write_text
@@ -212,21 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     images = expand_images(args.image)
     device = cli.resolve_device(args.device)
     networks = load_fcn(args.weights, device)
-    failed = 0
-    for image in images:
-        try:
-            res, arrays = analyse(args, image, networks, device)
-        except InputError as e:  # this image only: report it, go on with the others
-            if len(images) == 1:
-                raise
-            print(f"error: {e}", file=sys.stderr)
-            failed += 1
-            continue
-        report(args, image, res, arrays, several=len(images) > 1)
-    if failed:
-        print(f"{failed} of {len(images)} image(s) could not be analysed (see the error lines above)", file=sys.stderr)
-        return 2
-    return 0
+    several = len(images) > 1
+    return analyse_each(images, lambda image: analyse(args, image, networks, device),
+                        lambda image, out: report(args, image, *out, several=several))
 
 
 def report(args, image: Path, res: dict, arrays: dict, several: bool) -> None:

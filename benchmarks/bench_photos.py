@@ -41,7 +41,7 @@ from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, RandomSampler  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from benchmarks.common import OtherLoad, command_line, contention_note, machine_info, table, write_json  # noqa: E402
+from benchmarks.common import OtherLoad, Take, command_line, contention_note, machine_info, table, write_json  # noqa: E402
 from models import MODEL_NAMES, build_model, model_kwargs  # noqa: E402
 from utils import cli  # noqa: E402
 from utils.data.augment import resolve_augment  # noqa: E402
@@ -199,22 +199,6 @@ def make_photo_folder(root: Path, images: int, val_fraction: float, seed: int = 
 
 
 # ----------------------------------------------------------------------------- one training run
-
-
-class Take:
-    """The first `n` batches of a loader, with len() as train_one_epoch expects."""
-
-    def __init__(self, batches, n: int):
-        self.batches, self.n = batches, n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __iter__(self):
-        for k, batch in enumerate(self.batches):
-            yield batch
-            if k + 1 == self.n:
-                break
 
 
 def build_loaders(pipeline: str, args, root: Path, device: torch.device):

@@ -26,7 +26,7 @@ from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from benchmarks.common import OtherLoad, command_line, contention_note, machine_info, table, write_json  # noqa: E402
+from benchmarks.common import OtherLoad, Take, command_line, contention_note, machine_info, table, write_json  # noqa: E402
 from models import MODEL_NAMES, build_model, model_kwargs  # noqa: E402
 from utils import cli  # noqa: E402
 from utils.data.datasets import build_transform, fashion_mnist  # noqa: E402
@@ -70,19 +70,6 @@ def parse_args(argv=None):
     p.add_argument("--no_baseline", action="store_true", help="skip the seed-baseline rows (no 'x seed' column)")
     p.add_argument("--out", default="results/benchmarks/bench_train.json", help="JSON file with every row and the machine")
     return p.parse_args(argv)
-
-
-class Take:
-    """The next `n` batches of an endless batch iterator, with len() as train_one_epoch expects."""
-
-    def __init__(self, batches, n: int):
-        self.batches, self.n = batches, n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __iter__(self):
-        return itertools.islice(self.batches, self.n)
 
 
 def endless(loader):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import platform
 import shlex
@@ -96,3 +97,17 @@ def table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
 
 def write_json(path: str | Path, payload: dict) -> Path:
     return io.write_json(path, payload, default=str)
+
+
+class Take:
+    """The first `n` batches of a loader (or the next `n` of an endless batch iterator), with len() as
+    utils.training.engine.train_one_epoch expects: a timed slice of an epoch."""
+
+    def __init__(self, batches, n: int):
+        self.batches, self.n = batches, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        return itertools.islice(self.batches, self.n)

@@ -289,14 +289,7 @@ def scan_folder(root: str | Path, *, verify: bool = True, show_progress: bool = 
         scan.bad += broken
         scan.bad_targets += [idx] * len(broken)
         scan.ignored += ignored
-    reasons = check_images(paths, show_progress=show_progress, desc=f"checking {root.name}/ images") if verify else [None] * len(paths)
-    for path, target, reason in zip(paths, targets, reasons):
-        if reason is None:
-            scan.samples.append((path, target))
-        else:
-            scan.bad.append(BadImage(path, reason))
-            scan.bad_targets.append(target)
-    return scan
+    return check_into(scan, paths, targets, verify=verify, show_progress=show_progress, desc=f"checking {root.name}/ images")
 
 
 # ----------------------------------------------------------------------------- reports and errors
@@ -361,9 +354,15 @@ def check_listed(root: str | Path, classes: list[str], samples: Sequence[tuple[s
                  show_progress: bool = True) -> FolderScan:
     """A FolderScan of files listed elsewhere (a recorded split): each is checked like scan_folder's."""
     scan = FolderScan(Path(root), list(classes))
-    paths = [p for p, _ in samples]
-    reasons = check_images(paths, show_progress=show_progress, desc="checking images") if verify else [None] * len(paths)
-    for (path, target), reason in zip(samples, reasons):
+    return check_into(scan, [p for p, _ in samples], [t for _, t in samples], verify=verify, show_progress=show_progress,
+                      desc="checking images")
+
+
+def check_into(scan: FolderScan, paths: list[str], targets: list[int], *, verify: bool, show_progress: bool,
+               desc: str) -> FolderScan:
+    """Check each file (check_images, unless not `verify`) and add it to the scan's samples or to its bad images."""
+    reasons = check_images(paths, show_progress=show_progress, desc=desc) if verify else [None] * len(paths)
+    for path, target, reason in zip(paths, targets, reasons):
         if reason is None:
             scan.samples.append((path, target))
         else:
