@@ -89,7 +89,8 @@ def to_model_mode(img: Image.Image, channels: int) -> Image.Image:
 def load_image(path: str | Path, channels: int = 3) -> Image.Image:
     """Read an image with EXIF orientation applied, as RGB (channels=3) or L (channels=1).
 
-    Raises InputError naming the file when it is missing, not an image, or truncated.
+    Raises InputError naming the file for every way a file can fail to decode (missing, not an image, truncated or
+    corrupt, refused by Pillow's decompression-bomb limit), so no caller needs its own list of decoder exceptions.
     """
     path = Path(path)
     if not path.is_file():
@@ -101,7 +102,10 @@ def load_image(path: str | Path, channels: int = 3) -> Image.Image:
             return to_model_mode(img, channels)
     except UnidentifiedImageError:
         raise InputError(f"not an image file: {path} (use JPEG, PNG, BMP, TIFF, WebP or GIF)") from None
-    except (OSError, SyntaxError, ValueError) as e:
+    except Image.DecompressionBombError as e:
+        raise InputError(f"Pillow refused {path}: {e} (its safety limit against decompression bombs; raise "
+                         "PIL.Image.MAX_IMAGE_PIXELS only for images you trust)") from None
+    except (OSError, SyntaxError, ValueError, MemoryError) as e:
         raise InputError(f"cannot read image {path}: {e} (the file is truncated or corrupt)") from None
 
 

@@ -131,35 +131,18 @@ class LoopOptions:
     repeats: int = 1
 
 
-def unreadable(path: Path, error: Exception) -> InputError:
-    """The one-line InputError for an image file Pillow cannot or will not read."""
-    if isinstance(error, InputError):
-        return error
-    if isinstance(error, Image.DecompressionBombError):
-        return InputError(f"Pillow refused {path}: {error} (its safety limit against decompression bombs; raise "
-                          "PIL.Image.MAX_IMAGE_PIXELS only for images you trust)")
-    return InputError(f"cannot read image {path}: {type(error).__name__}: {error}")
-
-
-# what a hostile file can make a decoder raise besides load_image's own InputError
-DECODE_ERRORS = (InputError, Image.DecompressionBombError, OSError, ValueError, SyntaxError, MemoryError)
-
-
 def read_image(path: Path, channels: int = 3) -> Image.Image:
-    """preprocess.load_image, with every way a file can fail to decode as one InputError (for scripts that analyse
-    images one by one: fcn_resnet18.py, receptive_field_backprop.py)."""
-    try:
-        return load_image(path, channels)
-    except DECODE_ERRORS as e:
-        raise unreadable(path, e) from None
+    """One image for the scripts that analyse images one by one (fcn_resnet18.py, receptive_field_backprop.py):
+    preprocess.load_image, whose InputError covers every way a file can fail to decode."""
+    return load_image(path, channels)
 
 
 def decode(path: Path, pre: Preprocess) -> np.ndarray | str:
     """The model input (CHW float32) of one file, or the one-line reason it cannot be read."""
     try:
         return preprocess_file(path, pre)
-    except DECODE_ERRORS as e:
-        return str(unreadable(path, e))
+    except InputError as e:
+        return str(e)
 
 
 def iter_decoded(paths: Sequence[Path], pre: Preprocess, workers: int, ahead: int) -> Iterator[tuple[Path, np.ndarray | str]]:
