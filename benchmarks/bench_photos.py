@@ -6,24 +6,28 @@ The folder (made once under --workdir, reused while its parameters match): --ima
 (a photograph, a terrain elevation model, a bathymetry grid, an MRI slice): crops at random positions and scales,
 flips, colour shifts and noise of them, see CLASSES. --val_fraction of each class is held out.
 
-Per model, the same network (same seed) is trained for --epochs epochs twice: with per-image PIL transforms in
---num_workers DataLoader workers (train.py --data_pipeline pil), and from the cache (train.py --cache auto: the cache
-folder is emptied first, so epoch 1 includes decoding every image once; later epochs read the warm cache). Rows:
+At each crop size of --img_sizes and per model, the same network (same seed) is trained for --epochs epochs twice:
+with per-image PIL transforms in --num_workers DataLoader workers (train.py --data_pipeline pil), and from the cache
+(train.py --cache auto: the cache folder is emptied first, so epoch 1 includes decoding every image once; later epochs
+read the warm cache). Rows:
 PIL = mean images/s of epochs 2..E (epoch 1 when E = 1), cache cold = train images / (cache build + epoch 1), cache
 warm = mean of epochs 2..E; x PIL = ratio to the PIL row of the same model. Accuracy: acc@1 on the held-out
 split after the last epoch (eval transform; the cache's val crops are bit-identical to it). Models not in
 --accuracy_models (ResNet18 by default: ~10 img/s on 2 cores, an epoch takes minutes) are timed over
 --timed_batches batches per pipeline and their epoch time extrapolated. The "(data only)" rows iterate one epoch of
-the train loader without a network: what the data path itself delivers.
+the train loader without a network: what the data path itself delivers. The "network only" row feeds the same
+training loop one ready batch over and over: the ceiling no data pipeline can pass, so "x PIL" of that row is the
+most any cache could gain for that model at that size.
 
 Examples:
   python benchmarks/bench_photos.py
-  python benchmarks/bench_photos.py --images 600 --epochs 2 --models custom
+  python benchmarks/bench_photos.py --images 600 --epochs 2 --models custom --img_sizes 64
 """
 
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 import math
 import shutil
@@ -63,7 +67,7 @@ JPEG_QUALITY = 90
 DATA_VERSION = 1
 CLASSES = ("portrait", "portrait_recoloured", "portrait_sepia", "terrain", "hillshade", "bathymetry", "mri_bone", "mri_inferno",
            "portrait_terrain_blend", "landscape_scene")
-COLUMNS = [("model", "model"), ("pipeline", "pipeline"), ("images_per_s", "train img/s"), ("vs_pil", "x PIL"),
+COLUMNS = [("model", "model"), ("px", "px"), ("pipeline", "pipeline"), ("images_per_s", "train img/s"), ("vs_pil", "x PIL"),
            ("epoch_s", "epoch s"), ("build_s", "cache build s"), ("val_acc1", "held-out acc@1"), ("note", "note")]
 
 
@@ -73,7 +77,9 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=cli.positive(), default=3, help="training epochs per model and pipeline (>= 2 for a warm row)")
     p.add_argument("--models", nargs="+", default=["custom", "resnet18"], choices=MODEL_NAMES,
                    help="networks (custom = FashionCNN)")
-    p.add_argument("--img_size", type=cli.positive(), default=224, help="crop size fed to the network")
+    p.add_argument("--img_sizes", type=cli.positive(), nargs="+", default=[224, 64],
+                   help="crop sizes fed to the network, one table block each (224: the usual photo size, where the network "
+                        "sets the pace on a CPU; 64: small crops, where decoding the photos does)")
     p.add_argument("--batch_size", type=cli.positive(), default=32, help="images per training step")
     p.add_argument("--num_workers", type=cli.non_negative(), default=2, help="DataLoader workers of the PIL pipeline (train.py's default)")
     p.add_argument("--val_fraction", type=cli.in_range(0, 1, low_open=True, high_open=True), default=0.15,
@@ -201,11 +207,11 @@ def make_photo_folder(root: Path, images: int, val_fraction: float, seed: int = 
 # ----------------------------------------------------------------------------- one training run
 
 
-def build_loaders(pipeline: str, args, root: Path, device: torch.device):
-    """(train loader, val loader, sampler, cache build seconds, number of classes) of one pipeline; the cache
-    pipeline starts from an empty cache folder, so its build is measured every time."""
-    pre = Preprocess.for_size(args.img_size)
-    augment = resolve_augment("auto", args.img_size)
+def build_loaders(pipeline: str, args, root: Path, size: int, device: torch.device):
+    """(train loader, val loader, sampler, cache build seconds, number of classes) of one pipeline at `size` px; the
+    cache pipeline starts from an empty cache folder, so its build is measured every time."""
+    pre = Preprocess.for_size(size)
+    augment = resolve_augment("auto", size)
     train_set, val_set, classes = build_datasets(DataSpec(str(root)), pre, verify=False, augment=augment)
     sampler = RandomSampler(train_set, generator=torch.Generator())
     if pipeline == "pil":
@@ -225,33 +231,42 @@ def build_loaders(pipeline: str, args, root: Path, device: torch.device):
     return train, val, sampler, build_s, len(classes)
 
 
-def data_only(pipeline: str, args, root: Path, device: torch.device) -> dict:
+def data_only(pipeline: str, args, root: Path, size: int, device: torch.device) -> dict:
     """One epoch of the train loader alone (decode/augment, no network): the data path's own images/s."""
-    train, _, sampler, build_s, _ = build_loaders(pipeline, args, root, device)
+    train, _, sampler, build_s, _ = build_loaders(pipeline, args, root, size, device)
     sampler.generator.manual_seed(args.seed)
     start = time.perf_counter()
-    count = sum(len(targets) for _, targets in tqdm(train, desc=f"data only ({pipeline})", disable=args.quiet, leave=False))
+    count = sum(len(targets) for _, targets in tqdm(train, desc=f"data only ({pipeline}, {size} px)", disable=args.quiet,
+                                                    leave=False))
     return {"seconds": time.perf_counter() - start, "images": count, "build_s": build_s}
 
 
-def train_run(model_name: str, pipeline: str, args, root: Path, device: torch.device) -> dict:
-    """One model on one pipeline from the same seed: --epochs full epochs and the held-out acc@1 (models in
-    --accuracy_models), or --timed_batches batches after one untimed batch (the others: too slow for full epochs
-    on a few cores; their epoch time is extrapolated from the measured rate)."""
-    train, val, sampler, build_s, num_classes = build_loaders(pipeline, args, root, device)
+def trainer(model_name: str, args, size: int, num_classes: int, steps_per_epoch: int, epochs: int,
+            device: torch.device) -> tuple[nn.Module, TrainState]:
+    """The network (seeded) and the loop state every row of one model trains with: AdamW, cosine decay, the
+    benchmark's precision and memory format."""
     torch.manual_seed(args.seed)
-    model = build_model(model_name, num_classes, **model_kwargs(args.img_size)).to(device)
+    model = build_model(model_name, num_classes, **model_kwargs(size)).to(device)
     channels_last = args.memory_format == "channels_last"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    full = model_name in args.accuracy_models
-    epochs = args.epochs if full else 1
     optimizer = build_optimizer(model, "adamw", lr=args.base_lr, weight_decay=0.05, momentum=0.9)
-    schedule = WarmupSchedule(optimizer, steps_per_epoch=len(train), max_epoch=epochs, wp_epoch=0, base_lr=args.base_lr,
+    schedule = WarmupSchedule(optimizer, steps_per_epoch=steps_per_epoch, max_epoch=epochs, wp_epoch=0, base_lr=args.base_lr,
                               min_lr=args.base_lr / 100)
     bf16 = args.precision == "bf16"
     state = TrainState(optimizer=optimizer, scheduler=schedule, amp=bf16, amp_dtype="bfloat16" if bf16 else "auto",
                        channels_last=channels_last)
+    return model, state
+
+
+def train_run(model_name: str, pipeline: str, args, root: Path, size: int, device: torch.device) -> dict:
+    """One model on one pipeline from the same seed: --epochs full epochs and the held-out acc@1 (models in
+    --accuracy_models), or --timed_batches batches after one untimed batch (the others: too slow for full epochs
+    on a few cores; their epoch time is extrapolated from the measured rate)."""
+    train, val, sampler, build_s, num_classes = build_loaders(pipeline, args, root, size, device)
+    full = model_name in args.accuracy_models
+    epochs = args.epochs if full else 1
+    model, state = trainer(model_name, args, size, num_classes, len(train), epochs, device)
     criterion = nn.CrossEntropyLoss()
     epoch_s, timed = [], []
     for epoch in range(epochs):
@@ -273,14 +288,31 @@ def train_run(model_name: str, pipeline: str, args, root: Path, device: torch.de
         out["timed_s"], out["timed_images"] = timed
         out["epoch_s"] = [out["images"] / (timed[1] / timed[0])] * 2  # extrapolated: epoch 1 (cold) and a later one
     if full:
-        result = evaluate(model, val, device, num_classes, amp=bf16, amp_dtype="bfloat16" if bf16 else "auto",
-                          channels_last=channels_last, show_progress=False)
+        result = evaluate(model, val, device, num_classes, amp=state.amp, amp_dtype=state.amp_dtype,
+                          channels_last=state.channels_last, show_progress=False)
         out["val_acc1"], out["val_images"] = result["acc1"], len(val.dataset) if hasattr(val, "dataset") else len(val.targets)
     return out
 
 
-def rows_for(model_name: str, pil: dict, cache: dict) -> list[dict]:
-    """PIL, cache cold and cache warm rows of one model (steady state = epochs 2..E when there are two or more)."""
+def network_only(model_name: str, args, root: Path, size: int, device: torch.device) -> dict:
+    """The ceiling of any data pipeline: the same training loop fed one ready batch over and over (no decoding, no
+    augmentation), after one untimed batch: as many batches as an epoch for --accuracy_models, else --timed_batches."""
+    train, _, sampler, _, num_classes = build_loaders("cache", args, root, size, device)
+    sampler.generator.manual_seed(args.seed)
+    batch = next(iter(train))
+    n = max(1, len(train) - 1 if model_name in args.accuracy_models else min(args.timed_batches, len(train) - 1))
+    model, state = trainer(model_name, args, size, num_classes, n + 1, 1, device)
+    criterion = nn.CrossEntropyLoss()
+    repeated = itertools.repeat(batch)
+    train_one_epoch(model, Take(repeated, 1), criterion, state, device, 0, False)
+    start = time.perf_counter()
+    train_one_epoch(model, Take(repeated, n), criterion, state, device, 0, False)
+    return {"timed_s": time.perf_counter() - start, "timed_images": n * len(batch[1])}
+
+
+def rows_for(model_name: str, size: int, pil: dict, cache: dict, ceiling: dict) -> list[dict]:
+    """Network-only, PIL, cache cold and cache warm rows of one model at one size (steady state = epochs 2..E when
+    there are two or more)."""
 
     def steady(run: dict) -> float:
         seconds = run["epoch_s"][1:] or run["epoch_s"]
@@ -288,22 +320,47 @@ def rows_for(model_name: str, pil: dict, cache: dict) -> list[dict]:
 
     n = pil["images"]
     pil_rate = n / steady(pil)
+    ceiling_rate = ceiling["timed_images"] / ceiling["timed_s"]
     cold_s = cache["build_s"] + cache["epoch_s"][0]
     how = "" if pil["full_epochs"] else f"epoch extrapolated from {pil['timed_images']} images"
     rows = [
-        {"model": model_name, "pipeline": "PIL (workers)", "images_per_s": pil_rate, "vs_pil": 1.0, "epoch_s": steady(pil),
-         "build_s": None, "val_acc1": pil.get("val_acc1"), "note": how},
-        {"model": model_name, "pipeline": "cache cold", "images_per_s": n / cold_s, "vs_pil": n / cold_s / pil_rate,
-         "epoch_s": cold_s, "build_s": cache["build_s"], "val_acc1": None,
+        {"model": model_name, "px": size, "pipeline": "network only", "images_per_s": ceiling_rate,
+         "vs_pil": ceiling_rate / pil_rate, "epoch_s": n / ceiling_rate,
+         "note": f"one ready batch repeated: the ceiling of any data path ({ceiling['timed_images']} images)"},
+        {"model": model_name, "px": size, "pipeline": "PIL (workers)", "images_per_s": pil_rate, "vs_pil": 1.0,
+         "epoch_s": steady(pil), "val_acc1": pil.get("val_acc1"), "note": how},
+        {"model": model_name, "px": size, "pipeline": "cache cold", "images_per_s": n / cold_s, "vs_pil": n / cold_s / pil_rate,
+         "epoch_s": cold_s, "build_s": cache["build_s"],
          "note": "epoch 1 incl. decoding every image once" + (f"; {how}" if how else "")},
     ]
     if len(cache["epoch_s"]) > 1:
-        rows.append({"model": model_name, "pipeline": "cache warm", "images_per_s": n / steady(cache),
-                     "vs_pil": n / steady(cache) / pil_rate, "epoch_s": steady(cache), "build_s": None,
-                     "val_acc1": cache.get("val_acc1"), "note": how})
+        rows.append({"model": model_name, "px": size, "pipeline": "cache warm", "images_per_s": n / steady(cache),
+                     "vs_pil": n / steady(cache) / pil_rate, "epoch_s": steady(cache), "val_acc1": cache.get("val_acc1"),
+                     "note": how})
     else:
-        rows[1]["val_acc1"] = cache.get("val_acc1")
+        rows[2]["val_acc1"] = cache.get("val_acc1")
     return rows
+
+
+def size_rows(args, root: Path, size: int, device: torch.device) -> tuple[list[dict], dict, dict]:
+    """Every row at one crop size: the data path alone, then each model (network only, PIL, cache cold, warm)."""
+    data = {pipeline: data_only(pipeline, args, root, size, device) for pipeline in ("pil", "cache")}
+    pil_rate = data["pil"]["images"] / data["pil"]["seconds"]
+    cache_rate = data["cache"]["images"] / data["cache"]["seconds"]
+    rows = [{"model": "(data only)", "px": size, "pipeline": "PIL (workers)", "images_per_s": pil_rate, "vs_pil": 1.0,
+             "epoch_s": data["pil"]["seconds"], "note": "decode + augment, no network"},
+            {"model": "(data only)", "px": size, "pipeline": "cache warm", "images_per_s": cache_rate,
+             "vs_pil": cache_rate / pil_rate, "epoch_s": data["cache"]["seconds"], "build_s": data["cache"]["build_s"],
+             "note": "read + augment, no network"}]
+    runs = {}
+    for model_name in args.models:
+        ceiling = network_only(model_name, args, root, size, device)
+        runs[model_name] = {pipeline: train_run(model_name, pipeline, args, root, size, device) for pipeline in ("pil", "cache")}
+        runs[model_name]["network_only"] = ceiling
+        rows += rows_for(model_name, size, runs[model_name]["pil"], runs[model_name]["cache"], ceiling)
+        if not sys.stderr.isatty():
+            print(f"[{model_name} at {size} px] done", file=sys.stderr, flush=True)
+    return rows, runs, data
 
 
 def main(argv=None) -> int:
@@ -317,22 +374,14 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     folder = make_photo_folder(root, args.images, args.val_fraction, args.seed, not args.quiet)
     make_s = time.perf_counter() - start
-    rows, runs = [], {}
-    data = {pipeline: data_only(pipeline, args, root, device) for pipeline in ("pil", "cache")}
-    pil_data_rate = data["pil"]["images"] / data["pil"]["seconds"]
-    rows.append({"model": "(data only)", "pipeline": "PIL (workers)", "images_per_s": pil_data_rate, "vs_pil": 1.0,
-                 "epoch_s": data["pil"]["seconds"], "note": "decode + augment, no network"})
-    rows.append({"model": "(data only)", "pipeline": "cache warm", "images_per_s": data["cache"]["images"] / data["cache"]["seconds"],
-                 "vs_pil": data["cache"]["images"] / data["cache"]["seconds"] / pil_data_rate, "epoch_s": data["cache"]["seconds"],
-                 "build_s": data["cache"]["build_s"], "note": "read + augment, no network"})
-    for model_name in args.models:
-        runs[model_name] = {pipeline: train_run(model_name, pipeline, args, root, device) for pipeline in ("pil", "cache")}
-        rows += rows_for(model_name, runs[model_name]["pil"], runs[model_name]["cache"])
-        if not sys.stderr.isatty():
-            print(f"[{model_name}] done", file=sys.stderr, flush=True)
+    rows, runs, data = [], {}, {}
+    for size in args.img_sizes:
+        size_table, runs[size], data[size] = size_rows(args, root, size, device)
+        rows += size_table
     note = contention_note(meter, machine["cores"])
     command = command_line("bench_photos.py", argv)
-    evaluated = [run for model_runs in runs.values() for run in model_runs.values() if "val_acc1" in run]
+    evaluated = [run for by_model in runs.values() for model_runs in by_model.values() for run in model_runs.values()
+                 if "val_acc1" in run]
     n_val = evaluated[0]["val_images"] if evaluated else 0
     noise = max((math.sqrt(2 * r["val_acc1"] * (1 - r["val_acc1"]) / n_val) for r in evaluated), default=None)
     print(f"## Training on photos: PIL pipeline vs decode-once cache ({machine['cpu']}, {machine['cores']} cores, "
@@ -341,7 +390,8 @@ def main(argv=None) -> int:
     print(table(rows, COLUMNS))
     print(f"\n{args.images} JPEGs of {PHOTO_SIZE[0]}x{PHOTO_SIZE[1]} px (quality {JPEG_QUALITY}, {len(CLASSES)} classes, "
           f"made from {', '.join(s.split(': ')[1] for s in folder['sources'])} of matplotlib's sample data), "
-          f"{data['pil']['images']} trained per epoch, {n_val} held out; {args.img_size} px, batch {args.batch_size}, "
+          f"{data[args.img_sizes[0]]['pil']['images']} trained per epoch, {n_val} held out; "
+          f"crops of {', '.join(map(str, args.img_sizes))} px, batch {args.batch_size}, "
           f"{args.precision}, {args.memory_format}, PIL with {args.num_workers} workers. Steady state = mean of epochs 2..{args.epochs} "
           f"({', '.join(args.accuracy_models) or 'no model'}: --epochs {args.epochs} full epochs, then held-out acc@1"
           + (f"; two runs' difference has a standard deviation of about {noise:.3f}, binomial over {n_val} images" if noise

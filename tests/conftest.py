@@ -45,6 +45,20 @@ def pytest_collection_modifyitems(config, items):
         item.add_marker(skip)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _repository_cache_left_clean():
+    """Scripts run from the repository root write their decode-once cache to data/.cache (the default --cache_dir);
+    the tests' image folders live in temporary directories, so their cache files are removed after the session
+    (files that were there before are the user's and stay)."""
+    cache = ROOT / "data" / ".cache"
+    before = set(cache.iterdir()) if cache.is_dir() else set()
+    yield
+    if cache.is_dir():
+        for entry in set(cache.iterdir()) - before:
+            if entry.is_file():
+                entry.unlink(missing_ok=True)
+
+
 def synthetic_fashion_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """uint8 (n, 28, 28) images and int labels 0-9: class k is a bright 4-px bar at row 2 + 2k, plus noise."""
     rng = np.random.default_rng(seed)

@@ -86,12 +86,12 @@ def test_bench_photos_tiny(tmp_path, capsys):
     from benchmarks import bench_photos
 
     out, workdir = tmp_path / "photos.json", tmp_path / "work"
-    argv = ["--images", "20", "--epochs", "2", "--models", "custom", "resnet18", "--img_size", "32", "--batch_size", "4",
+    argv = ["--images", "20", "--epochs", "2", "--models", "custom", "resnet18", "--img_sizes", "32", "--batch_size", "4",
             "--timed_batches", "1", "--num_workers", "0", "--precision", "fp32", "--workdir", str(workdir),
             "--out", str(out), "--quiet", "--device", "cpu"]
     assert bench_photos.main(argv) == 0
     text = capsys.readouterr().out
-    assert "| model | pipeline | train img/s | x PIL |" in text and "python benchmarks/bench_photos.py --images 20" in text
+    assert "| model | px | pipeline | train img/s | x PIL |" in text and "python benchmarks/bench_photos.py --images 20" in text
     photos = sorted((workdir / "folder").rglob("*.jpg"))
     assert len(photos) == 20 and {p.parent.name for p in photos} == set(bench_photos.CLASSES)
     assert len(list((workdir / "folder" / "val").rglob("*.jpg"))) == 10  # one per class held out
@@ -99,19 +99,27 @@ def test_bench_photos_tiny(tmp_path, capsys):
         assert img.format == "JPEG" and img.size == (500, 375)
     payload = json.loads(out.read_text())
     rows = payload["rows"]
-    assert [(r["model"], r["pipeline"]) for r in rows] == [
-        ("(data only)", "PIL (workers)"), ("(data only)", "cache warm"), ("custom", "PIL (workers)"), ("custom", "cache cold"),
-        ("custom", "cache warm"), ("resnet18", "PIL (workers)"), ("resnet18", "cache cold"), ("resnet18", "cache warm")]
+    pipelines = ["network only", "PIL (workers)", "cache cold", "cache warm"]
+    assert [(r["model"], r["px"], r["pipeline"]) for r in rows] == [
+        ("(data only)", 32, "PIL (workers)"), ("(data only)", 32, "cache warm"),
+        *[(model, 32, pipeline) for model in ("custom", "resnet18") for pipeline in pipelines]]
+    runs = payload["runs"]["32"]  # JSON keys are strings
     for model in ("custom", "resnet18"):
-        pil, cold, warm = [r for r in rows if r["model"] == model]
+        ceiling, pil, cold, warm = [r for r in rows if r["model"] == model]
         assert cold["build_s"] > 0 and cold["epoch_s"] > cold["build_s"]
-        for r in (cold, warm):
+        for r in (ceiling, cold, warm):
             assert r["vs_pil"] == pytest.approx(r["images_per_s"] / pil["images_per_s"])
-            assert r["images_per_s"] == pytest.approx(payload["runs"][model]["pil"]["images"] / r["epoch_s"])
-    custom = payload["runs"]["custom"]
+        for r in (cold, warm):
+            assert r["images_per_s"] == pytest.approx(runs[model]["pil"]["images"] / r["epoch_s"])
+        network = runs[model]["network_only"]
+        assert ceiling["images_per_s"] == pytest.approx(network["timed_images"] / network["timed_s"])
+    # the ceiling of FashionCNN (an accuracy model) runs as many batches as an epoch, minus the untimed first
+    assert runs["custom"]["network_only"]["timed_images"] == runs["custom"]["pil"]["images"] - 4
+    assert runs["resnet18"]["network_only"]["timed_images"] == 4  # --timed_batches 1 of 4 images
+    custom = runs["custom"]
     assert [len(custom[p]["epoch_s"]) for p in ("pil", "cache")] == [2, 2]
     assert all(0 <= custom[p]["val_acc1"] <= 1 and custom[p]["val_images"] == 10 for p in ("pil", "cache"))
-    assert "val_acc1" not in payload["runs"]["resnet18"]["pil"]  # timed batches only, no accuracy
+    assert "val_acc1" not in runs["resnet18"]["pil"]  # timed batches only, no accuracy
     assert payload["machine"]["cpu"] and "bf16_native" in payload["machine"]
     # a second call with the same parameters reuses the folder
     before = {p: p.stat().st_mtime_ns for p in photos}

@@ -235,10 +235,9 @@ def test_choose_cache_decisions(tmp_path, fashion_root):
     pre = Preprocess.for_size(32)
     folder = make_image_folder(tmp_path / "mixed")  # images of several sizes
     train_set, val_set, _ = build_datasets(DataSpec(str(folder)), pre)
-    assert choose_cache("auto", "auto", train_set, val_set, pre, tmp_path / "c", "cuda")[0]
-    assert choose_cache("auto", "tensor", train_set, val_set, pre, tmp_path / "c", "cpu")[0]
-    use, reason = choose_cache("auto", "auto", train_set, val_set, pre, tmp_path / "c", "cpu")
-    assert not use and "training on the CPU" in reason and "--data_pipeline tensor" in reason
+    use, reason = choose_cache("auto", "auto", train_set, val_set, pre, tmp_path / "c")
+    assert use and "decoded once into" in reason and str(tmp_path / "c") in reason
+    assert choose_cache("auto", "tensor", train_set, val_set, pre, tmp_path / "c")[0]
     assert choose_cache("auto", "pil", train_set, val_set, pre, tmp_path / "c") == (False, "--data_pipeline pil")
     assert choose_cache("off", "auto", train_set, val_set, pre, tmp_path / "c") == (False, "--cache off")
     fm_train, fm_val, _ = build_datasets(DataSpec(None, str(fashion_root)), Preprocess.for_size(28))
@@ -266,12 +265,11 @@ def _results(run_dir: Path) -> list[dict]:
 
 
 def test_train_py_builds_then_reuses_the_cache_and_learns_like_pil(tmp_path, capsys):
-    """--cache auto (with --data_pipeline tensor on a CPU) on a folder of images of several sizes: the first run
-    builds (and says so), the second finds it warm
-    and trains identically; both reach the PIL pipeline's val accuracy; the checkpoint records the cache used."""
+    """--cache auto (the default, here on a CPU) on a folder of images of several sizes: the first run builds (and
+    says so), the second finds it warm and trains identically; both reach the PIL pipeline's val accuracy; the
+    checkpoint records the cache used."""
     folder = make_image_folder(tmp_path / "ds", per_class=8)
     common = ["--dataset", str(folder), "--model", "custom", "--img_size", "32", "--max_epoch", "3", "--batch_size", "8",
-              "--data_pipeline", "tensor",  # on a CPU, --cache auto needs it (a GPU takes the cache with auto)
               "--num_workers", "0", "--device", "cpu", "--cache_dir", str(tmp_path / "cache"), "--base_lr", "3e-3"]
 
     def run(name: str, *extra: str) -> tuple[str, Path]:
@@ -282,8 +280,6 @@ def test_train_py_builds_then_reuses_the_cache_and_learns_like_pil(tmp_path, cap
     out1, cold = run("cold", "--quiet")
     out2, warm = run("warm", "--quiet")
     out3, pil = run("pil", "--quiet", "--data_pipeline", "pil")
-    out5, _ = run("cpu_auto", "--quiet", "--data_pipeline", "auto")  # CPU + auto: PIL workers, and the reason
-    assert "data pipeline: pil" in out5 and "no cache: training on the CPU" in out5
     assert "data pipeline: tensor (images decoded once into" in out1
     assert "caching train images" not in out1  # --quiet: no progress bar
     assert f"data: cache {tmp_path / 'cache'}/train-37px-" in out1 and "(built in " in out1
@@ -311,7 +307,6 @@ def test_unwritable_cache_dir_is_one_line_exit_2(tmp_path):
     blocker = tmp_path / "not_a_folder"
     blocker.write_text("a file where the cache folder should be")
     proc = run_script("train.py", "--dataset", str(folder), "--img_size", "32", "--max_epoch", "1", "--num_workers", "0",
-                      "--data_pipeline", "tensor",
                       "--device", "cpu", "--quiet", "--cache_dir", str(blocker), "--path_to_save", str(tmp_path / "runs"))
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
@@ -332,9 +327,8 @@ def test_cache_feeds_the_gpu(tmp_path):
     folder = make_image_folder(tmp_path / "ds")
     pre = Preprocess.for_size(32)
     augment = resolve_augment("seed", 32)
-    pipeline = "auto" if device.type == "cuda" else "tensor"  # auto takes the cache on a GPU; the CPU dry run asks
     train_set, val_set, _ = build_datasets(DataSpec(str(folder)), pre, augment=augment)
-    loaders = build_train_loaders(train_set, val_set, pre, augment, pipeline=pipeline, batch_size=4, num_workers=0,
+    loaders = build_train_loaders(train_set, val_set, pre, augment, pipeline="auto", batch_size=4, num_workers=0,
                                   device=device, seed=0, cache="auto", cache_dir=tmp_path / "cache", show_progress=False)
     assert loaders.pipeline == "tensor" and [c.built for c in loaders.caches] == [True, True]
     assert loaders.train.images.device.type == device.type
@@ -345,6 +339,6 @@ def test_cache_feeds_the_gpu(tmp_path):
     for k, (path, _) in enumerate(val_set.samples[:len(val_images)]):
         expected = torch.from_numpy(eval_transform(load_image(path), pre))
         assert torch.allclose(val_images[k].cpu(), expected, atol=1e-6), path
-    again = build_train_loaders(train_set, val_set, pre, augment, pipeline=pipeline, batch_size=4, num_workers=0,
+    again = build_train_loaders(train_set, val_set, pre, augment, pipeline="auto", batch_size=4, num_workers=0,
                                 device=device, seed=0, cache="auto", cache_dir=tmp_path / "cache", show_progress=False)
     assert [c.built for c in again.caches] == [False, False]

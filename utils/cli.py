@@ -62,10 +62,10 @@ def add_cache_args(p: argparse.ArgumentParser) -> None:
                         "the eval resize, img_size*256/224, and its central square; val: the exact eval crop), stores the "
                         "uint8 pixels in a memory-mapped .npy under --cache_dir, and every epoch and later run reads them "
                         "and augments in batches with the tensor pipeline (on the GPU when training there). Rebuilt "
-                        "when any file is added, removed, replaced or touched. auto = use it for image folders when training on a "
-                        "GPU, or on a CPU with --data_pipeline tensor (there 2 PIL workers measured faster than the batched "
-                        "pipeline at 224 px: benchmarks/bench_photos.py), unless the images already share one size no "
-                        "larger than the cached one or the files would take more than half the free disk; off = never "
+                        "when any file is added, removed, replaced or touched. auto = use it for image folders (GPU or CPU: "
+                        "benchmarks/bench_photos.py measured it 3.7x the PIL workers for FashionCNN at 64 px on 2 CPU "
+                        "cores, 1.1-1.2x at 224 px), unless --data_pipeline pil, the images already share one size no "
+                        "larger than the cached one, or the files would take more than half the free disk; off = never "
                         "(Fashion-MNIST never needs it)")
     p.add_argument("--cache_dir", default="data/.cache", metavar="DIR",
                    help="where the cache files live (safe to delete; a run rebuilds what it needs)")

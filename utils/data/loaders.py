@@ -68,7 +68,7 @@ def build_train_loaders(train_set, val_set, pre: Preprocess, augment: Augment, *
         per_rank = len(train_set)
     drop_last = per_rank > batch_size
     val_sampler = ShardSampler(len(val_set), rank, world)
-    use_cache, cache_reason = choose_cache(cache, pipeline, train_set, val_set, pre, cache_dir, device.type)
+    use_cache, cache_reason = choose_cache(cache, pipeline, train_set, val_set, pre, cache_dir)
     if use_cache:
         if rank != 0:
             barrier()  # rank 0 builds the cache files first; the others then find them warm
