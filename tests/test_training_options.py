@@ -4,6 +4,7 @@ soft targets, the time budget, patience, flip TTA, and the CPU-aware precision c
 from __future__ import annotations
 
 import csv
+import json
 import math
 import re
 import time
@@ -154,6 +155,7 @@ def test_time_budget_fixes_the_epochs_after_the_first_and_ends_inside_the_budget
     assert len(rows) == chosen
     ckpt = torch.load(run / "last.pth", map_location="cpu", weights_only=True)
     assert ckpt["args"]["max_epoch"] == chosen  # recorded
+    assert json.loads((run / "args.json").read_text())["max_epoch"] == chosen
     if chosen > 1:
         assert float(rows[-1]["lr"]) == pytest.approx(1e-6)  # the schedule was fitted: it ends at min_lr on the last epoch
     # inside the budget, give or take one epoch (start-up before epoch 1 is not part of the training budget)

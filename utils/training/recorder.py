@@ -29,18 +29,21 @@ class RunRecorder:
         self.history: list[dict] = list(history or [])
         self.dashboard = dashboard if enabled else None
         self.log_dir = str(self.dashboard.log_dir) if self.dashboard is not None else None
-        self.pending: dict[str, str] | None = None  # file name -> text, written after the first epoch
+        # classes, args (the live dict) and other files (name -> text), written after the first epoch
+        self.pending: tuple[list[str], dict, dict[str, str]] | None = None
 
     def start(self, classes: list[str], args: dict, files: dict[str, str] | None = None) -> None:
         """classes.txt, args.json and the run's other descriptive `files` (name -> text: split.json,
         skipped_images.txt), kept until the first epoch ends (write_identity): a run that fails before that leaves
-        the directory as it was (--exist_ok or --resume reuse an earlier run's)."""
-        self.pending = {"classes.txt": "\n".join(classes) + "\n", "args.json": json.dumps(args, indent=2) + "\n",
-                        **(files or {})}
+        the directory as it was (--exist_ok or --resume reuse an earlier run's). `args` is serialised only then, so
+        what the first epoch decides (--time_budget's epoch count) is in it."""
+        self.pending = (classes, args, dict(files or {}))
 
     def write_identity(self) -> None:
         if self.pending is not None and self.enabled:
-            for name, text in self.pending.items():
+            classes, args, files = self.pending
+            files = {"classes.txt": "\n".join(classes) + "\n", "args.json": json.dumps(args, indent=2) + "\n", **files}
+            for name, text in files.items():
                 atomic_write_text(self.run_dir / name, text)
         self.pending = None
 
