@@ -31,12 +31,10 @@ from torch.utils.data import DataLoader
 
 from utils import cli
 from utils.analysis.complexity import registry_macs
-from utils.checkpoint import load_checkpoint
 from utils.data.datasets import DataSpec, build_eval_dataset
 from utils.data.folders import check_same_classes
 from utils.data.splits import relative, split_source
 from utils.deploy.artifacts import evaluate_loaded, load_for_eval
-from utils.deploy.metadata import artifact_kind
 from utils.errors import InputError
 from utils.evaluation.dashboard import MISTAKES_SHOWN, detail_options, evaluation_figures, log_eval_report
 from utils.evaluation.loop import TTA_CHOICES, class_metrics, per_class_accuracy
@@ -70,13 +68,11 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def recorded_split(args) -> dict | None:
-    """The train/held-out split that the checkpoint's run made of a folder without val/ (utils.data.splits), when this
-    evaluation is of that folder (no --dataset, or the same folder) and of its val or train side; else None."""
-    if artifact_kind(args.weights) != "checkpoint" or args.split not in ("val", "train"):
-        return None
-    record = load_checkpoint(args.weights).get("split")
-    if not record:
+def recorded_split(args, record: dict | None) -> dict | None:
+    """The train/held-out split that the checkpoint's run made of a folder without val/ (utils.data.splits; `record`,
+    None for other artifacts), when this evaluation is of that folder (no --dataset, or the same folder) and of its
+    val or train side; else None."""
+    if not record or args.split not in ("val", "train"):
         return None
     if args.dataset:
         source = split_source(args.dataset)
@@ -98,7 +94,7 @@ def main(argv=None) -> int:
     pre = info.preprocess
     if pre is None:
         raise InputError(f"{args.weights} stores no preprocessing metadata: re-export it with export.py")
-    record = recorded_split(args)
+    record = recorded_split(args, loaded.split)
     spec = DataSpec(args.dataset or (record["root"] if record else None), args.data_root, args.skip_bad_images,
                     split_record=record)
     dataset, data_classes, split = build_eval_dataset(spec, pre, args.split)

@@ -38,8 +38,8 @@ import torch
 from utils import cli
 from utils.analysis.fcn import fcn_image_tensor, largest_region_box, load_fcn, map_to_image, rank_classes, score_geometry
 from utils.analysis.many_images import analyse_each
-from utils.data.preprocess import eval_transform
-from utils.deploy.predict import expand_images, read_image
+from utils.data.preprocess import eval_transform, load_image
+from utils.deploy.predict import expand_images
 from utils.errors import InputError
 from utils.io import atomic_write_text
 from utils.tensorboard import add_figure, add_markdown, open_writer
@@ -73,7 +73,7 @@ def check_args(args) -> None:
 def analyse(args, image: Path, networks: tuple, device) -> dict:
     """Run both networks on the image and compute the map, its maximum and the region box."""
     fcn, resnet, info = networks
-    img = read_image(image)
+    img = load_image(image)
     pre, classes = info.preprocess, info.classes
     x_full, shown = fcn_image_tensor(img, pre, args.max_side)
     x_std = torch.from_numpy(eval_transform(img, pre))[None]

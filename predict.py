@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
-
 from utils import cli
 from utils.data.preprocess import Preprocess
 from utils.deploy.metadata import ONNX_SUFFIXES, TORCHSCRIPT_SUFFIXES, artifact_kind
@@ -39,7 +37,7 @@ from utils.deploy.predict import (
     resolve_classes,
     run_prediction,
 )
-from utils.deploy.runtime import OnnxModel, pool_score_map
+from utils.deploy.runtime import OnnxModel
 from utils.errors import InputError
 
 
@@ -91,20 +89,14 @@ def load_onnx(args):
 
 def load_torchscript(args):
     """Imports torch only here, so the ONNX path never pays for it."""
-    import torch
-
     from utils.deploy.artifacts import load_torchscript as load  # torch-dependent: imported only on this path
+    from utils.deploy.artifacts import numpy_forward
 
     device = cli.resolve_device(args.device)
     program, meta = load(args.model, device)
     pre = meta.get("preprocess") or fallback_preprocess(args.img_size, [], args.model)
-
-    def forward(x: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            return pool_score_map(program(torch.from_numpy(x).to(device)).float()).cpu().numpy()
-
     num = int(meta["num_classes"]) if "num_classes" in meta else None
-    return forward, pre, meta, num, str(device)
+    return numpy_forward(program, device), pre, meta, num, str(device)
 
 
 def main(argv=None) -> int:

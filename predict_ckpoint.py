@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
-import torch
-
 from utils import cli
 from utils.checkpoint import build_from_checkpoint, load_checkpoint
+from utils.deploy.artifacts import numpy_forward
 from utils.deploy.predict import (
     WARMUP_RUNS,
     LoopOptions,
@@ -29,7 +27,6 @@ from utils.deploy.predict import (
     resolve_classes,
     run_prediction,
 )
-from utils.deploy.runtime import pool_score_map
 
 
 def parse_args(argv=None):
@@ -50,11 +47,6 @@ def main(argv=None) -> int:
     model, info = build_from_checkpoint(ckpt, args.model)
     model = model.to(device)
     load_ms = (time.perf_counter() - start) * 1000.0
-
-    def forward(x: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            return pool_score_map(model(torch.from_numpy(x).to(device)).float()).cpu().numpy()
-
     classes = resolve_classes(info.classes, load_class_names(args.classes), info.num_classes)
     precision = ckpt.get("precision", "fp32")
     if precision == "fp16":
@@ -62,7 +54,7 @@ def main(argv=None) -> int:
     header = {"model": args.weights, "engine": "pytorch", "precision": precision,
               "device": str(device), "load_ms": load_ms, "warmup": WARMUP_RUNS}
     opts = LoopOptions(args.batch_size, args.num_workers, WARMUP_RUNS, args.repeats)
-    return run_prediction(forward, paths, info.preprocess, classes, header, args, opts)
+    return run_prediction(numpy_forward(model, device), paths, info.preprocess, classes, header, args, opts)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,8 @@ from utils import cli
 from utils.analysis import receptive_field as rf
 from utils.analysis.fcn import fcn_image_tensor, load_fcn, map_to_image, rank_classes, score_geometry
 from utils.analysis.many_images import analyse_each
-from utils.deploy.predict import expand_images, read_image
+from utils.data.preprocess import load_image
+from utils.deploy.predict import expand_images
 from utils.errors import InputError
 from utils.io import atomic_path, atomic_write_text
 from utils.tensorboard import add_figure, add_markdown, open_writer
@@ -81,7 +82,7 @@ def check_args(args) -> None:
 
 def analyse(args, image: Path, networks: tuple, device) -> tuple[dict, dict]:
     fcn, _, info = networks
-    img = read_image(image)
+    img = load_image(image)
     classes = info.classes
     x, shown = fcn_image_tensor(img, info.preprocess, args.max_side)
     c, h, w = x.shape[1:]

@@ -37,7 +37,7 @@ from utils.data.folders import bad_images_report, check_same_classes
 from utils.data.loaders import build_train_loaders
 from utils.data.preprocess import Preprocess
 from utils.data.samplers import CLASS_WEIGHTS, SAMPLERS, balanced_class_weights, class_counts, targets_of
-from utils.data.splits import check_fraction, split_json
+from utils.data.splits import split_json
 from utils.distributed import barrier, cleanup, init_distributed, is_distributed, is_main_process
 from utils.errors import InputError
 from utils.evaluation.loop import TTA_CHOICES, evaluate
@@ -183,7 +183,6 @@ def raise_keyboard_interrupt(signum, frame) -> None:
 def main(argv=None) -> int:
     parser = get_args_parser()
     args = parser.parse_args(argv)
-    check_fraction(args.val_fraction)
     if args.init_from and (args.resume or args.pretrained):
         raise InputError(f"--init_from starts a new run from a checkpoint's weights: drop {'--resume' if args.resume else '--pretrained'}")
     ckpt = load_checkpoint(args.resume) if args.resume else None

@@ -100,8 +100,6 @@ def parse_args(argv=None):
     p.add_argument("--out", default="results/benchmarks/bench_photos.json", help="JSON file with every row and the machine")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
-    if not 0 < args.val_fraction < 1:
-        raise InputError(f"--val_fraction must be between 0 and 1, got {args.val_fraction}")
     if args.images < 2 * len(CLASSES):
         raise InputError(f"--images must be at least {2 * len(CLASSES)} (one train and one val image per class), got {args.images}")
     return args
@@ -207,9 +205,9 @@ def make_photo_folder(root: Path, images: int, val_fraction: float, seed: int = 
 # ----------------------------------------------------------------------------- one training run
 
 
-def build_loaders(pipeline: str, args, root: Path, size: int, device: torch.device):
+def build_loaders(pipeline: str, args, root: Path, size: int, device: torch.device, fresh: bool = True):
     """(train loader, val loader, sampler, cache build seconds, number of classes) of one pipeline at `size` px; the
-    cache pipeline starts from an empty cache folder, so its build is measured every time."""
+    cache pipeline starts from an empty cache folder when `fresh`, so its build is measured every time."""
     pre = Preprocess.for_size(size)
     augment = resolve_augment("auto", size)
     train_set, val_set, classes = build_datasets(DataSpec(str(root)), pre, verify=False, augment=augment)
@@ -220,7 +218,8 @@ def build_loaders(pipeline: str, args, root: Path, size: int, device: torch.devi
         val = DataLoader(val_set, batch_size=2 * args.batch_size, num_workers=args.num_workers)
         return train, val, sampler, 0.0, len(classes)
     cache_dir = Path(args.workdir) / "cache"
-    shutil.rmtree(cache_dir, ignore_errors=True)
+    if fresh:
+        shutil.rmtree(cache_dir, ignore_errors=True)
     start = time.perf_counter()
     images, targets, _ = cached_split(train_set, pre, "train", cache_dir, not args.quiet)
     build_s = time.perf_counter() - start
@@ -297,7 +296,7 @@ def train_run(model_name: str, pipeline: str, args, root: Path, size: int, devic
 def network_only(model_name: str, args, root: Path, size: int, device: torch.device) -> dict:
     """The ceiling of any data pipeline: the same training loop fed one ready batch over and over (no decoding, no
     augmentation), after one untimed batch: as many batches as an epoch for --accuracy_models, else --timed_batches."""
-    train, _, sampler, _, num_classes = build_loaders("cache", args, root, size, device)
+    train, _, sampler, _, num_classes = build_loaders("cache", args, root, size, device, fresh=False)  # any batch will do
     sampler.generator.manual_seed(args.seed)
     batch = next(iter(train))
     n = max(1, len(train) - 1 if model_name in args.accuracy_models else min(args.timed_batches, len(train) - 1))

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
 from utils import cli
-from utils.data.datasets import FASHION_MNIST_CLASSES, CheckedImageFolder, DataSpec, build_datasets, folder_splits, verify_images
+from utils.data.datasets import FASHION_MNIST_CLASSES, CheckedImageFolder, DataSpec, build_datasets, folder_splits
 from utils.data.preprocess import Preprocess, eval_transform
 from utils.errors import InputError
 
@@ -66,17 +66,16 @@ def test_image_folder_datasets_and_test_split_fallback(image_folder):
     assert gray[0][0].mode == "L"
 
 
-def test_verify_images_names_broken_files(image_folder):
-    ds = CheckedImageFolder(str(image_folder / "train"))
-    verify_images(ds)  # the fixture's images are fine
+def test_reading_a_folder_names_broken_files(image_folder):
+    CheckedImageFolder(str(image_folder / "train"))  # the fixture's images are fine: every file is checked on reading
     png = image_folder / "train" / "cat" / "cat_0.png"
     data = png.read_bytes()
     png.write_bytes(data[: len(data) // 2])
     with pytest.raises(InputError, match="cat_0.png"):
-        verify_images(CheckedImageFolder(str(image_folder / "train")))
+        CheckedImageFolder(str(image_folder / "train"))
     png.write_bytes(b"not an image at all")
     with pytest.raises(InputError, match="cat_0.png"):
-        verify_images(CheckedImageFolder(str(image_folder / "train")))
+        CheckedImageFolder(str(image_folder / "train"))
 
 
 class _FailingDataset(Dataset):

@@ -63,8 +63,8 @@ def add_cache_args(p: argparse.ArgumentParser) -> None:
                         "uint8 pixels in a memory-mapped .npy under --cache_dir, and every epoch and later run reads them "
                         "and augments in batches with the tensor pipeline (on the GPU when training there). Rebuilt "
                         "when any file is added, removed, replaced or touched. auto = use it for image folders (GPU or CPU: "
-                        "benchmarks/bench_photos.py measured it 3.7x the PIL workers for FashionCNN at 64 px on 2 CPU "
-                        "cores, 1.1-1.2x at 224 px), unless --data_pipeline pil, the images already share one size no "
+                        "benchmarks/bench_photos.py measured it faster than the PIL workers at every size on 2 CPU cores, "
+                        "4.2x for FashionCNN at 64 px; README table), unless --data_pipeline pil, the images already share one size no "
                         "larger than the cached one, or the files would take more than half the free disk; off = never "
                         "(Fashion-MNIST never needs it)")
     p.add_argument("--cache_dir", default="data/.cache", metavar="DIR",

@@ -218,8 +218,8 @@ def choose_cache(choice: str, pipeline: str, train_set, val_set, pre: Preprocess
     """Resolve --cache: (use it, why). auto = use it for image folders, on GPUs and CPUs alike, unless the images
     already share one size no larger than the cached one (the tensor pipeline then holds them exactly as they are,
     in memory) or the cache files would need more than half the free disk. benchmarks/bench_photos.py measured the
-    warm cache at least as fast as PIL workers on 2 CPU cores for every model and size it tried (3.7x for FashionCNN
-    at 64 px, 1.1-1.2x at 224 px where the network itself sets the pace)."""
+    warm cache at least as fast as PIL workers on 2 CPU cores for every model and size it tried (4.2x for FashionCNN
+    at 64 px, 1.1x at 224 px where the network itself sets the pace; README table)."""
     if choice not in CACHE_MODES:
         raise InputError(f"unknown --cache {choice!r}: choose from {', '.join(CACHE_MODES)}")
     if choice == "off":

@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 from torchvision import datasets, transforms
 
 from utils.data.augment import Augment, auto_augment_policy, resolve_augment
-from utils.data.folders import FolderScan, check_disjoint, check_images, check_listed, check_same_classes, report_bad_images, scan_folder
+from utils.data.folders import FolderScan, check_disjoint, check_listed, check_same_classes, report_bad_images, scan_folder
 from utils.data.preprocess import Preprocess, eval_transform, load_image
 from utils.data.splits import from_record, split_source, stratified_split
 from utils.errors import InputError
@@ -221,13 +221,6 @@ def folder_splits(dataset: str | Path) -> tuple[Path, Path]:
     if not val_dir.is_dir():
         raise InputError(f"{root} has no val/ (or test/) folder: expected {root}/val/<class>/<images>")
     return train_dir, val_dir
-
-
-def verify_images(ds: CheckedImageFolder) -> None:
-    """Check every image of a dataset again (utils.data.folders.check_image); the first unreadable one is an InputError."""
-    for (path, _), reason in zip(ds.samples, check_images([p for p, _ in ds.samples], show_progress=False)):
-        if reason is not None:
-            raise InputError(f"cannot read image {path}: {reason} (remove or replace the file)")
 
 
 # ----------------------------------------------------------------------------- entry points

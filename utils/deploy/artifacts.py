@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -37,6 +38,17 @@ def load_torchscript(path: str | Path, device: str | torch.device = "cpu") -> tu
     return program.eval(), meta
 
 
+def numpy_forward(network: Callable[[torch.Tensor], torch.Tensor], device: torch.device) -> Callable[[np.ndarray], np.ndarray]:
+    """A torch network (eager or TorchScript) as the prediction loop's forward (utils.deploy.predict): a float32 NCHW
+    numpy batch in, (N, classes) float32 logits out, score maps pooled."""
+
+    def forward(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return pool_score_map(network(torch.from_numpy(x).to(device)).float()).cpu().numpy()
+
+    return forward
+
+
 class HalfPrecision(nn.Module):
     """Runs the wrapped network in float16 while taking and returning float32 tensors."""
 
@@ -62,6 +74,7 @@ class LoadedModel:
     size_mb: float  # weights as stored (checkpoint) or the artifact file size
     params: int | None = None
     extra: dict = field(default_factory=dict)
+    split: dict | None = None  # a checkpoint's recorded train/held-out split of a folder without val/ (utils.data.splits)
 
 
 def state_dict_mb(state: dict) -> float:
@@ -86,7 +99,8 @@ def load_for_eval(path: str | Path, device: torch.device, model_name: str | None
             model = model.to(device)
             compute = "fp32 (fp16 weights upcast to fp32 on CPU)" if precision == "fp16" else "fp32"
         return LoadedModel(lambda x: pool_score_map(model(x).float()), info, "pytorch" if precision == "fp32" else f"pytorch-{precision}",
-                           "pytorch", precision, compute, device, state_dict_mb(state), params, {"file_mb": file_mb})
+                           "pytorch", precision, compute, device, state_dict_mb(state), params, {"file_mb": file_mb},
+                           ckpt.get("split"))
     if kind == "onnx":
         import onnxruntime
 

@@ -25,10 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from utils import cli
-from utils.data.preprocess import Preprocess, list_images, load_image, preprocess_file
+from utils.data.preprocess import Preprocess, list_images, preprocess_file
 from utils.errors import InputError
 from utils.io import atomic_path
 
@@ -129,12 +128,6 @@ class LoopOptions:
     workers: int = DEFAULT_WORKERS
     warmup: int = WARMUP_RUNS
     repeats: int = 1
-
-
-def read_image(path: Path, channels: int = 3) -> Image.Image:
-    """One image for the scripts that analyse images one by one (fcn_resnet18.py, receptive_field_backprop.py):
-    preprocess.load_image, whose InputError covers every way a file can fail to decode."""
-    return load_image(path, channels)
 
 
 def decode(path: Path, pre: Preprocess) -> np.ndarray | str:
