@@ -112,26 +112,24 @@ def main(argv=None) -> int:
     report = {
         "model": name, "format": loaded.format, "engine": loaded.engine, "precision": loaded.precision,
         "compute": loaded.compute, "weights": str(args.weights), "sha256": file_sha256(args.weights),
-        "dataset": spec.name, "split": split, "num_images": stats["num_images"], "tta": args.tta,
-        "loss": stats["loss"], "acc1": stats["acc1"], "acc5": stats["acc5"],
-        "per_class_acc": per_class_accuracy(stats["confusion_matrix"], classes),
+        "dataset": spec.name, "split": split, "num_images": stats.num_images, "tta": args.tta,
+        "loss": stats.loss, "acc1": stats.acc1, "acc5": stats.acc5,
+        "per_class_acc": per_class_accuracy(stats.confusion_matrix, classes),
         # per_class_precision/recall/f1, support, their _macro and _weighted averages, balanced_accuracy
         **class_metrics_fields(class_metrics(stats, classes)),
-        "confusion_matrix": stats["confusion_matrix"].tolist(), "classes": classes,
+        "confusion_matrix": stats.confusion_matrix.tolist(), "classes": classes,
         **({"files": [relative(p, Path(record["root"])) for p, _ in dataset.samples]} if record is not None else {}),
         "params": loaded.params, "size_mb": loaded.size_mb, "img_size": pre.img_size, **loaded.extra,
         # MACs per image of the convolutions and matrix products (FlopCounterMode FLOPs / 2; FLOPs = 2 x MACs)
         "macs": registry_macs(name, len(classes), info.model_kwargs, pre.img_size, pre.channels),
     }
-    for key in ("latency_ms", "throughput_img_s", "speed_batch_size"):
-        if key in stats:
-            report[key] = stats[key]
+    report.update(stats.speed())
     report.update(device=str(loaded.device), torch=str(torch.__version__), machine=platform.processor() or platform.machine())
 
     # the metrics first: a report that cannot be written (disk full, read-only) does not lose them
     tta = f", {args.tta} TTA" if args.tta != "none" else ""
-    print(f"{name} [{loaded.format}, {loaded.compute}{tta}] on {spec.name}/{split} ({stats['num_images']} images): "
-          f"acc@1 {stats['acc1']:.4f}  acc@5 {stats['acc5']:.4f}  loss {stats['loss']:.4f}")
+    print(f"{name} [{loaded.format}, {loaded.compute}{tta}] on {spec.name}/{split} ({stats.num_images} images): "
+          f"acc@1 {stats.acc1:.4f}  acc@5 {stats.acc5:.4f}  loss {stats.loss:.4f}")
     params = f"params {loaded.params / 1e6:.3f} M  " if loaded.params else ""
     params += f"{report['macs'] / 1e6:.1f} MMACs/image  " if report["macs"] else ""
     print(f"{params}size {loaded.size_mb:.2f} MB"

@@ -30,6 +30,7 @@ from utils.deploy.metadata import ONNX_SUFFIXES, TORCHSCRIPT_SUFFIXES, artifact_
 from utils.deploy.predict import (
     WARMUP_RUNS,
     LoopOptions,
+    OutputOptions,
     add_predict_args,
     check_output,
     expand_images,
@@ -113,7 +114,8 @@ def main(argv=None) -> int:
     header = {"model": args.model, "engine": "onnxruntime" if engine == "onnx" else "torchscript",
               "precision": meta.get("precision", "fp32"), "device": device, "load_ms": load_ms, "warmup": WARMUP_RUNS}
     opts = LoopOptions(args.batch_size, args.num_workers, WARMUP_RUNS, args.repeats)
-    return run_prediction(forward, paths, pre, classes, header, args, opts)
+    out = OutputOptions(args.topk, args.json, args.output, args.exist_ok, args.quiet)
+    return run_prediction(forward, paths, pre, classes, header, out, opts)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from utils.deploy.artifacts import numpy_forward
 from utils.deploy.predict import (
     WARMUP_RUNS,
     LoopOptions,
+    OutputOptions,
     add_predict_args,
     check_output,
     expand_images,
@@ -54,7 +55,8 @@ def main(argv=None) -> int:
     header = {"model": args.weights, "engine": "pytorch", "precision": precision,
               "device": str(device), "load_ms": load_ms, "warmup": WARMUP_RUNS}
     opts = LoopOptions(args.batch_size, args.num_workers, WARMUP_RUNS, args.repeats)
-    return run_prediction(numpy_forward(model, device), paths, info.preprocess, classes, header, args, opts)
+    out = OutputOptions(args.topk, args.json, args.output, args.exist_ok, args.quiet)
+    return run_prediction(numpy_forward(model, device), paths, info.preprocess, classes, header, out, opts)
 
 
 if __name__ == "__main__":

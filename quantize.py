@@ -110,9 +110,9 @@ def main(argv=None) -> int:
                "path": str(path), "real_path": os.path.realpath(path), "sha256": file_sha256(path),
                "checkpoint": str(weights), "checkpoint_sha256": weights_sha256,
                "size_mb": loaded.size_mb, "file_mb": path.stat().st_size / 1e6,
-               "acc1": stats["acc1"], "acc5": stats["acc5"], "loss": stats["loss"], "num_images": stats["num_images"],
+               "acc1": stats.acc1, "acc5": stats.acc5, "loss": stats.loss, "num_images": stats.num_images,
                "mode": args.mode, "note": note}
-        row.update({k: stats[k] for k in ("latency_ms", "throughput_img_s", "speed_batch_size") if k in stats})
+        row.update(stats.speed())
         rows.append(row)
         print(f"  {row['format']:<22} acc@1 {100 * row['acc1']:.2f}%  size {row['size_mb']:.2f} MB  ({path})", flush=True)
         return row

@@ -22,6 +22,7 @@ import math
 import signal
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -43,13 +44,14 @@ from utils.errors import InputError
 from utils.evaluation.loop import TTA_CHOICES, evaluate
 from utils.precision import AMP_DTYPES, Precision, needs_grad_scaler, resolve_precision
 from utils.training.checkpointer import CheckpointSaver, ResumePoint, restore
+from utils.training.config import TrainConfig
 from utils.training.dashboard import TrainingDashboard, evaluation_details
 from utils.training.ema import ModelEMA
 from utils.training.engine import TrainState, train_one_epoch
 from utils.training.length import TrainingLength
 from utils.training.optim import OPTIMIZERS, build_optimizer
 from utils.training.recorder import RunRecorder
-from utils.training.resume import apply_checkpoint_args
+from utils.training.resume import checkpoint_flags
 from utils.training.rng import seed_everything
 from utils.training.run_dir import RunDir, check_run_name, choose_run_dir
 from utils.training.schedule import SCHEDULES, WarmupSchedule
@@ -185,85 +187,85 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.init_from and (args.resume or args.pretrained):
         raise InputError(f"--init_from starts a new run from a checkpoint's weights: drop {'--resume' if args.resume else '--pretrained'}")
+    flags = vars(args)
     ckpt = load_checkpoint(args.resume) if args.resume else None
     if ckpt is not None:
-        apply_checkpoint_args(args, ckpt, NETWORK_FLAGS, cli.explicit_dests(parser, argv))
+        flags.update(checkpoint_flags(ckpt, NETWORK_FLAGS, flags, cli.explicit_dests(parser, argv)))
     init = load_checkpoint(args.init_from) if args.init_from else None
     if init is not None:
         explicit = cli.explicit_dests(parser, argv)
         saved = {**(init.get("args") or {}), "model": init["model_name"]}
-        for key in INIT_FLAGS:
-            if key in saved and key not in explicit:
-                setattr(args, key, saved[key])
-    small = resolve_small_input(args.small_input, args.img_size)
-    if args.img_size < min_img_size(args.model, small):
-        off = " with --small_input off" if min_img_size(args.model, not small) < min_img_size(args.model, small) else ""
-        parser.error(f"argument --img_size: {args.model} needs at least {min_img_size(args.model, small)} px{off}, "
-                     f"got {args.img_size}")
-    device = cli.resolve_device(args.device, require_cuda=args.cuda)
+        flags.update({key: saved[key] for key in INIT_FLAGS if key in saved and key not in explicit})
+    cfg = TrainConfig(**flags)
+    small = resolve_small_input(cfg.small_input, cfg.img_size)
+    if cfg.img_size < min_img_size(cfg.model, small):
+        off = " with --small_input off" if min_img_size(cfg.model, not small) < min_img_size(cfg.model, small) else ""
+        parser.error(f"argument --img_size: {cfg.model} needs at least {min_img_size(cfg.model, small)} px{off}, "
+                     f"got {cfg.img_size}")
+    device = cli.resolve_device(cfg.device, require_cuda=cfg.cuda)
     rank, world, local_rank = init_distributed(device.type)
     if device.type == "cuda" and is_distributed():
         device = torch.device("cuda", local_rank)
-    spec = DataSpec(args.dataset, args.data_root, args.skip_bad_images, val_fraction=args.val_fraction, seed=args.seed,
+    spec = DataSpec(cfg.dataset, cfg.data_root, cfg.skip_bad_images, val_fraction=cfg.val_fraction, seed=cfg.seed,
                     split_record=ckpt.get("split") if ckpt is not None else None)
-    run = choose_run_dir(args.path_to_save, spec.name, args.name or args.model, exist_ok=args.exist_ok, resume=args.resume)
+    run = choose_run_dir(cfg.path_to_save, spec.name, cfg.name or cfg.model, exist_ok=cfg.exist_ok, resume=cfg.resume)
     if is_main_process():
         run.announce()
     try:
-        return train(args, ckpt, init, spec, run, device, rank, world)
+        return train(cfg, ckpt, init, spec, run, device, rank, world)
     finally:
         if is_main_process():
             run.discard_if_empty()  # a run that failed before writing anything leaves no empty directory
 
 
-def train(args, ckpt: dict | None, init: dict | None, spec: DataSpec, run: RunDir, device: torch.device, rank: int,
+def train(cfg: TrainConfig, ckpt: dict | None, init: dict | None, spec: DataSpec, run: RunDir, device: torch.device, rank: int,
           world: int) -> int:
     main_proc = is_main_process()
-    seed_everything(args.seed + rank)
-    pre = Preprocess.for_size(args.img_size)
-    augment = resolve_augment(args.augment, args.img_size, args.random_erasing, args.random_crop_padding, args.auto_augment)
+    seed_everything(cfg.seed + rank)
+    pre = Preprocess.for_size(cfg.img_size)
+    augment = resolve_augment(cfg.augment, cfg.img_size, cfg.random_erasing, cfg.random_crop_padding, cfg.auto_augment)
     train_set, val_set, classes = build_datasets(spec, pre, augment=augment)
     if ckpt is not None:
-        saved_data = (ckpt.get("args") or {}).get("dataset") or "Fashion-MNIST"
-        check_same_classes(list(ckpt["classes"]), classes, f"checkpoint {args.resume}", f"dataset {spec.dataset or 'Fashion-MNIST'}",
+        saved_data = (ckpt.get("cfg") or {}).get("dataset") or "Fashion-MNIST"
+        check_same_classes(list(ckpt["classes"]), classes, f"checkpoint {cfg.resume}", f"dataset {spec.dataset or 'Fashion-MNIST'}",
                            f"resume on the run's own dataset ({saved_data}); to fine-tune on another dataset start a new run "
-                           f"with --init_from {args.resume}")
-    loaders = build_train_loaders(train_set, val_set, pre, augment, pipeline=args.data_pipeline, batch_size=args.batch_size,
-                                  num_workers=args.num_workers, device=device, seed=args.seed, rank=rank, world=world,
-                                  sampler=args.sampler, cache=args.cache, cache_dir=args.cache_dir,
-                                  show_progress=not args.quiet)
-    args.data_used = loaders.record()  # saved in args.json and the checkpoints: the pipeline and cache files this run read
-    kwargs = model_kwargs(args.img_size, args.norm_type, pre.channels, args.small_input)
-    model = build_model(args.model, len(classes), pretrained=args.pretrained and ckpt is None,
-                        freeze_backbone=args.freeze_backbone, **kwargs).to(device)
+                           f"with --init_from {cfg.resume}")
+    loaders = build_train_loaders(train_set, val_set, pre, augment, pipeline=cfg.data_pipeline, batch_size=cfg.batch_size,
+                                  num_workers=cfg.num_workers, device=device, seed=cfg.seed, rank=rank, world=world,
+                                  sampler=cfg.sampler, cache=cfg.cache, cache_dir=cfg.cache_dir,
+                                  show_progress=not cfg.quiet)
+    cfg = replace(cfg, data_used=loaders.record())  # in args.json and the checkpoints: the pipeline and cache files read
+    kwargs = model_kwargs(cfg.img_size, cfg.norm_type, pre.channels, cfg.small_input)
+    model = build_model(cfg.model, len(classes), pretrained=cfg.pretrained and ckpt is None,
+                        freeze_backbone=cfg.freeze_backbone, **kwargs).to(device)
     if init is not None:
-        initialise_from(model, init, args, classes, kwargs, main_proc)
+        initialise_from(model, init, cfg, classes, kwargs, main_proc)
         del init
-    precision = resolve_precision(device, args.fp16, args.amp_dtype, args.channels_last)
+    precision = resolve_precision(device, cfg.fp16, cfg.amp_dtype, cfg.channels_last)
     if precision.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    state = build_train_state(args, model, device, precision, len(classes), steps_per_epoch=-(-len(loaders.train) // args.accumulation))
+    state = build_train_state(cfg, model, device, precision, len(classes), steps_per_epoch=-(-len(loaders.train) // cfg.accumulation))
     resume = restore(ckpt, model=model, state=state) if ckpt is not None else ResumePoint()
     del ckpt  # the optimizer state and weights are in place now: free the checkpoint's copy
-    if args.start_epoch is not None:
-        resume.start_at(args.start_epoch, state)
-    model = wrap_model(model, args.compile, device)
-    class_weights = balanced_class_weights(targets_of(train_set), len(classes)) if args.class_weights == "balanced" else None
-    criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing,
+    if cfg.start_epoch is not None:
+        resume.start_at(cfg.start_epoch, state)
+    model = wrap_model(model, cfg.compile, device)
+    class_weights = balanced_class_weights(targets_of(train_set), len(classes)) if cfg.class_weights == "balanced" else None
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing,
                                     weight=class_weights.to(device) if class_weights is not None else None)
-    val_criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+    val_criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
 
     run_dir = run.path
-    identity = {"model_name": args.model, "num_classes": len(classes), "classes": classes, "preprocess": pre.to_dict(),
-                "model_kwargs": kwargs, "augment": augment.to_dict(), "args": vars(args),
+    identity = {"model_name": cfg.model, "num_classes": len(classes), "classes": classes, "preprocess": pre.to_dict(),
+                "model_kwargs": kwargs, "augment": augment.to_dict(), "args": cfg.to_dict(),
                 "split": getattr(train_set, "split", None),
                 "class_weights": class_weights.tolist() if class_weights is not None else None}
     data_files = describe_folders(train_set, val_set, run_dir) if main_proc else {}
-    recorder, saver, length = open_run(args, run_dir, identity, model, state, resume, device, main_proc, data_files)
+    cfg, recorder, saver, length = open_run(cfg, run_dir, identity, model, state, resume, device, main_proc, data_files)
     if main_proc:
-        describe_run(args, model, len(train_set), len(val_set), classes, device, world, loaders, augment, precision, resume,
+        describe_run(cfg, model, len(train_set), len(val_set), classes, device, world, loaders, augment, precision, resume,
                      recorder.log_dir)
-        describe_balance(args, train_set, classes, class_weights)
+        describe_balance(cfg, train_set, classes, class_weights)
     # SIGTERM (docker stop, kill, job schedulers) behaves like Ctrl-C: save last.pth, then exit. Its own handler, not
     # a copy of SIGINT's: a shell starts background jobs with SIGINT ignored, and copying that would ignore SIGTERM too.
     signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
@@ -271,18 +273,21 @@ def train(args, ckpt: dict | None, init: dict | None, spec: DataSpec, run: RunDi
     try:
         while epoch < length.max_epoch:
             start = time.perf_counter()
-            seed_everything(args.seed + 1000 * epoch + rank)  # each epoch's randomness depends only on (seed, epoch)
+            seed_everything(cfg.seed + 1000 * epoch + rank)  # each epoch's randomness depends only on (seed, epoch)
             loaders.set_epoch(epoch)
-            stats = train_one_epoch(model, loaders.train, criterion, state, device, epoch + 1, not args.quiet)
+            stats = train_one_epoch(model, loaders.train, criterion, state, device, epoch + 1, not cfg.quiet)
             row = {"epoch": epoch + 1, "lr": stats["lr"], "train_loss": stats["train_loss"], "train_acc1": stats["train_acc1"],
                    "seconds": round(stats["seconds"], 2)}
-            if (epoch + 1) % args.eval_epoch == 0 or epoch + 1 == length.max_epoch:
-                row.update(validate(model, state, loaders.val, device, len(classes), val_criterion, args, recorder, epoch + 1))
+            if (epoch + 1) % cfg.eval_epoch == 0 or epoch + 1 == length.max_epoch:
+                row.update(validate(model, state, loaders.val, device, len(classes), val_criterion, cfg, recorder, epoch + 1))
             recorder.add(row)
             stop = length.after_epoch(epoch + 1, time.perf_counter() - start, row.get("val_acc1"), state.scheduler, state.step)
-            recorder.set_max_epoch(length.max_epoch, args)  # a time budget fixes it after the first epoch
-            check_finite(row, args)  # a diverged run stops before its NaN weights reach last.pth/best.pth
-            recorder.write_identity()  # args.json and classes.txt once the first epoch is through (then no-op)
+            if length.max_epoch != cfg.max_epoch:  # a time budget fixes it after the first epoch
+                cfg = replace(cfg, max_epoch=length.max_epoch)
+                identity["args"] = cfg.to_dict()  # the checkpoints' copy (saver.identity is this dict)
+                recorder.set_args(identity["args"])
+            check_finite(row, cfg)  # a diverged run stops before its NaN weights reach last.pth/best.pth
+            recorder.write_identity()  # cfg.json and classes.txt once the first epoch is through (then no-op)
             saver.epoch_end(epoch, row.get("val_acc1"))
             recorder.write_epoch(row, stats["images_per_s"])
             if main_proc and epoch == resume.start_epoch:
@@ -291,9 +296,9 @@ def train(args, ckpt: dict | None, init: dict | None, spec: DataSpec, run: RunDi
             barrier()
             if stop:
                 break
-        if args.tta != "none":  # the final weights once more, with test-time augmentation
-            recorder.add_to_last_row(validate(model, state, loaders.val, device, len(classes), val_criterion, args, recorder,
-                                              epoch, tta=args.tta))
+        if cfg.tta != "none":  # the final weights once more, with test-time augmentation
+            recorder.add_to_last_row(validate(model, state, loaders.val, device, len(classes), val_criterion, cfg, recorder,
+                                              epoch, tta=cfg.tta))
     except KeyboardInterrupt:
         saved = saver.interrupted()
         if saved:
@@ -311,28 +316,28 @@ def train(args, ckpt: dict | None, init: dict | None, spec: DataSpec, run: RunDi
     return 0
 
 
-def initialise_from(model: nn.Module, init: dict, args, classes: list[str], kwargs: dict, verbose: bool) -> None:
+def initialise_from(model: nn.Module, init: dict, cfg: TrainConfig, classes: list[str], kwargs: dict, verbose: bool) -> None:
     """--init_from: copy the checkpoint's (EMA) weights whose names and shapes fit; the head stays new when the classes
     differ (even in number only by name). An error when nothing fits."""
     same = list(init["classes"]) == classes
-    exclude = set() if same else head_keys(args.model, len(classes), kwargs)
+    exclude = set() if same else head_keys(cfg.model, len(classes), kwargs)
     loaded, skipped = load_matching(model, inference_state(init), exclude)
     if not loaded:
-        raise InputError(f"--init_from {args.init_from}: none of its tensors fits --model {args.model} (it holds a "
+        raise InputError(f"--init_from {cfg.init_from}: none of its tensors fits --model {cfg.model} (it holds a "
                          f"{init['model_name']!r}): drop --model or give a checkpoint of that network")
     if verbose:
         head = "" if same else (f"; new head for {len(classes)} classes (the checkpoint's {len(init['classes'])} classes "
                                 f"differ: only here {sorted(set(classes) - set(init['classes']))[:5]})")
-        print(f"initialised from {args.init_from}: loaded {len(loaded)} tensors, skipped {len(skipped)}"
+        print(f"initialised from {cfg.init_from}: loaded {len(loaded)} tensors, skipped {len(skipped)}"
               + (f" ({', '.join(skipped[:6])}{', ...' if len(skipped) > 6 else ''})" if skipped else "") + head)
 
 
-def check_finite(row: dict, args) -> None:
+def check_finite(row: dict, cfg: TrainConfig) -> None:
     """A NaN/inf training or validation loss means the weights diverged: stop with one line (exit 2)."""
     bad = [f"{key} {row[key]}" for key in ("train_loss", "val_loss") if key in row and not math.isfinite(row[key])]
     if bad:
         raise InputError(f"training diverged in epoch {row['epoch']} ({', '.join(bad)}): nothing of this epoch was saved; "
-                         f"fix: lower --base_lr (now {args.base_lr:g}), add --clip_grad 1.0 or a longer --wp_epoch")
+                         f"fix: lower --base_lr (now {cfg.base_lr:g}), add --clip_grad 1.0 or a longer --wp_epoch")
 
 
 def wrap_model(model: nn.Module, compile_model: bool, device: torch.device) -> nn.Module:
@@ -343,59 +348,63 @@ def wrap_model(model: nn.Module, compile_model: bool, device: torch.device) -> n
     return torch.compile(model) if compile_model else model
 
 
-def open_run(args, run_dir: Path, identity: dict, model: nn.Module, state: TrainState, resume: ResumePoint,
-             device: torch.device, main_proc: bool, data_files: dict[str, str]) -> tuple[RunRecorder, CheckpointSaver,
-                                                                                              TrainingLength]:
-    """The run's records (results.csv, TensorBoard), checkpoint policy and length policy, started."""
-    dashboard = TrainingDashboard.open(args, run_dir, resume, identity, model=model, state=state,
-                                       device=device) if args.tensorboard and main_proc else None
-    recorder = RunRecorder(run_dir, max_epoch=args.max_epoch, history=resume.history, enabled=main_proc, dashboard=dashboard)
-    recorder.start(identity["classes"], vars(args), data_files)
+def open_run(cfg: TrainConfig, run_dir: Path, identity: dict, model: nn.Module, state: TrainState, resume: ResumePoint,
+             device: torch.device, main_proc: bool,
+             data_files: dict[str, str]) -> tuple[TrainConfig, RunRecorder, CheckpointSaver, TrainingLength]:
+    """The run's records (results.csv, TensorBoard), checkpoint policy and length policy, started. The config comes
+    back with the TensorBoard directory the dashboard chose (identity["args"] follows it)."""
+    dashboard = None
+    if cfg.tensorboard and main_proc:
+        dashboard = TrainingDashboard.open(cfg, run_dir, resume, identity, model=model, state=state, device=device)
+        cfg = replace(cfg, tensorboard_dir=str(dashboard.log_dir))
+        identity["args"] = cfg.to_dict()
+    recorder = RunRecorder(run_dir, max_epoch=cfg.max_epoch, history=resume.history, enabled=main_proc, dashboard=dashboard)
+    recorder.start(identity["classes"], identity["args"], data_files)
     state.on_log = recorder.log_step
     saver = CheckpointSaver(run_dir, identity=identity, model=model, state=state, history=recorder.history,
                             best_acc1=resume.best_acc1, finished=resume.start_epoch - 1, enabled=main_proc)
-    length = TrainingLength(args.max_epoch, start_epoch=resume.start_epoch, time_budget_min=args.time_budget, patience=args.patience,
+    length = TrainingLength(cfg.max_epoch, start_epoch=resume.start_epoch, time_budget_min=cfg.time_budget, patience=cfg.patience,
                             history=recorder.history, device=device, log=print if main_proc else lambda _: None)
-    return recorder, saver, length
+    return cfg, recorder, saver, length
 
 
-def build_train_state(args, model: nn.Module, device: torch.device, precision: Precision, num_classes: int,
+def build_train_state(cfg: TrainConfig, model: nn.Module, device: torch.device, precision: Precision, num_classes: int,
                       steps_per_epoch: int) -> TrainState:
     """Optimizer, LR schedule, loss scaler, EMA and batch mixing as the flags ask."""
-    optimizer = build_optimizer(model, args.optimizer, lr=args.base_lr, weight_decay=args.weight_decay, momentum=args.momentum)
-    scheduler = WarmupSchedule(optimizer, steps_per_epoch=steps_per_epoch, max_epoch=args.max_epoch, wp_epoch=args.wp_epoch,
-                               base_lr=args.base_lr, min_lr=args.min_lr, shape=args.sched)
-    return TrainState(optimizer=optimizer, scheduler=scheduler, accumulation=args.accumulation, clip_grad=args.clip_grad,
+    optimizer = build_optimizer(model, cfg.optimizer, lr=cfg.base_lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
+    scheduler = WarmupSchedule(optimizer, steps_per_epoch=steps_per_epoch, max_epoch=cfg.max_epoch, wp_epoch=cfg.wp_epoch,
+                               base_lr=cfg.base_lr, min_lr=cfg.min_lr, shape=cfg.sched)
+    return TrainState(optimizer=optimizer, scheduler=scheduler, accumulation=cfg.accumulation, clip_grad=cfg.clip_grad,
                       scaler=torch.amp.GradScaler("cuda", enabled=needs_grad_scaler(device, precision.amp, precision.amp_dtype)),
-                      ema=ModelEMA(model, decay=args.ema_decay) if args.ema else None, amp=precision.amp,
-                      amp_dtype=precision.amp_dtype, channels_last=precision.channels_last, log_every=args.log_every,
-                      mix=batch_mixing(args.mixup_alpha, args.cutmix_alpha, num_classes))
+                      ema=ModelEMA(model, decay=cfg.ema_decay) if cfg.ema else None, amp=precision.amp,
+                      amp_dtype=precision.amp_dtype, channels_last=precision.channels_last, log_every=cfg.log_every,
+                      mix=batch_mixing(cfg.mixup_alpha, cfg.cutmix_alpha, num_classes))
 
 
-def describe_run(args, model, num_train: int, num_val: int, classes: list[str], device, world: int, loaders, augment,
+def describe_run(cfg: TrainConfig, model, num_train: int, num_val: int, classes: list[str], device, world: int, loaders, augment,
                  precision: Precision, resume: ResumePoint, log_dir: str | None) -> None:
     """The start-up lines: where logs go, the network, the data, the pipeline, the augmentation, the precision."""
     if precision.note:
         print(f"warning: {precision.note}", file=sys.stderr)
     if log_dir is not None:
-        print(f"TensorBoard logs: {log_dir}  (tensorboard --logdir {args.log_dir} --bind_all --port 6006)")
-    print(f"{args.model}: {count_parameters(model) / 1e6:.2f} M params, {num_train} train / {num_val} val images, "
+        print(f"TensorBoard logs: {log_dir}  (tensorboard --logdir {cfg.log_dir} --bind_all --port 6006)")
+    print(f"{cfg.model}: {count_parameters(model) / 1e6:.2f} M params, {num_train} train / {num_val} val images, "
           f"{len(classes)} classes, device {device}" + (f", {world} processes" if world > 1 else "")
           + f"\ndata pipeline: {loaders.pipeline} ({loaders.reason})"
           + "".join(f"\n{cache.describe()}" for cache in loaders.caches)
           + f"\naugmentation: {augment.describe()}"
-          + (f", then {'Mixup' if args.mixup_alpha else ''}{'/' if args.mixup_alpha and args.cutmix_alpha else ''}"
-             f"{'CutMix' if args.cutmix_alpha else ''} on batches (train acc@1 = predictions of the dominant label)"
-             if args.mixup_alpha or args.cutmix_alpha else "")
-          + f"\nprecision: {precision.describe()}; LR schedule: {args.sched}, {args.optimizer}")
-    if resume.start_epoch >= args.max_epoch:
-        print(f"nothing to train: the run already finished epoch {resume.start_epoch} of --max_epoch {args.max_epoch}; "
+          + (f", then {'Mixup' if cfg.mixup_alpha else ''}{'/' if cfg.mixup_alpha and cfg.cutmix_alpha else ''}"
+             f"{'CutMix' if cfg.cutmix_alpha else ''} on batches (train acc@1 = predictions of the dominant label)"
+             if cfg.mixup_alpha or cfg.cutmix_alpha else "")
+          + f"\nprecision: {precision.describe()}; LR schedule: {cfg.sched}, {cfg.optimizer}")
+    if resume.start_epoch >= cfg.max_epoch:
+        print(f"nothing to train: the run already finished epoch {resume.start_epoch} of --max_epoch {cfg.max_epoch}; "
               "raise --max_epoch to train longer")
 
 
 def describe_folders(train_set, val_set, run_dir: Path) -> dict[str, str]:
     """Image folders: used and skipped images per class of each split. Returns the files the run keeps about its data
-    (split.json, skipped_images.txt), written with args.json once the first epoch is through."""
+    (split.json, skipped_images.txt), written with cfg.json once the first epoch is through."""
     files = {}
     scans = [(name, getattr(ds, "scan", None)) for name, ds in (("train", train_set), ("val", val_set))]
     scans = [(name, scan) for name, scan in scans if scan is not None]
@@ -412,9 +421,9 @@ def describe_folders(train_set, val_set, run_dir: Path) -> dict[str, str]:
     return files
 
 
-def describe_balance(args, train_set, classes: list[str], class_weights) -> None:
+def describe_balance(cfg: TrainConfig, train_set, classes: list[str], class_weights) -> None:
     """--class_weights / --sampler: the class counts and what each does with them."""
-    if args.class_weights == "none" and args.sampler == "random":
+    if cfg.class_weights == "none" and cfg.sampler == "random":
         return
     counts = class_counts(targets_of(train_set), len(classes)).tolist()
     more = ", ..." if len(classes) > 10 else ""
@@ -423,29 +432,29 @@ def describe_balance(args, train_set, classes: list[str], class_weights) -> None
         weights = class_weights.tolist()
         print("class weights (balanced, n / (classes x count)): "
               + ", ".join(f"{c} {w:.3f}" for c, w in zip(classes[:10], weights[:10])) + more)
-    if args.sampler == "balanced":
+    if cfg.sampler == "balanced":
         print(f"sampler: balanced (each epoch draws {len(train_set)} images with replacement, every class equally likely)")
 
 
-def validate(model, state: TrainState, loader, device, num_classes: int, criterion, args, recorder: RunRecorder, epoch: int,
+def validate(model, state: TrainState, loader, device, num_classes: int, criterion, cfg: TrainConfig, recorder: RunRecorder, epoch: int,
              tta: str = "none") -> dict:
     """Validation loss/acc@1/acc@5 of the EMA model when there is one (TensorBoard also gets the raw model's, as
     val_no_ema/, and the evaluation's pictures). With tta, the keys are suffixed _tta and the result is printed.
     Every process takes the same path: the metrics are summed over processes."""
     options = {"criterion": criterion, "amp": state.amp, "amp_dtype": state.amp_dtype, "channels_last": state.channels_last,
-               "show_progress": not args.quiet, "tta": tta}
-    ema, board = state.ema, args.tensorboard and tta == "none"
+               "show_progress": not cfg.quiet, "tta": tta}
+    ema, board = state.ema, cfg.tensorboard and tta == "none"
     if ema is not None:
         ema.sync_buffers()  # under torchrun, validate (and save) rank 0's BatchNorm statistics on every process
     val = evaluate(ema.module if ema is not None else model, loader, device, num_classes, **options,
-                   **(evaluation_details(args, epoch) if board else {}))
+                   **(evaluation_details(cfg, epoch) if board else {}))
     raw = evaluate(model, loader, device, num_classes, **options) if ema is not None and board else None
     if board and recorder.dashboard is not None:
         recorder.dashboard.add_evaluation(epoch, val, raw)
     suffix = "" if tta == "none" else "_tta"
-    out = {f"val_{key}{suffix}": val[key] for key in ("loss", "acc1", "acc5")}
+    out = {f"val_{key}{suffix}": getattr(val, key) for key in ("loss", "acc1", "acc5")}
     if tta != "none" and recorder.enabled:
-        print(f"final weights with {tta} TTA: val loss {val['loss']:.4f} acc@1 {val['acc1']:.4f} acc@5 {val['acc5']:.4f}")
+        print(f"final weights with {tta} TTA: val loss {val.loss:.4f} acc@1 {val.acc1:.4f} acc@5 {val.acc5:.4f}")
     return out
 
 

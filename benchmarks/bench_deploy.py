@@ -118,10 +118,9 @@ def bench_checkpoint(weights: str, args, work: Path) -> tuple[list[dict], list[d
         stats = evaluate_loaded(loaded, loader, len(classes), args.repeats, not args.quiet)
         rows.append({"model": name, "format": loaded.format, "engine": loaded.engine, "compute": loaded.compute,
                      "path": str(path), "size_mb": loaded.size_mb, "file_mb": path.stat().st_size / 1e6,
-                     "acc1": stats["acc1"], "acc5": stats["acc5"], "acc1_pct": 100 * stats["acc1"],
-                     "acc5_pct": 100 * stats["acc5"], "num_images": stats["num_images"],
-                     **{k: stats[k] for k in ("latency_ms", "throughput_img_s", "speed_batch_size")}})
-        print(f"  {loaded.format:<20} acc@1 {100 * stats['acc1']:.2f}%  {stats['throughput_img_s']:.0f} img/s", flush=True)
+                     "acc1": stats.acc1, "acc5": stats.acc5, "acc1_pct": 100 * stats.acc1,
+                     "acc5_pct": 100 * stats.acc5, "num_images": stats.num_images, **stats.speed()})
+        print(f"  {loaded.format:<20} acc@1 {100 * stats.acc1:.2f}%  {stats.throughput_img_s:.0f} img/s", flush=True)
 
     image = test_image(spec, work)
     py = sys.executable

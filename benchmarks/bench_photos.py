@@ -289,7 +289,7 @@ def train_run(model_name: str, pipeline: str, args, root: Path, size: int, devic
     if full:
         result = evaluate(model, val, device, num_classes, amp=state.amp, amp_dtype=state.amp_dtype,
                           channels_last=state.channels_last, show_progress=False)
-        out["val_acc1"], out["val_images"] = result["acc1"], len(val.dataset) if hasattr(val, "dataset") else len(val.targets)
+        out["val_acc1"], out["val_images"] = result.acc1, len(val.dataset) if hasattr(val, "dataset") else len(val.targets)
     return out
 
 

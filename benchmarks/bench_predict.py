@@ -46,7 +46,7 @@ from benchmarks.common import OtherLoad, command_line, contention_note, machine_
 from models import MODEL_NAMES, build_model, model_kwargs  # noqa: E402
 from utils import cli  # noqa: E402
 from utils.data.preprocess import Preprocess, list_images, preprocess_file  # noqa: E402
-from utils.deploy.predict import DEFAULT_WORKERS, LoopOptions, iter_decoded, run_prediction  # noqa: E402
+from utils.deploy.predict import DEFAULT_WORKERS, LoopOptions, OutputOptions, iter_decoded, run_prediction  # noqa: E402
 from utils.deploy.runtime import OnnxModel  # noqa: E402
 from utils.errors import InputError  # noqa: E402
 
@@ -147,13 +147,12 @@ def time_loop(path: Path, paths: list[Path], args, out_csv: Path, spinning: bool
     model = OnnxModel(path, "cpu", spinning=spinning)
     pre = model.preprocess
     model(np.stack([preprocess_file(paths[0], pre)] * min(args.batch_size, len(paths))))  # warm-up, untimed
-    ns = argparse.Namespace(topk=5, json=False, output=str(out_csv), exist_ok=True, quiet=True,
-                            batch_size=args.batch_size, num_workers=args.num_workers, repeats=1)
+    out = OutputOptions(topk=5, output=str(out_csv), exist_ok=True, quiet=True)
     header = {"model": str(path), "engine": "onnxruntime", "precision": "fp32", "device": "cpu", "load_ms": 0.0}
     opts = LoopOptions(args.batch_size, args.num_workers, warmup=0, repeats=1)
     start = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):
-        code = run_prediction(model, paths, pre, CLASSES, header, ns, opts)
+        code = run_prediction(model, paths, pre, CLASSES, header, out, opts)
     seconds = time.perf_counter() - start
     rows = sum(1 for _ in out_csv.open()) - 1
     if code != 0 or rows != len(paths):

@@ -134,6 +134,16 @@ def trained_ckpt(trained_run) -> Path:
     return trained_run / "best.pth"
 
 
+def train_config(*argv: str, **values):
+    """train.py's TrainConfig for `argv` (its defaults otherwise), with `values` replacing fields."""
+    from dataclasses import replace
+
+    import train
+    from utils.training.config import TrainConfig
+
+    return replace(TrainConfig(**vars(train.get_args_parser().parse_args(list(argv)))), **values)
+
+
 def run_script(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600):
     """Run a repository script in a fresh Python process; returns CompletedProcess with text output."""
     import subprocess

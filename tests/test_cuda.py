@@ -266,10 +266,10 @@ def test_gpu_evaluation_equals_cpu_within_fp16_tolerance(device, trained_ckpt, f
     on_cpu = evaluate(model, loader, CPU, info.num_classes, show_progress=False, return_predictions=True)
     on_gpu = evaluate(model.to(device), loader, device, info.num_classes, amp=True, amp_dtype="float16",
                       show_progress=False, return_predictions=True)
-    assert on_gpu["num_images"] == on_cpu["num_images"] == 160
-    assert on_gpu["loss"] == pytest.approx(on_cpu["loss"], rel=1e-2, abs=1e-3)
-    assert (on_gpu["predictions"] != on_cpu["predictions"]).sum().item() <= 2  # only near-ties may flip in fp16
-    assert abs(on_gpu["acc1"] - on_cpu["acc1"]) <= 2 / 160
+    assert on_gpu.num_images == on_cpu.num_images == 160
+    assert on_gpu.loss == pytest.approx(on_cpu.loss, rel=1e-2, abs=1e-3)
+    assert (on_gpu.predictions != on_cpu.predictions).sum().item() <= 2  # only near-ties may flip in fp16
+    assert abs(on_gpu.acc1 - on_cpu.acc1) <= 2 / 160
 
     # eval.py end to end, fp32 on each device (TF32 convolutions on the GPU, PyTorch's default)
     reports = {}

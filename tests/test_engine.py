@@ -106,15 +106,15 @@ def test_evaluate_matches_a_hand_computation():
     with torch.no_grad():
         logits = model(x)
     top5 = logits.topk(5, dim=1).indices
-    assert stats["num_images"] == n
-    assert stats["loss"] == pytest.approx(nn.functional.cross_entropy(logits, y).item(), rel=1e-5)
-    assert stats["acc1"] == pytest.approx((logits.argmax(1) == y).float().mean().item())
-    assert stats["acc5"] == pytest.approx((top5 == y[:, None]).any(1).float().mean().item())
+    assert stats.num_images == n
+    assert stats.loss == pytest.approx(nn.functional.cross_entropy(logits, y).item(), rel=1e-5)
+    assert stats.acc1 == pytest.approx((logits.argmax(1) == y).float().mean().item())
+    assert stats.acc5 == pytest.approx((top5 == y[:, None]).any(1).float().mean().item())
     cm = torch.zeros(num_classes, num_classes, dtype=torch.long)
     for t, p in zip(y.tolist(), logits.argmax(1).tolist()):
         cm[t, p] += 1
-    assert torch.equal(stats["confusion_matrix"], cm)
-    assert torch.equal(stats["predictions"], logits.argmax(1))
+    assert torch.equal(stats.confusion_matrix, cm)
+    assert torch.equal(stats.predictions, logits.argmax(1))
     per_class = per_class_accuracy(cm, [str(i) for i in range(num_classes)])
     for i in range(num_classes):
         mask = y == i
@@ -125,7 +125,7 @@ def test_evaluate_matches_a_hand_computation():
 def test_evaluate_caps_top5_at_the_number_of_classes():
     x, y = torch.randn(6, 2), torch.tensor([0, 1, 2, 0, 1, 2])
     stats = evaluate(nn.Linear(2, 3), DataLoader(TensorDataset(x, y), batch_size=4), CPU, 3, show_progress=False)
-    assert stats["acc5"] == 1.0  # top-3 of 3 classes always contains the target
+    assert stats.acc5 == 1.0  # top-3 of 3 classes always contains the target
 
 
 def test_log_points_report_the_mean_gradient_norm_and_the_first_batch_once(tiny_data):
@@ -160,7 +160,7 @@ def test_evaluate_collects_tensorboards_pr_counts_and_the_first_mistakes():
                      pr_thresholds=127, keep_mistakes=10)
     with torch.no_grad():
         probs = model(x).softmax(1)
-    curves = stats["pr_curves"]
+    curves = stats.pr_curves
     for c in range(num_classes):  # TensorBoard's own add_pr_curve computation, from all probabilities at once
         expected = compute_curve((y == c).numpy(), probs[:, c].numpy(), num_thresholds=127)
         for row, counts in enumerate((curves.tp, curves.fp, curves.tn, curves.fn)):
@@ -169,7 +169,7 @@ def test_evaluate_collects_tensorboards_pr_counts_and_the_first_mistakes():
         np.testing.assert_allclose(curves.recall[c], expected[5], rtol=1e-6)
     wrong = (probs.argmax(1) != y).nonzero().flatten()[:10]
     assert len(wrong) == 10
-    mistakes = stats["mistakes"]
+    mistakes = stats.mistakes
     assert torch.equal(mistakes.images, x[wrong]) and torch.equal(mistakes.targets, y[wrong])
     assert torch.equal(mistakes.predictions, probs.argmax(1)[wrong])
     torch.testing.assert_close(mistakes.confidence, probs.max(1).values[wrong])
@@ -181,7 +181,7 @@ def test_precision_recall_f1_and_balanced_accuracy_equal_a_hand_computation():
     y = torch.tensor([t for t, _ in pairs])
     logits = nn.functional.one_hot(torch.tensor([p for _, p in pairs]), 3).float()
     stats = evaluate(nn.Identity(), DataLoader(TensorDataset(logits, y), batch_size=4), CPU, 3, show_progress=False)
-    assert stats["confusion_matrix"].tolist() == [[5, 2, 0], [0, 3, 1], [1, 0, 4]]
+    assert stats.confusion_matrix.tolist() == [[5, 2, 0], [0, 3, 1], [1, 0, 4]]
     m = class_metrics(stats, ["a", "b", "c"])
     precision, recall = [5 / 6, 3 / 5, 4 / 5], [5 / 7, 3 / 4, 4 / 5]
     f1 = [2 * p * r / (p + r) for p, r in zip(precision, recall)]
@@ -192,4 +192,4 @@ def test_precision_recall_f1_and_balanced_accuracy_equal_a_hand_computation():
         assert m[f"{name}_weighted"] == pytest.approx(sum(v * n for v, n in zip(values, support)) / 16, rel=1e-6)
     assert m["balanced_accuracy"] == pytest.approx(sum(recall) / 3, rel=1e-6)
     assert m["support"] == {"a": 7, "b": 4, "c": 5}
-    assert list(m["recall"].values()) == pytest.approx(list(per_class_accuracy(stats["confusion_matrix"], ["a", "b", "c"]).values()))
+    assert list(m["recall"].values()) == pytest.approx(list(per_class_accuracy(stats.confusion_matrix, ["a", "b", "c"]).values()))

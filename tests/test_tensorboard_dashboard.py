@@ -10,7 +10,6 @@ compared with results.csv, the eval JSON or a recomputation from the checkpoint.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -21,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_fashion_root, synthetic_fashion_images, write_idx
+from conftest import make_fashion_root, synthetic_fashion_images, train_config, write_idx
 from PIL import Image
 from test_fcn import save_random_resnet18_checkpoint
 from test_tensorboard_server import get_bytes, get_json, serve
@@ -291,9 +290,9 @@ def test_image_evaluations_are_capped_and_every_process_asks_the_same():
     capped = image_epochs(300, 1)
     assert len(capped) == 10 and {1, 300} <= capped
     assert len(image_epochs(300, 7, cap=4)) == 4 and 300 in image_epochs(300, 7, cap=4)
-    args = argparse.Namespace(tensorboard=True, max_epoch=300, eval_epoch=1)
-    assert set(evaluation_details(args, 1)) == {"pr_thresholds", "keep_mistakes"} and evaluation_details(args, 2) == {}
-    assert evaluation_details(argparse.Namespace(tensorboard=False, max_epoch=3, eval_epoch=1), 1) == {}
+    cfg = train_config(tensorboard=True, max_epoch=300, eval_epoch=1)
+    assert set(evaluation_details(cfg, 1)) == {"pr_thresholds", "keep_mistakes"} and evaluation_details(cfg, 2) == {}
+    assert evaluation_details(train_config(tensorboard=False, max_epoch=3, eval_epoch=1), 1) == {}
 
 
 def test_a_network_that_cannot_be_traced_is_skipped_with_a_one_line_note(tmp_path):

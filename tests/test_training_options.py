@@ -117,8 +117,8 @@ def test_flip_tta_is_the_mean_of_the_image_and_mirror_logits():
     with torch.no_grad():
         logits = (model(x) + model(x.flip(-1))) / 2
         plain = model(x)
-    assert stats["loss"] == pytest.approx(nn.functional.cross_entropy(logits, y).item(), rel=1e-5)
-    assert torch.equal(stats["predictions"], logits.argmax(1))
+    assert stats.loss == pytest.approx(nn.functional.cross_entropy(logits, y).item(), rel=1e-5)
+    assert torch.equal(stats.predictions, logits.argmax(1))
     assert not torch.allclose(logits, plain)  # the mirror really changes the logits
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +19,7 @@ from utils.checkpoint import build_from_checkpoint, inference_state, load_checkp
 from utils.deploy.metadata import TORCHSCRIPT_METADATA_FILE, artifact_kind, decode_metadata
 from utils.deploy.runtime import OnnxModel, pool_score_map
 from utils.errors import InputError
-from utils.evaluation.loop import evaluate
+from utils.evaluation.loop import EvalResult, evaluate
 from utils.model_info import ModelInfo
 from utils.timing import latency_and_throughput
 
@@ -136,7 +136,7 @@ def load_for_eval(path: str | Path, device: torch.device, model_name: str | None
 
 
 def evaluate_loaded(loaded: LoadedModel, loader, num_classes: int, speed_repeats: int = 20, show_progress: bool = True,
-                    **details) -> dict:
+                    **details) -> EvalResult:
     """acc@1/acc@5/loss/confusion through the eval loop's forward hook, then batch-1 latency and throughput.
     `details`: evaluate()'s tta, return_predictions, pr_thresholds, keep_mistakes."""
     with torch.inference_mode():
@@ -145,5 +145,5 @@ def evaluate_loaded(loaded: LoadedModel, loader, num_classes: int, speed_repeats
         if speed_repeats > 0:
             batch = next(iter(loader))[0].to(loaded.device)
             sync = torch.cuda.synchronize if loaded.device.type == "cuda" else None
-            stats.update(latency_and_throughput(loaded.forward, batch[:1], batch, repeats=speed_repeats, sync=sync))
+            stats = replace(stats, **latency_and_throughput(loaded.forward, batch[:1], batch, repeats=speed_repeats, sync=sync))
     return stats

@@ -120,7 +120,7 @@ class Prediction:
                 "inference_ms": self.inference_ms}
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoopOptions:
     """How the loop runs: batch size, decoding threads, untimed warm-up runs of the first batch, timed runs per batch."""
 
@@ -128,6 +128,18 @@ class LoopOptions:
     workers: int = DEFAULT_WORKERS
     warmup: int = WARMUP_RUNS
     repeats: int = 1
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    """What the loop shows or writes: top-k per image, text or one JSON document on stdout, or rows streamed to
+    `output` (.csv / .jsonl; an existing file only replaced with `exist_ok`), with or without a progress bar."""
+
+    topk: int = 5
+    json: bool = False
+    output: str | None = None
+    exist_ok: bool = False
+    quiet: bool = False
 
 
 def decode(path: Path, pre: Preprocess) -> np.ndarray | str:
@@ -275,16 +287,15 @@ def print_text(p: Prediction, k: int) -> None:
 
 
 def run_prediction(forward: Forward, paths: Sequence[Path], pre: Preprocess, classes: list[str], header: dict,
-                   args, opts: LoopOptions | None = None) -> int:
-    """The predict scripts' main loop and output (args: topk, json, output, exist_ok, quiet, batch_size, num_workers,
-    repeats). Bad files go to stderr as they are met; the exit code is 2 if any image failed, else 0."""
+                   out: OutputOptions, opts: LoopOptions) -> int:
+    """The predict scripts' main loop and output. Bad files go to stderr as they are met; the exit code is 2 if any
+    image failed, else 0."""
     from tqdm import tqdm  # torch-free; imported here so the module itself stays light
 
-    opts = opts or LoopOptions(args.batch_size, args.num_workers, WARMUP_RUNS, args.repeats)
-    target = check_output(args.output, args.exist_ok)
-    k = min(args.topk, len(classes))
-    text_mode = not args.json and target is None
-    collect = args.json and target is None  # JSON on stdout without --output holds every prediction
+    target = check_output(out.output, out.exist_ok)
+    k = min(out.topk, len(classes))
+    text_mode = not out.json and target is None
+    collect = out.json and target is None  # JSON on stdout without --output holds every prediction
     collected: list[dict] = []
     batch_ms: list[float] = []
     total = failed = 0
@@ -292,7 +303,7 @@ def run_prediction(forward: Forward, paths: Sequence[Path], pre: Preprocess, cla
         print(f"model: {header['model']} ({header['engine']}, {header['precision']}, {header['device']})  "
               f"loaded in {header['load_ms']:.1f} ms")
     bar = tqdm(total=len(paths), unit="img", desc="predict", file=sys.stderr, dynamic_ncols=True,
-               disable=not show_progress(args.quiet, text_mode))
+               disable=not show_progress(out.quiet, text_mode))
 
     def consume(sink: RowWriter | None) -> None:
         nonlocal total, failed
@@ -325,7 +336,7 @@ def run_prediction(forward: Forward, paths: Sequence[Path], pre: Preprocess, cla
                    batch_size=opts.batch_size)
     if target is not None:
         summary["output"] = str(target[0])
-    if args.json:
+    if out.json:
         print(json.dumps({"summary": summary} if target else {"summary": summary, "predictions": collected}, indent=2))
     else:
         if target is not None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from utils.data.preprocess import Preprocess
-from utils.evaluation.loop import per_class_accuracy, per_class_precision
+from utils.evaluation.loop import EvalResult, per_class_accuracy, per_class_precision
 from utils.evaluation.report import mistakes_figure
 from utils.io import markdown_table
 from utils.plots import confusion_matrix_figure
@@ -34,22 +34,22 @@ def detail_options() -> dict:
     return {"pr_thresholds": PR_THRESHOLDS, "keep_mistakes": MISTAKES_SHOWN}
 
 
-def evaluation_figures(stats: dict, classes: list[str], pre: Preprocess, title: str = "") -> dict:
+def evaluation_figures(stats: EvalResult, classes: list[str], pre: Preprocess, title: str = "") -> dict:
     """The pictures of an evaluation, by name: the confusion matrix, and the misclassified grid when `stats` holds
     mistakes. Drawn once, for TensorBoard and the PNG files alike; the caller closes them."""
-    figures = {"confusion_matrix": confusion_matrix_figure(np.asarray(stats["confusion_matrix"]), classes, title)}
-    if stats.get("mistakes") is not None:
-        fig = mistakes_figure(stats["mistakes"], classes, pre)
+    figures = {"confusion_matrix": confusion_matrix_figure(np.asarray(stats.confusion_matrix), classes, title)}
+    if stats.mistakes is not None:
+        fig = mistakes_figure(stats.mistakes, classes, pre)
         if fig is not None:
             figures["misclassified"] = fig
     return figures
 
 
-def log_evaluation(writer, stats: dict, figures: dict, classes: list[str], step: int, prefix: str) -> None:
+def log_evaluation(writer, stats: EvalResult, figures: dict, classes: list[str], step: int, prefix: str) -> None:
     """The figures as <prefix>/<name> images and, when `stats` has them, one PR curve per class (<prefix>_pr/<class>)."""
     for name, fig in figures.items():
         add_figure(writer, f"{prefix}/{name}", fig, step)
-    curves = stats.get("pr_curves")
+    curves = stats.pr_curves
     if curves is not None:
         for i, name in enumerate(classes):
             writer.add_pr_curve_raw(f"{prefix}_pr/{tag_name(name)}", curves.tp[i], curves.fp[i], curves.tn[i], curves.fn[i],
@@ -78,7 +78,7 @@ def log_per_class(writer, per_class: dict[str, dict[str, float]], step: int, pre
 REPORT_SCALARS = ("acc1", "acc5", "loss", "latency_ms", "throughput_img_s", "size_mb")
 
 
-def log_eval_report(log_dir: Path, report: dict, stats: dict, figures: dict) -> Path:
+def log_eval_report(log_dir: Path, report: dict, stats: EvalResult, figures: dict) -> Path:
     """eval.py --tensorboard: one evaluation as its own run (step 0), replacing an earlier evaluation logged there."""
     classes = report["classes"]
     writer = open_writer(log_dir, purge_step=0)

@@ -117,17 +117,43 @@ class MistakeBuffer:
                                                  self.slots.confidence)))
 
 
+@dataclass(frozen=True)
+class EvalResult:
+    """One evaluation: metrics over the whole set (summed over processes under torchrun), per-class tensors on the
+    CPU, and what was asked for besides (predictions, PR curves, mistakes; speed, filled by artifacts.evaluate_loaded)."""
+
+    loss: float
+    acc1: float
+    acc5: float  # top-min(5, classes)
+    num_images: int
+    confusion_matrix: torch.Tensor  # (classes, classes) int64: rows true class, columns predicted
+    precision: torch.Tensor  # (classes,) per class, torchmetrics' MulticlassPrecision(average=None)
+    recall: torch.Tensor
+    f1: torch.Tensor
+    predictions: torch.Tensor | None = None  # argmax per image in loader order (return_predictions)
+    pr_curves: PRCurves | None = None  # pr_thresholds > 0
+    mistakes: Mistakes | None = None  # keep_mistakes > 0
+    latency_ms: float | None = None  # batch 1
+    throughput_img_s: float | None = None
+    speed_batch_size: int | None = None
+
+    def speed(self) -> dict[str, float | int]:
+        """latency_ms, throughput_img_s and speed_batch_size when they were measured (the reports' fields)."""
+        return {key: getattr(self, key) for key in ("latency_ms", "throughput_img_s", "speed_batch_size")
+                if getattr(self, key) is not None}
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module | None, loader, device: torch.device, num_classes: int, *, criterion: nn.Module | None = None,
              amp: bool = False, amp_dtype: str = "auto", channels_last: bool = False, show_progress: bool = True,
              forward: Callable[[torch.Tensor], torch.Tensor] | None = None, desc: str = "val",
-             return_predictions: bool = False, tta: str = "none", pr_thresholds: int = 0, keep_mistakes: int = 0) -> dict:
+             return_predictions: bool = False, tta: str = "none", pr_thresholds: int = 0, keep_mistakes: int = 0) -> EvalResult:
     """Mean loss over the whole set, acc@1, acc@5 (capped at num_classes) and the confusion matrix.
 
     Metrics are summed over processes under torchrun. `forward` replaces `model(images)` for
     engines that are not nn.Modules (ONNX Runtime, TorchScript on another device, ...).
     tta="flip": the logits are the mean of the image's and its horizontal mirror's (test-time augmentation).
-    pr_thresholds > 0 adds "pr_curves" (PRCurves); keep_mistakes > 0 adds "mistakes" (Mistakes, at most that many).
+    pr_thresholds > 0 fills pr_curves (PRCurves); keep_mistakes > 0 fills mistakes (Mistakes, at most that many).
     """
     if tta not in TTA_CHOICES:
         raise ValueError(f"unknown tta {tta!r}: choose from {', '.join(TTA_CHOICES)}")
@@ -174,16 +200,11 @@ def evaluate(model: nn.Module | None, loader, device: torch.device, num_classes:
                 mistakes.update(images, targets, probs)
     loss_sum, seen = all_reduce_sum([loss_sum.item(), seen], device)
     cm = confusion.compute().cpu()
-    out = {"loss": loss_sum / max(seen, 1), "acc1": acc1.compute().item(), "acc5": acc5.compute().item(),
-           "num_images": int(seen), "confusion_matrix": cm,
-           **{name: metric.compute().cpu() for name, metric in per_class.items()}}
-    if return_predictions:
-        out["predictions"] = torch.cat(predictions) if predictions else torch.zeros(0, dtype=torch.long)
-    if pr is not None:
-        out["pr_curves"] = pr.compute()
-    if mistakes is not None:
-        out["mistakes"] = mistakes.compute()
-    return out
+    return EvalResult(
+        loss=loss_sum / max(seen, 1), acc1=acc1.compute().item(), acc5=acc5.compute().item(), num_images=int(seen),
+        confusion_matrix=cm, **{name: metric.compute().cpu() for name, metric in per_class.items()},
+        predictions=(torch.cat(predictions) if predictions else torch.zeros(0, dtype=torch.long)) if return_predictions else None,
+        pr_curves=pr.compute() if pr is not None else None, mistakes=mistakes.compute() if mistakes is not None else None)
 
 
 def per_class_accuracy(confusion: torch.Tensor, classes: list[str]) -> dict[str, float]:
@@ -198,18 +219,18 @@ def per_class_precision(confusion: torch.Tensor, classes: list[str]) -> dict[str
     return {c: float(confusion[i, i] / totals[i]) for i, c in enumerate(classes)}
 
 
-def class_metrics(stats: dict, classes: list[str]) -> dict:
+def class_metrics(stats: EvalResult, classes: list[str]) -> dict:
     """Per-class precision, recall and F1 (torchmetrics, from the eval loop), their macro average (each class counts
     once) and weighted average (each class by its number of images), and balanced accuracy (the mean recall over the
     classes that have images, as scikit-learn defines it). Recall of a class is its per-class accuracy."""
-    support = stats["confusion_matrix"].sum(1).double()
+    support = stats.confusion_matrix.sum(1).double()
     weights = support / support.sum().clamp(min=1)
     out = {"support": {c: int(n) for c, n in zip(classes, support.tolist())}}
     for name in ("precision", "recall", "f1"):
-        values = stats[name].double()
+        values = getattr(stats, name).double()
         out[name] = {c: float(v) for c, v in zip(classes, values.tolist())}
         out[f"{name}_macro"] = float(values.mean())
         out[f"{name}_weighted"] = float((values * weights).sum())
     present = support > 0
-    out["balanced_accuracy"] = float(stats["recall"].double()[present].mean()) if present.any() else 0.0
+    out["balanced_accuracy"] = float(stats.recall.double()[present].mean()) if present.any() else 0.0
     return out

@@ -25,6 +25,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -33,6 +34,7 @@ from torch import nn
 from utils.data.preprocess import Preprocess, denormalize
 from utils.distributed import world_size
 from utils.evaluation.dashboard import detail_options, evaluation_figures, log_evaluation, log_per_class, per_class_table
+from utils.evaluation.loop import EvalResult
 from utils.plots import close_figures, examples_figure
 from utils.precision import autocast_dtype
 from utils.tensorboard import (
@@ -48,6 +50,7 @@ from utils.tensorboard import (
     session_end_summary,
     session_start_summary,
 )
+from utils.training.config import TrainConfig
 from utils.training.ema import unwrap
 
 # name -> type of every hparam a training run logs (types fixed, so runs of one --log_dir line up)
@@ -76,18 +79,18 @@ def image_epochs(max_epoch: int, eval_epoch: int, cap: int = IMAGE_EVALUATIONS) 
     return {evaluated[round(i * (len(evaluated) - 1) / (cap - 1))] for i in range(cap)}
 
 
-def evaluation_details(args, epoch: int) -> dict:
+def evaluation_details(cfg: TrainConfig, epoch: int) -> dict:
     """The evaluate() options for `epoch`: PR counts and mistakes at picture epochs with --tensorboard. Every process
     must ask for the same (the PR counts are summed over processes), so this depends on the flags only."""
-    return detail_options() if args.tensorboard and epoch in image_epochs(args.max_epoch, args.eval_epoch) else {}
+    return detail_options() if cfg.tensorboard and epoch in image_epochs(cfg.max_epoch, cfg.eval_epoch) else {}
 
 
-def run_log_dir(args, run_dir: Path, dataset: str, previous: str | None) -> tuple[Path, bool]:
-    """(directory, continued): the resumed run's own directory when it lies under --log_dir, otherwise a new
-    <log_dir>/<dataset>/<run directory's name>/<start time>/."""
-    if previous and Path(previous).resolve().is_relative_to(Path(args.log_dir).resolve()):
+def run_log_dir(log_root: str, run_dir: Path, dataset: str, previous: str | None) -> tuple[Path, bool]:
+    """(directory, continued): the resumed run's own directory when it lies under --log_dir (`log_root`), otherwise a
+    new <log_dir>/<dataset>/<run directory's name>/<start time>/."""
+    if previous and Path(previous).resolve().is_relative_to(Path(log_root).resolve()):
         return Path(previous), True
-    return Path(args.log_dir) / dataset / run_dir.name / time.strftime("%Y%m%d-%H%M%S"), False
+    return Path(log_root) / dataset / run_dir.name / time.strftime("%Y%m%d-%H%M%S"), False
 
 
 def precision_name(state, device: torch.device) -> str:
@@ -118,32 +121,32 @@ class TrainingDashboard:
         self.ended = False
 
     @classmethod
-    def open(cls, args, run_dir: Path, resume, identity: dict, *, model: nn.Module, state, device: torch.device) -> TrainingDashboard:
-        """Choose the directory (stored in args as tensorboard_dir, so the checkpoint carries it), log the start
-        and attach to the training state (gradient norm, the first batch's picture). `identity`: the checkpoint's
-        description of the network (classes, preprocess, augment)."""
+    def open(cls, cfg: TrainConfig, run_dir: Path, resume, identity: dict, *, model: nn.Module, state,
+             device: torch.device) -> TrainingDashboard:
+        """Choose the directory (`log_dir`: the caller stores it as the config's tensorboard_dir, so the checkpoint
+        carries it), log the start and attach to the training state (gradient norm, the first batch's picture).
+        `identity`: the checkpoint's description of the network (classes, preprocess, augment)."""
         dataset = run_dir.parent.name  # <path_to_save>/<dataset>/<run name>
-        log_dir, continued = run_log_dir(args, run_dir, dataset, resume.log_dir)
-        args.tensorboard_dir = str(log_dir)
+        log_dir, continued = run_log_dir(cfg.log_dir, run_dir, dataset, resume.log_dir)
         board = cls(log_dir, classes=identity["classes"], pre=Preprocess.from_dict(identity["preprocess"]), device=device,
-                    max_epoch=args.max_epoch, eval_epoch=args.eval_epoch, start_epoch=resume.start_epoch, step=state.step,
-                    continued=continued, name=Path(os.path.relpath(log_dir, args.log_dir)).as_posix())
+                    max_epoch=cfg.max_epoch, eval_epoch=cfg.eval_epoch, start_epoch=resume.start_epoch, step=state.step,
+                    continued=continued, name=Path(os.path.relpath(log_dir, cfg.log_dir)).as_posix())
         if continued:
             print(f"TensorBoard: continuing {log_dir} after optimizer step {state.step} (what it logged later is dropped)")
-        board.log_start(args, state, dataset, identity["augment"]["name"], model)
+        board.log_start(replace(cfg, tensorboard_dir=str(log_dir)), state, dataset, identity["augment"]["name"], model)
         state.track_grad_norm = True
         state.on_first_batch = board.log_training_batch
         return board
 
-    def log_start(self, args, state, dataset: str, augment: str, model: nn.Module) -> None:
+    def log_start(self, cfg: TrainConfig, state, dataset: str, augment: str, model: nn.Module) -> None:
         """Text at every (re)start; the HParams session and the graph once per run."""
         step, processes = state.step, world_size()
         add_markdown(self.writer, "run/command_line", f"```\n{command_line()}\n```", step)
-        add_markdown(self.writer, "run/args", f"```json\n{json.dumps(vars(args), indent=2, default=str)}\n```", step)
+        add_markdown(self.writer, "run/args", f"```json\n{json.dumps(cfg.to_dict(), indent=2, default=str)}\n```", step)
         add_markdown(self.writer, "run/environment", environment_markdown(self.device, processes), step)
         if self.continued:
             return
-        values = {**{key: getattr(args, key) for key in HPARAMS if hasattr(args, key)}, "dataset": dataset, "augment": augment,
+        values = {**{key: getattr(cfg, key) for key in HPARAMS if hasattr(cfg, key)}, "dataset": dataset, "augment": augment,
                   "precision": precision_name(state, self.device), "channels_last": state.channels_last, "processes": processes}
         hparams = {key: kind(values[key]) for key, kind in HPARAMS.items()}
         self.writer.file_writer.add_summary(experiment_summary(HPARAMS, METRICS, HPARAMS_SHOWN))
@@ -171,7 +174,7 @@ class TrainingDashboard:
         for key, value in values.items():
             self.writer.add_scalar(f"train_step/{key}", value, step)
 
-    def add_evaluation(self, epoch: int, stats: dict, raw: dict | None = None) -> None:
+    def add_evaluation(self, epoch: int, stats: EvalResult, raw: EvalResult | None = None) -> None:
         """Hold an evaluation (and the raw model's, when validation used the EMA) until `epoch_end`."""
         self.pending.append((epoch, stats, raw))
 
@@ -190,10 +193,10 @@ class TrainingDashboard:
         for evaluated, stats, raw in self.pending:
             if raw is not None:
                 for key in ("loss", "acc1", "acc5"):
-                    w.add_scalar(f"val_no_ema/{key}", raw[key], evaluated)
-            log_per_class(w, per_class_table(stats["confusion_matrix"], self.classes), evaluated, "val",
-                          table="pr_curves" in stats)
-            if "pr_curves" in stats:  # a picture epoch (evaluation_details)
+                    w.add_scalar(f"val_no_ema/{key}", getattr(raw, key), evaluated)
+            log_per_class(w, per_class_table(stats.confusion_matrix, self.classes), evaluated, "val",
+                          table=stats.pr_curves is not None)
+            if stats.pr_curves is not None:  # a picture epoch (evaluation_details)
                 figures = evaluation_figures(stats, self.classes, self.pre, f"epoch {evaluated}")
                 log_evaluation(w, stats, figures, self.classes, evaluated, "val")
                 close_figures(*figures.values())

@@ -29,7 +29,7 @@ class RunRecorder:
         self.history: list[dict] = list(history or [])
         self.dashboard = dashboard if enabled else None
         self.log_dir = str(self.dashboard.log_dir) if self.dashboard is not None else None
-        # classes, args (the live dict) and other files (name -> text), written after the first epoch
+        # classes, args (TrainConfig.to_dict()) and other files (name -> text), written after the first epoch
         self.pending: tuple[list[str], dict, dict[str, str]] | None = None
 
     def start(self, classes: list[str], args: dict, files: dict[str, str] | None = None) -> None:
@@ -47,14 +47,15 @@ class RunRecorder:
                 atomic_write_text(self.run_dir / name, text)
         self.pending = None
 
-    def set_max_epoch(self, max_epoch: int, args) -> None:
-        """The run's length changed (--time_budget): record it in args (and so in the checkpoints) and args.json."""
-        if max_epoch != self.max_epoch:
-            self.max_epoch = args.max_epoch = max_epoch
-            if self.dashboard is not None:
-                self.dashboard.max_epoch = max_epoch
-            if self.enabled and self.pending is None:  # else args.json is still to be written, with this length
-                atomic_write_text(self.run_dir / "args.json", json.dumps(vars(args), indent=2) + "\n")
+    def set_args(self, args: dict) -> None:
+        """The run changed its own settings (--time_budget fixed the epoch count): args.json and the epoch line follow."""
+        self.max_epoch = args["max_epoch"]
+        if self.dashboard is not None:
+            self.dashboard.max_epoch = self.max_epoch
+        if self.pending is not None:  # args.json is still to be written: with these
+            self.pending = (self.pending[0], args, self.pending[2])
+        elif self.enabled:
+            atomic_write_text(self.run_dir / "args.json", json.dumps(args, indent=2) + "\n")
 
     def log_step(self, step: int, values: dict) -> None:
         """Per-iteration training values (every --log_every micro-batches) as train_step/<key> scalars."""

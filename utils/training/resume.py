@@ -4,22 +4,21 @@ instead of a load_state_dict traceback."""
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Iterable
+from typing import Any
 
 from utils.checkpoint import Checkpoint
 from utils.errors import InputError
 
 
-def apply_checkpoint_args(args: argparse.Namespace, ckpt: Checkpoint, keys: Iterable[str], explicit: set[str]) -> None:
-    """Copy `keys` from the checkpoint's args into `args`; raise InputError when an explicit flag disagrees."""
+def checkpoint_flags(ckpt: Checkpoint, keys: Iterable[str], current: dict[str, Any], explicit: set[str]) -> dict[str, Any]:
+    """The values of `keys` the checkpoint's args fix (its model name always), to replace `current`'s; raises
+    InputError when an explicitly given flag (`explicit`) disagrees with them."""
     saved = dict(ckpt.get("args") or {})
     saved.setdefault("model", ckpt["model_name"])  # the one key every checkpoint has, even without saved args
-    conflicts = [f"--{key} {getattr(args, key)} (the checkpoint has {saved[key]})" for key in keys
-                 if key in saved and key in explicit and getattr(args, key) != saved[key]]
+    conflicts = [f"--{key} {current[key]} (the checkpoint has {saved[key]})" for key in keys
+                 if key in saved and key in explicit and current[key] != saved[key]]
     if conflicts:
         raise InputError(f"--resume continues the checkpoint's network, but {'; '.join(conflicts)}: drop "
                          f"{'those flags' if len(conflicts) > 1 else 'that flag'} (to train a different network, start a new run)")
-    for key in keys:
-        if key in saved:
-            setattr(args, key, saved[key])
+    return {key: saved[key] for key in keys if key in saved}
