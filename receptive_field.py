@@ -1,7 +1,7 @@
 """Receptive field, effective stride and effective padding of every feature map of a network.
 
 Follows the real computation graph (residual additions, concatenations, squeeze-excitation, views), not just
-a chain of layers: one forward pass is recorded operator by operator (see utils/receptive_field.py). For each
+a chain of layers: one forward pass is recorded operator by operator (see utils/analysis/rf_trace.py). For each
 layer that changes the field it prints the output size, RF (px), effective stride (px) and effective padding
 (px): unit i of that map sees input pixels [i*stride - padding, i*stride - padding + RF - 1] on each axis.
 Global pooling, squeeze-excitation or a Linear on a flattened map make the field the whole image: said
@@ -19,7 +19,8 @@ import torch
 
 from utils import cli
 from utils.analysis import complexity as cx
-from utils.analysis import receptive_field as rf
+from utils.analysis.rf_fields import format_table
+from utils.analysis.rf_trace import receptive_fields
 from utils.errors import InputError
 from utils.io import publish_report
 
@@ -35,11 +36,11 @@ def main(argv: list[str] | None = None) -> int:
     c, h, w = am.input_size
     p0 = next(iter(am.model.parameters()), None)
     try:
-        report = rf.receptive_fields(am.model, am.input_size, device=p0.device if p0 is not None else device)
+        report = receptive_fields(am.model, am.input_size, device=p0.device if p0 is not None else device)
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0]
         raise InputError(f"{am.name} cannot run on input {tuple(am.input_size)}: {first} (fix --input_size)") from None
-    table = rf.format_table(report)
+    table = format_table(report)
     text = (f"receptive fields of {am.name} for a {c}x{h}x{w} input (RF, stride, padding in input pixels)\n\n"
             f"{table}\n\n{report.summary()}")
     if report.warnings:

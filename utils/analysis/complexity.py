@@ -24,7 +24,7 @@ from torch import nn
 
 from models import MODEL_NAMES, build_model, count_parameters
 from utils import cli
-from utils.analysis.receptive_field import receptive_fields
+from utils.analysis.rf_trace import receptive_fields
 from utils.checkpoint import build_from_checkpoint, load_checkpoint
 from utils.errors import InputError
 from utils.io import publish_report
@@ -383,7 +383,7 @@ def chain_receptive_field(layers: list[dict]) -> list[dict]:
     """torchscan's per-module (kernel, stride, padding) composed in call order, as if the network were one chain.
 
     r += (k - 1) * j, padding += p * j, j *= s (torchscan 0.1's cumulative column). Only right for single-path
-    networks: utils.receptive_field follows the real graph.
+    networks: utils.analysis.rf_trace follows the real graph.
     """
     r, j, pad = 1.0, 1.0, 0.0
     out = []
