@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from utils import cli
-from utils.analysis import complexity as cx
+from utils.analysis.model_loading import AnalysisSpec, add_model_args, load_analysis_model, result_stem
 from utils.analysis.rf_fields import format_table
 from utils.analysis.rf_trace import receptive_fields
 from utils.errors import InputError
@@ -27,12 +27,13 @@ from utils.io import publish_report
 
 def main(argv: list[str] | None = None) -> int:
     p = cli.parser(__doc__)
-    cx.add_model_args(p)
+    add_model_args(p)
     p.add_argument("--out_dir", default="results/receptive_field", help="where <model>_<H>x<W>.txt/.json are written")
     args = p.parse_args(argv)
     device = cli.resolve_device(args.device)
+    spec = AnalysisSpec(args.model, args.weights, args.num_classes, args.input_size, args.default_model)
     # weights do not matter: without a checkpoint the model lives on the meta device (no memory, no compute)
-    am = cx.load_analysis_model(args, device, meta=not args.weights)
+    am = load_analysis_model(spec, device, meta=not args.weights)
     c, h, w = am.input_size
     p0 = next(iter(am.model.parameters()), None)
     try:
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     if report.warnings:
         text += "\n" + "\n".join(f"warning: {m}" for m in report.warnings)
     payload = {"model": am.name, "input_size": [c, h, w], "units": "input pixels", **report.to_dict()}
-    publish_report(args.out_dir, cx.result_stem(am), text, payload, as_json=args.json)
+    publish_report(args.out_dir, result_stem(am), text, payload, as_json=args.json)
     return 0
 
 
