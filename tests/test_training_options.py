@@ -18,8 +18,8 @@ from torch.utils.data import DataLoader, TensorDataset
 import train
 import utils.precision as precision
 from utils.data.augment import Augment, batch_mixing, resolve_augment
+from utils.data.batch_augment import augment_batch, padded_crop, sample_params
 from utils.data.preprocess import Preprocess
-from utils.data.tensor_pipeline import augment_batch, padded_crop, sample_params
 from utils.evaluation.loop import evaluate
 from utils.training.engine import TrainState, train_one_epoch
 from utils.training.schedule import WarmupSchedule
