@@ -29,7 +29,8 @@ from tqdm import tqdm  # noqa: E402
 from benchmarks.common import OtherLoad, Take, command_line, contention_note, machine_info, table, write_json  # noqa: E402
 from models import MODEL_NAMES, build_model, model_kwargs  # noqa: E402
 from utils import cli  # noqa: E402
-from utils.data.datasets import build_transform, fashion_mnist  # noqa: E402
+from utils.data.datasets import build_transform  # noqa: E402
+from utils.data.fashion_mnist import fashion_mnist  # noqa: E402
 from utils.data.preprocess import Preprocess  # noqa: E402
 from utils.data.tensor_pipeline import TensorTrainLoader, train_images_tensor  # noqa: E402
 from utils.errors import InputError  # noqa: E402

@@ -16,7 +16,8 @@ from torchvision.transforms import InterpolationMode
 
 from utils.data.augment import resolve_augment
 from utils.data.batch_augment import AugmentParams, augment_batch, sample_crop_boxes, sample_erase_boxes, sample_params
-from utils.data.datasets import CheckedImageFolder, DataSpec, EvalTransform, build_datasets, build_transform, fashion_mnist
+from utils.data.datasets import CheckedImageFolder, DataSpec, EvalTransform, build_datasets, build_transform
+from utils.data.fashion_mnist import fashion_mnist
 from utils.data.preprocess import Preprocess
 from utils.data.tensor_pipeline import (
     TensorEvalLoader,
