@@ -1,7 +1,7 @@
 """Training throughput: images/s of full training steps (data loading + forward + backward + optimizer step).
 
 Every combination of --models x --img_sizes x --precisions x --memory_formats x --pipelines (x --compile)
-is timed with train.py's own loop (utils.engine.train_one_epoch) on Fashion-MNIST, and compared with
+is timed with train.py's own loop (utils.training.engine.train_one_epoch) on Fashion-MNIST, and compared with
 the seed's setup measured in the same run: per-image PIL transforms in DataLoader workers, 224 px,
 fp32, NCHW ("seed baseline" row, one per model). Each row: warm-up steps (untimed; they include
 torch.compile's compilation), then the median of --repeats timings of --steps steps.
