@@ -15,7 +15,9 @@ Examples:
 from __future__ import annotations
 
 from utils import cli
-from utils.analysis import complexity as cx
+from utils.analysis.complexity import COMPLEXITY_DIR, compare_table, explain
+from utils.analysis.complexity_tools import run_tool
+from utils.analysis.model_loading import AnalysisSpec, add_model_args, check_forward, load_analysis_model, result_stem
 from utils.io import publish_report
 
 TOOLS = ("fvcore", "ptflops", "thop", "torchscan", "FlopCounterMode")
@@ -23,21 +25,22 @@ TOOLS = ("fvcore", "ptflops", "thop", "torchscan", "FlopCounterMode")
 
 def main(argv: list[str] | None = None) -> int:
     p = cli.parser(__doc__)
-    cx.add_model_args(p)
-    p.add_argument("--out_dir", default=str(cx.COMPLEXITY_DIR), help="where <model>_<H>x<W>_compare.md/.json are written")
+    add_model_args(p)
+    p.add_argument("--out_dir", default=str(COMPLEXITY_DIR), help="where <model>_<H>x<W>_compare.md/.json are written")
     args = p.parse_args(argv)
     device = cli.resolve_device(args.device)
-    am = cx.load_analysis_model(args, device, fast_init=args.weights is None)
-    cx.check_forward(am, device)
-    results = [cx.run_tool(tool, am.model, am.input_size, device) for tool in TOOLS]
-    table = cx.compare_table(results, am)
+    spec = AnalysisSpec(args.model, args.weights, args.num_classes, args.input_size, args.default_model)
+    am = load_analysis_model(spec, device, fast_init=args.weights is None)
+    check_forward(am, device)
+    results = [run_tool(tool, am.model, am.input_size, device) for tool in TOOLS]
+    table = compare_table(results, am)
     notes = "\n".join(f"- **{r.tool}**: {r.convention}" + "".join(f" Warning: {w}" for w in r.warnings) for r in results)
     text = f"{table}\n\nWhat each tool counts:\n\n{notes}\n"
     payload = {"model": am.name, "num_classes": am.num_classes, "input_size": list(am.input_size), "source": am.source,
                "units": {"params": "parameters", "macs": "multiply-accumulates", "flops": "2 x MACs"},
-               "tools": [{k: v for k, v in r.to_dict().items() if k != "per_module"} | {"explanation": cx.explain(r, results[-1])}
+               "tools": [{k: v for k, v in r.to_dict().items() if k != "per_module"} | {"explanation": explain(r, results[-1])}
                          for r in results]}
-    publish_report(args.out_dir, f"{cx.result_stem(am)}_compare", text, payload, as_json=args.json, text_suffix=".md")
+    publish_report(args.out_dir, f"{result_stem(am)}_compare", text, payload, as_json=args.json, text_suffix=".md")
     return 0
 
 

@@ -13,12 +13,15 @@ from __future__ import annotations
 
 from utils import cli
 from utils.analysis import complexity as cx
+from utils.analysis.model_loading import AnalysisSpec
 
 
 def main(argv: list[str] | None = None) -> int:
     p = cx.tool_parser("fvcore", __doc__)
     args = p.parse_args(argv)
-    return cx.run_tool_cli("fvcore", args)
+    spec = AnalysisSpec(args.model, args.weights, args.num_classes, args.input_size, args.default_model)
+    return cx.run_tool_cli("fvcore", spec, device=args.device, max_depth=args.max_depth, out_dir=args.out_dir,
+                           as_json=args.json)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from utils import cli
 from utils.analysis import complexity as cx
+from utils.analysis.model_loading import AnalysisSpec
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,7 +21,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", default="pytorch", choices=["pytorch", "aten"],
                    help="ptflops backend: pytorch = module hooks (BN, activations, pooling counted), aten = conv/matmul only")
     args = p.parse_args(argv)
-    return cx.run_tool_cli("ptflops", args, backend=args.backend)
+    spec = AnalysisSpec(args.model, args.weights, args.num_classes, args.input_size, args.default_model)
+    return cx.run_tool_cli("ptflops", spec, device=args.device, max_depth=args.max_depth, out_dir=args.out_dir,
+                           as_json=args.json, tool_kwargs={"backend": args.backend})
 
 
 if __name__ == "__main__":

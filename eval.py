@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from utils import cli
-from utils.analysis.complexity import registry_macs
+from utils.analysis.complexity_tools import registry_macs
 from utils.data.datasets import DataSpec, build_eval_dataset
 from utils.data.folders import check_same_classes
 from utils.data.splits import relative, split_source

@@ -8,7 +8,7 @@ Examples:
 
 Class names and preprocessing (size, resize, crop, mean, std, channels) are read from the artifact's
 metadata, written by export.py; --classes is only needed for artifacts without names. Images go
-through the same eval transform as training-time validation (utils/preprocess.py): EXIF rotation,
+through the same eval transform as training-time validation (utils/data/preprocess.py): EXIF rotation,
 any Pillow mode (grayscale, RGBA, palette, CMYK, 16-bit) converted to the model's channels.
 
 Prints the top-k classes with probabilities per image, the model load time and the median inference

@@ -4,7 +4,7 @@ The gradient of one output unit with respect to the input image is non-zero exac
 depends on. Three fields of the same unit (the predicted class's max-score location, or --pixel Y X):
 
   theoretical  constant positive weights, batch norm and activations neutralised, max pools made average pools
-               (utils.receptive_field.theoretical_model): the support is the analytic receptive field, clipped by
+               (utils.analysis.rf_backprop.theoretical_model): the support is the analytic receptive field, clipped by
                the image border. Checked against receptive_field.py's number for the same layer.
   effective    the real weights: the gradient concentrates in the middle of the field (Luo et al. 2016,
                "Understanding the Effective Receptive Field in Deep CNNs").
@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from utils import cli
-from utils.analysis import receptive_field as rf
+from utils.analysis import rf_backprop
 from utils.analysis.fcn import fcn_image_tensor, load_fcn, map_to_image, rank_classes, score_geometry
 from utils.analysis.many_images import analyse_each
 from utils.data.preprocess import load_image
@@ -99,16 +99,16 @@ def analyse(args, image: Path, networks: tuple, device) -> tuple[dict, dict]:
         if not (0 <= pixel[0] < cls_map.shape[0] and 0 <= pixel[1] < cls_map.shape[1]):
             raise InputError(f"--pixel {pixel[0]} {pixel[1]} is outside the {cls_map.shape[0]}x{cls_map.shape[1]} score map")
     local = score_geometry(fcn, (c, h, w))
-    analytic = rf.analytic_box(local, pixel, (h, w))
-    interior = rf.is_interior(local, pixel, (h, w))
+    analytic = rf_backprop.analytic_box(local, pixel, (h, w))
+    interior = rf_backprop.is_interior(local, pixel, (h, w))
 
-    theoretical = rf.input_gradient(rf.theoretical_model(fcn), x, pixel)
-    effective = rf.input_gradient(fcn, x, pixel, channel=cls)
+    theoretical = rf_backprop.input_gradient(rf_backprop.theoretical_model(fcn), x, pixel)
+    effective = rf_backprop.input_gradient(fcn, x, pixel, channel=cls)
     weights = torch.relu(cls_map)
     weights = weights / weights.max() if float(weights.max()) > 0 else torch.ones_like(cls_map)
-    net = rf.input_gradient(fcn, x, channel=cls, weights=weights.to(device))
+    net = rf_backprop.input_gradient(fcn, x, channel=cls, weights=weights.to(device))
 
-    t_box = rf.support_box(theoretical, 0.0)
+    t_box = rf_backprop.support_box(theoretical, 0.0)
     res = {
         "image": str(image), "fcn_input_hw": [h, w], "weights": info.source,
         "predicted_class": classes[cls], "class_index": cls, "score_map_hw": list(cls_map.shape),
@@ -116,9 +116,9 @@ def analyse(args, image: Path, networks: tuple, device) -> tuple[dict, dict]:
         "analytic": {"rf": local[0].size, "stride": local[0].stride, "padding": local[0].padding,
                      "box": _box_dict(analytic), "interior_yx": list(interior)},
         "theoretical": {"box": _box_dict(t_box), "matches_analytic": t_box == analytic},
-        "effective": {"support_box": _box_dict(rf.support_box(effective, 0.0)),
-                      "box": _box_dict(rf.support_box(effective, args.threshold))},
-        "net": {"box": _box_dict(rf.support_box(net, args.threshold))},
+        "effective": {"support_box": _box_dict(rf_backprop.support_box(effective, 0.0)),
+                      "box": _box_dict(rf_backprop.support_box(effective, args.threshold))},
+        "net": {"box": _box_dict(rf_backprop.support_box(net, args.threshold))},
         "threshold": args.threshold,
     }
     arrays = {"image": np.asarray(shown), "theoretical": theoretical, "effective": effective, "net": net,

@@ -8,7 +8,7 @@ Examples:
 from __future__ import annotations
 
 from utils import cli
-from utils.data.datasets import save_test_images
+from utils.data.fashion_mnist import save_test_images
 
 
 def main(argv=None) -> int:

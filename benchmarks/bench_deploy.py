@@ -34,7 +34,8 @@ from benchmarks.common import ROOT, OtherLoad, command_line, contention_note, ma
 from models import count_parameters  # noqa: E402
 from utils import cli  # noqa: E402
 from utils.checkpoint import build_from_checkpoint, load_checkpoint  # noqa: E402
-from utils.data.datasets import save_test_images, val_folder  # noqa: E402
+from utils.data.datasets import val_folder  # noqa: E402
+from utils.data.fashion_mnist import save_test_images  # noqa: E402
 from utils.data.loaders import calibration_batches, data_spec, eval_loader
 from utils.data.preprocess import list_images  # noqa: E402
 from utils.deploy.artifacts import evaluate_loaded, load_for_eval  # noqa: E402

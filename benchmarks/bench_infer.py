@@ -31,7 +31,7 @@ from tqdm import tqdm  # noqa: E402
 from benchmarks.common import OtherLoad, command_line, contention_note, machine_info, table, write_json  # noqa: E402
 from models import MODEL_NAMES, build_model, model_kwargs  # noqa: E402
 from utils import cli  # noqa: E402
-from utils.analysis.complexity import run_flop_counter  # noqa: E402
+from utils.analysis.complexity_tools import run_flop_counter  # noqa: E402
 from utils.data.preprocess import Preprocess  # noqa: E402
 from utils.precision import bf16_native  # noqa: E402
 from utils.timing import latency_and_throughput, median_seconds  # noqa: E402

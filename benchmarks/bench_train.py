@@ -1,7 +1,7 @@
 """Training throughput: images/s of full training steps (data loading + forward + backward + optimizer step).
 
 Every combination of --models x --img_sizes x --precisions x --memory_formats x --pipelines (x --compile)
-is timed with train.py's own loop (utils.engine.train_one_epoch) on Fashion-MNIST, and compared with
+is timed with train.py's own loop (utils.training.engine.train_one_epoch) on Fashion-MNIST, and compared with
 the seed's setup measured in the same run: per-image PIL transforms in DataLoader workers, 224 px,
 fp32, NCHW ("seed baseline" row, one per model). Each row: warm-up steps (untimed; they include
 torch.compile's compilation), then the median of --repeats timings of --steps steps.
@@ -29,7 +29,8 @@ from tqdm import tqdm  # noqa: E402
 from benchmarks.common import OtherLoad, Take, command_line, contention_note, machine_info, table, write_json  # noqa: E402
 from models import MODEL_NAMES, build_model, model_kwargs  # noqa: E402
 from utils import cli  # noqa: E402
-from utils.data.datasets import build_transform, fashion_mnist  # noqa: E402
+from utils.data.datasets import build_transform  # noqa: E402
+from utils.data.fashion_mnist import fashion_mnist  # noqa: E402
 from utils.data.preprocess import Preprocess  # noqa: E402
 from utils.data.tensor_pipeline import TensorTrainLoader, train_images_tensor  # noqa: E402
 from utils.errors import InputError  # noqa: E402

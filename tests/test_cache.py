@@ -20,10 +20,10 @@ from PIL import Image
 
 import train
 from utils.data.augment import resolve_augment
+from utils.data.batch_augment import augment_batch, normalize_batch, sample_params
 from utils.data.cache import CacheLayout, cache_path, choose_cache, open_cache
 from utils.data.datasets import DataSpec, build_datasets, build_transform
 from utils.data.preprocess import Preprocess, center_crop, eval_transform, load_image, resize_shorter
-from utils.data.tensor_pipeline import augment_batch, normalize_batch, sample_params
 from utils.errors import InputError
 
 PHOTO = Path(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))  # a real photograph shipped with matplotlib

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
@@ -16,23 +15,24 @@ import complexity_ptflops
 import complexity_thop
 import complexity_torchscan
 from models import ANALYSIS_NAMES, MODEL_NAMES
-from utils.analysis import complexity as cx
+from utils.analysis import complexity_tools
+from utils.analysis.model_loading import AnalysisModel, AnalysisSpec, load_analysis_model
 from utils.errors import InputError
 
 SCRIPTS = {"fvcore": complexity_fvcore, "ptflops": complexity_ptflops, "thop": complexity_thop,
            "torchscan": complexity_torchscan}
 
 
-def analysis_model(name: str, num_classes: int = 1000, size=(3, 224, 224)) -> cx.AnalysisModel:
-    args = argparse.Namespace(model=name, num_classes=num_classes, input_size=list(size), weights=None)
-    return cx.load_analysis_model(args, fast_init=True)
+def analysis_model(name: str, num_classes: int = 1000, size=(3, 224, 224)) -> AnalysisModel:
+    spec = AnalysisSpec(model=name, num_classes=num_classes, input_size=list(size), weights=None)
+    return load_analysis_model(spec, fast_init=True)
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES + ANALYSIS_NAMES)
 def test_every_tool_script_runs_on_cpu_for_every_registry_model(name, tmp_path, capsys):
     """Each script at 32x32 writes its JSON; MACs are at least the conv+matmul count and at most 25 % above it."""
     am = analysis_model(name, 10, (3, 32, 32))
-    baseline = cx.run_flop_counter(am.model, am.input_size)
+    baseline = complexity_tools.run_flop_counter(am.model, am.input_size)
     true_params = sum(p.numel() for p in am.model.parameters())
     for tool, script in SCRIPTS.items():
         assert script.main(["--model", name, "--num_classes", "10", "--input_size", "3", "32", "32", "--out_dir", str(tmp_path),
@@ -56,11 +56,11 @@ def test_resnet18_totals_match_torchvision_published_ops():
     GMACs: FlopCounterMode's FLOPs / 2 (conv + matmul) equal it. fvcore, ptflops and thop agree within 1 %."""
     published = torchvision.models.ResNet18_Weights.DEFAULT.meta["_ops"] * 1e9
     am = analysis_model("resnet18")
-    base = cx.run_flop_counter(am.model, am.input_size)
+    base = complexity_tools.run_flop_counter(am.model, am.input_size)
     assert round(base.flops / 2 / 1e9, 3) == round(published / 1e9, 3)       # MACs, not FLOPs
     assert round(base.flops / 1e9, 3) != round(published / 1e9, 3)
     for tool in ("fvcore", "ptflops", "thop"):
-        res = cx.run_tool(tool, am.model, am.input_size)
+        res = complexity_tools.run_tool(tool, am.model, am.input_size)
         assert abs(res.macs - published) / published < 0.01, (tool, res.macs)
         assert res.flops == 2 * res.macs
         assert res.params == 11_689_512
@@ -76,12 +76,12 @@ def test_macs_are_the_tools_native_numbers_not_relabelled():
     x = torch.zeros(1, 3, 28, 28)
     fv = FlopCountAnalysis(am.model, x)
     fv.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
-    assert cx.run_fvcore(am.model, am.input_size).macs == fv.total()
+    assert complexity_tools.run_fvcore(am.model, am.input_size).macs == fv.total()
     pt_macs, pt_params = get_model_complexity_info(am.model, (3, 28, 28), as_strings=False, print_per_layer_stat=False)
-    res = cx.run_ptflops(am.model, am.input_size)
+    res = complexity_tools.run_ptflops(am.model, am.input_size)
     assert res.macs == pt_macs and res.params == pt_params
     thop_macs, _ = profile(am.model, inputs=(x,), verbose=False)
-    assert cx.run_thop(am.model, am.input_size).macs == thop_macs
+    assert complexity_tools.run_thop(am.model, am.input_size).macs == thop_macs
     assert not any("total_ops" in k for k in am.model.state_dict())    # thop's counters were removed
     rows = {r["module"]: r["macs"] for r in res.per_module}
     assert rows["features.0"] == 16 * 28 * 28 * 3 * 9              # conv without bias (BN follows)
@@ -89,7 +89,7 @@ def test_macs_are_the_tools_native_numbers_not_relabelled():
 
 
 def test_torchscan_chain_receptive_field_and_warning(capsys, tmp_path):
-    chain = cx.run_torchscan(analysis_model("custom", 10, (3, 28, 28)).model, (3, 28, 28))
+    chain = complexity_tools.run_torchscan(analysis_model("custom", 10, (3, 28, 28)).model, (3, 28, 28))
     assert chain.extra["single_chain"] and not any("single chain" in w for w in chain.warnings)
     assert chain.extra["chain_receptive_field"][-1]["rf"] == 22        # = the analytic field of FashionCNN's last map
     assert chain.extra["model_size_bytes"] > 0 and chain.extra["dmas"] > 0

@@ -30,8 +30,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from models import build_model, model_kwargs
 from utils.checkpoint import build_from_checkpoint, load_checkpoint
 from utils.data.augment import resolve_augment
+from utils.data.batch_augment import augment_batch, sample_params
 from utils.data.preprocess import Preprocess
-from utils.data.tensor_pipeline import TensorTrainLoader, augment_batch, sample_params
+from utils.data.tensor_pipeline import TensorTrainLoader
 from utils.evaluation.loop import evaluate
 from utils.precision import autocast, needs_grad_scaler
 from utils.training.ema import ModelEMA, ema_decay

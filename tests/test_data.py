@@ -14,7 +14,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
 from utils import cli
-from utils.data.datasets import FASHION_MNIST_CLASSES, CheckedImageFolder, DataSpec, build_datasets, folder_splits
+from utils.data.datasets import CheckedImageFolder, DataSpec, build_datasets, folder_splits
+from utils.data.fashion_mnist import FASHION_MNIST_CLASSES
 from utils.data.preprocess import Preprocess, eval_transform
 from utils.errors import InputError
 
@@ -166,7 +167,7 @@ def test_missing_fashion_mnist_offline_names_the_folder_and_the_package(tmp_path
     offline = {"https_proxy": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9",
                "HTTP_PROXY": "http://127.0.0.1:9", "no_proxy": "", "NO_PROXY": ""}
     # point the Debian package location at an empty place, so the result does not depend on this machine's packages
-    code = ("import sys, pathlib, utils.data.datasets as d; d.DEBIAN_FASHION_MNIST = pathlib.Path(sys.argv.pop(1)); "
+    code = ("import sys, pathlib, utils.data.fashion_mnist as d; d.DEBIAN_FASHION_MNIST = pathlib.Path(sys.argv.pop(1)); "
             "import train; from utils import cli; cli.run(train.main)")
     proc = run_script("-c", code, str(tmp_path / "no_debian_package"), "--data_root", str(empty), "--path_to_save",
                       str(tmp_path / "out"), "--quiet", "--num_workers", "0", env=offline, timeout=300)

@@ -13,7 +13,7 @@ from conftest import assert_valid_png, make_fashion_root, run_script, synthetic_
 import eval as eval_script
 from models import build_model
 from utils.checkpoint import load_checkpoint
-from utils.data.datasets import FASHION_MNIST_CLASSES
+from utils.data.fashion_mnist import FASHION_MNIST_CLASSES
 from utils.errors import InputError
 
 REPORT_KEYS = {"model", "format", "engine", "weights", "dataset", "split", "num_images", "loss", "acc1", "acc5",

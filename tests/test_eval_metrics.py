@@ -10,7 +10,7 @@ import pytest
 from conftest import make_fashion_root, synthetic_fashion_images, write_idx
 
 import eval as eval_script
-from utils.data.datasets import FASHION_MNIST_CLASSES
+from utils.data.fashion_mnist import FASHION_MNIST_CLASSES
 from utils.evaluation.report import class_metrics_text
 
 

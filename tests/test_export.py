@@ -1,4 +1,4 @@
-"""export.py and utils/export.py: parity of every registry model, dynamic H/W, metadata, FP16, failure handling."""
+"""export.py and utils/deploy/export.py: parity of every registry model, dynamic H/W, metadata, FP16, failure handling."""
 
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ from PIL import Image
 from torchvision import transforms
 
 from utils.checkpoint import build_from_checkpoint, load_checkpoint
-from utils.data.datasets import FASHION_MNIST_CLASSES
+from utils.data.fashion_mnist import FASHION_MNIST_CLASSES
 from utils.data.preprocess import load_image
 from utils.deploy.export import export_artifact
 from utils.errors import InputError

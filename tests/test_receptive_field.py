@@ -27,6 +27,7 @@ import receptive_field
 import receptive_field_backprop
 from models import build_model
 from utils.analysis import receptive_field as rf
+from utils.analysis import rf_backprop, rf_fields, rf_trace
 from utils.errors import InputError
 
 
@@ -37,8 +38,8 @@ def on_meta(name: str, num_classes: int = 1000, **kwargs) -> nn.Module:
         return build_model(name, num_classes, **kwargs)
 
 
-def final(model: nn.Module, size=(3, 224, 224)) -> rf.LayerField:
-    report = rf.receptive_fields(model, size, device="meta")
+def final(model: nn.Module, size=(3, 224, 224)) -> rf_fields.LayerField:
+    report = rf_trace.receptive_fields(model, size, device="meta")
     assert report.final is not None
     return report.final
 
@@ -97,28 +98,28 @@ def test_mobilenet_v1_is_315():
         for cin, cout, s in cfg:
             layers += dw_sep(cin, cout, s)
         model = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(1024, 1000))
-    report = rf.receptive_fields(model, (3, 224, 224), device="meta")
+    report = rf_trace.receptive_fields(model, (3, 224, 224), device="meta")
     assert report.final.rf == (315, 315) and report.final.stride == (32, 32)
     assert report.output_is_global and report.covers_whole_image
 
 
 def test_global_operations_are_reported():
-    report = rf.receptive_fields(on_meta("resnet18"), (3, 224, 224), device="meta")
+    report = rf_trace.receptive_fields(on_meta("resnet18"), (3, 224, 224), device="meta")
     assert report.output_is_global and report.covers_whole_image
     assert "WHOLE 224x224 image" in report.summary()
 
-    se = rf.receptive_fields(on_meta("mobilenet_v3_small"), (3, 224, 224), device="meta")
+    se = rf_trace.receptive_fields(on_meta("mobilenet_v3_small"), (3, 224, 224), device="meta")
     assert se.output.global_from.startswith("features.1.block.1")   # the first squeeze-excitation
     assert se.final.global_from is not None and se.final.rf == (639, 639)
 
-    fashion = rf.receptive_fields(on_meta("custom", 10, img_size=28), (3, 28, 28), device="meta")
+    fashion = rf_trace.receptive_fields(on_meta("custom", 10, img_size=28), (3, 28, 28), device="meta")
     assert fashion.final.rf == (22, 22) and fashion.final.stride == (8, 8)
     assert fashion.output.global_from.startswith("classifier.1")   # the Linear on the flattened map
     assert fashion.covers_whole_image
 
 
 def test_group_norm_makes_the_field_global():
-    report = rf.receptive_fields(on_meta("resnet18", norm_type="GN"), (3, 64, 64), device="meta")
+    report = rf_trace.receptive_fields(on_meta("resnet18", norm_type="GN"), (3, 64, 64), device="meta")
     assert report.output.global_from.startswith("bn1")
 
 
@@ -136,7 +137,7 @@ class TwoPaths(nn.Module):
 
 
 def test_misaligned_paths_are_united_and_flagged():
-    report = rf.receptive_fields(TwoPaths(), (3, 16, 16))
+    report = rf_trace.receptive_fields(TwoPaths(), (3, 16, 16))
     out = report.output
     assert out.local[0].size == 4 and out.local[0].start == -2      # union [i-2, i+1]
     assert report.misaligned and "centres differ by 1 px" in report.misaligned[0]
@@ -146,13 +147,13 @@ def test_backprop_equals_analytic_field_chain_interior():
     """AlexNet's features at 320 px: the unit in the middle has its whole 195-px field inside the image."""
     torch.manual_seed(0)
     features = build_model("alexnet", 1000).features.eval()
-    report = rf.receptive_fields(features, (3, 320, 320))
+    report = rf_trace.receptive_fields(features, (3, 320, 320))
     local = report.output.local
     pixel = (4, 4)
-    assert rf.is_interior(local, pixel, (320, 320)) == (True, True)
-    grad = rf.input_gradient(rf.theoretical_model(features), torch.ones(1, 3, 320, 320), pixel)
-    box = rf.support_box(grad)
-    assert box == rf.analytic_box(local, pixel, (320, 320)) == (62, 62, 256, 256)
+    assert rf_backprop.is_interior(local, pixel, (320, 320)) == (True, True)
+    grad = rf_backprop.input_gradient(rf_backprop.theoretical_model(features), torch.ones(1, 3, 320, 320), pixel)
+    box = rf_backprop.support_box(grad)
+    assert box == rf_backprop.analytic_box(local, pixel, (320, 320)) == (62, 62, 256, 256)
     assert box[2] - box[0] + 1 == 195
 
 
@@ -211,6 +212,6 @@ def test_functional_ops_and_views_are_followed():
             y = F.pad(y, (1, 1, 1, 1))                               # explicit padding
             return F.avg_pool2d(y, 3, stride=1)
 
-    report = rf.receptive_fields(Net(), (3, 32, 32))
+    report = rf_trace.receptive_fields(Net(), (3, 32, 32))
     ax = report.output.local[0]
     assert (ax.size, ax.stride, ax.padding) == (8, 2, 3)

@@ -15,19 +15,16 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from torchvision.transforms import InterpolationMode
 
 from utils.data.augment import resolve_augment
-from utils.data.datasets import CheckedImageFolder, DataSpec, EvalTransform, build_datasets, build_transform, fashion_mnist
+from utils.data.batch_augment import AugmentParams, augment_batch, sample_crop_boxes, sample_erase_boxes, sample_params
+from utils.data.datasets import CheckedImageFolder, DataSpec, EvalTransform, build_datasets, build_transform
+from utils.data.fashion_mnist import fashion_mnist
 from utils.data.preprocess import Preprocess
 from utils.data.tensor_pipeline import (
-    AugmentParams,
     TensorEvalLoader,
     TensorTrainLoader,
-    augment_batch,
     build_tensor_loaders,
     choose_pipeline,
     eval_images_tensor,
-    sample_crop_boxes,
-    sample_erase_boxes,
-    sample_params,
     train_images_tensor,
 )
 from utils.errors import InputError

@@ -31,7 +31,8 @@ import fcn_resnet18
 import receptive_field_backprop
 import train
 from utils.checkpoint import build_from_checkpoint, load_checkpoint
-from utils.data.datasets import FASHION_MNIST_CLASSES, DataSpec, build_eval_dataset
+from utils.data.datasets import DataSpec, build_eval_dataset
+from utils.data.fashion_mnist import FASHION_MNIST_CLASSES
 from utils.evaluation.dashboard import tag_name
 from utils.tensorboard import add_graph, open_writer
 from utils.training.dashboard import HPARAMS, METRICS, evaluation_details, image_epochs

@@ -11,7 +11,7 @@ from conftest import assert_valid_png, run_script
 
 import train
 from models import build_model
-from utils.data.datasets import FASHION_MNIST_CLASSES
+from utils.data.fashion_mnist import FASHION_MNIST_CLASSES
 
 CKPT_KEYS = {"model_name", "num_classes", "classes", "preprocess", "model_kwargs", "augment", "epoch", "model", "optimizer", "scaler",
              "ema", "best_acc1", "step", "history", "args", "rng", "torch_version"}

@@ -18,8 +18,8 @@ from torch.utils.data import DataLoader, TensorDataset
 import train
 import utils.precision as precision
 from utils.data.augment import Augment, batch_mixing, resolve_augment
+from utils.data.batch_augment import augment_batch, padded_crop, sample_params
 from utils.data.preprocess import Preprocess
-from utils.data.tensor_pipeline import augment_batch, padded_crop, sample_params
 from utils.evaluation.loop import evaluate
 from utils.training.engine import TrainState, train_one_epoch
 from utils.training.schedule import WarmupSchedule
@@ -211,7 +211,8 @@ def test_eval_py_flip_tta_reports_the_tta_accuracy(tmp_path, trained_ckpt, fashi
                                  "--speed_repeats", "0", "--num_workers", "0", "--quiet", "--device", "cpu", "--tta", tta]) == 0
         reports[tta] = json.loads(out.read_text())
     from utils.checkpoint import build_from_checkpoint, load_checkpoint
-    from utils.data.datasets import EvalTransform, fashion_mnist
+    from utils.data.datasets import EvalTransform
+    from utils.data.fashion_mnist import fashion_mnist
 
     model, info = build_from_checkpoint(load_checkpoint(trained_ckpt))
     ds = fashion_mnist(fashion_root, False, EvalTransform(info.preprocess))

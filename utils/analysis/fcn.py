@@ -14,7 +14,7 @@ from torch import nn
 
 from models import pretrained_state_dict
 from models.fcn import FCNResNet18, fcn_from_resnet
-from utils.analysis.receptive_field import receptive_fields
+from utils.analysis.rf_trace import receptive_fields
 from utils.checkpoint import build_from_checkpoint, load_checkpoint
 from utils.data.preprocess import Preprocess, normalize, to_model_mode
 from utils.errors import InputError
@@ -110,7 +110,7 @@ def largest_region_box(score, threshold: float, centers_y, centers_x, stride: in
 
 
 def score_geometry(fcn: nn.Module, input_size: tuple[int, int, int]):
-    """Per-axis field of the score map for a (C, H, W) input (utils.analysis.receptive_field.AxisField pair):
+    """Per-axis field of the score map for a (C, H, W) input (utils.analysis.rf_fields.AxisField pair):
     unit i sees input pixels [start + i*stride, start + i*stride + size - 1]. Traced on a meta-device copy."""
     shadow = copy.deepcopy(fcn).to("meta")
     report = receptive_fields(shadow, input_size, device="meta")

@@ -41,7 +41,7 @@ from tqdm import tqdm
 from utils.data.preprocess import Preprocess, center_crop, load_image, resize_shorter
 from utils.data.tensor_pipeline import train_tensor_bytes
 from utils.errors import InputError
-from utils.io import TEMP_MARKER, atomic_path, atomic_write_text
+from utils.io import TEMP_MARKER, atomic_path, atomic_write_text, process_alive
 
 CACHE_VERSION = 2
 CACHE_MODES = ("auto", "off")
@@ -135,16 +135,6 @@ def _open_existing(path: Path, shape: tuple[int, ...]) -> np.ndarray | None:
     return images
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def remove_leftovers(cache_dir: Path, prefix: str, keep: Path) -> None:
     """Delete this split's outdated cache files (same kind, size and folder, another key) and temporary files of
     builds whose process is gone (killed with SIGKILL, so atomic_path could not remove them)."""
@@ -154,7 +144,7 @@ def remove_leftovers(cache_dir: Path, prefix: str, keep: Path) -> None:
             entry.unlink(missing_ok=True)
         elif name.startswith(".") and TEMP_MARKER in name:
             pid = name.rsplit(TEMP_MARKER, 1)[1].split(".", 1)[0]
-            if pid.isdigit() and not _pid_alive(int(pid)):
+            if pid.isdigit() and not process_alive(int(pid)):
                 entry.unlink(missing_ok=True)
 
 

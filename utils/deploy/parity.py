@@ -79,7 +79,8 @@ def real_images(pre: Preprocess, image_spec: list[str] | None = None, train_args
             return f"{len(paths)} real images from {val}", np.stack([preprocess_file(p, pre) for p in paths])
         return None
     if _fashion_mnist_test_present(data_root):
-        from utils.data.datasets import EvalTransform, fashion_mnist
+        from utils.data.datasets import EvalTransform
+        from utils.data.fashion_mnist import fashion_mnist
 
         ds = fashion_mnist(data_root, False, EvalTransform(pre))
         n = min(count, len(ds))
