@@ -144,6 +144,49 @@ def train_config(*argv: str, **values):
     return replace(TrainConfig(**vars(train.get_args_parser().parse_args(list(argv)))), **values)
 
 
+def script_module(script: str):
+    """A repository script (`train.py`, `benchmarks/bench_train.py`, ...) imported once into this process."""
+    import importlib
+    import importlib.util
+
+    if "/" not in script:
+        return importlib.import_module(script.removesuffix(".py"))
+    name = "script_" + script.replace("/", "_").removesuffix(".py")
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / script)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def run_main(script: str, *args: str, cwd: Path | None = None):
+    """Run a script's main(argv) in this process as `python script args...` runs it (through utils.cli.run: exit code,
+    one-line errors on stderr), for tests where the process boundary is not what is tested: no interpreter start and
+    torch import per call. Returns a CompletedProcess (returncode, stdout, stderr), like run_script."""
+    import contextlib
+    import io
+    import signal
+    import subprocess
+
+    from utils import cli
+
+    module = script_module(script)
+    out, err = io.StringIO(), io.StringIO()
+    sigterm = signal.getsignal(signal.SIGTERM)  # train.py installs its own handler
+    argv0, sys.argv = sys.argv, [script, *args]  # argparse names the program after sys.argv[0]
+    code = 0
+    with contextlib.chdir(cwd or ROOT), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            cli.run(lambda: module.main(list(args)))
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        finally:
+            signal.signal(signal.SIGTERM, sigterm)
+            sys.argv = argv0
+    return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())
+
+
 def run_script(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600):
     """Run a repository script in a fresh Python process; returns CompletedProcess with text output."""
     import subprocess

@@ -44,3 +44,15 @@ def test_reader_closing_the_pipe_is_not_a_traceback():
     assert proc.wait(timeout=60) == 0, err
     assert first.startswith(b"line 0 ")
     assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_run_main_in_process_gives_what_a_real_process_gives(tmp_path):
+    """The in-process runner the tests use where the process boundary is not what is tested: same exit code, same one
+    error line, same stdout as `python script ...`."""
+    from conftest import run_main, run_script
+
+    for args in (["eval.py", "--weights", str(tmp_path / "missing.pth")], ["train.py", "--batch_size", "0"],
+                 ["summarize_results.py", "--results_dir", str(tmp_path)]):
+        real, here = run_script(*args), run_main(*args)
+        assert (here.returncode, here.stdout, here.stderr) == (real.returncode, real.stdout, real.stderr), args
+        assert real.returncode == 2 and len(real.stderr.splitlines()) == 1
