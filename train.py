@@ -1,19 +1,13 @@
-"""Train an image classifier on Fashion-MNIST or an image folder.
+"""Train an image classifier on Fashion-MNIST or a folder of your own images.
 
 Examples:
   python train.py --model custom --img_size 28 --max_epoch 5 --batch_size 128
+  python train.py --config recipes/fashion_cnn_10min.yaml
   python train.py --model resnet18 --dataset path/to/folder --pretrained --fp16 --ema --tensorboard
   torchrun --nproc_per_node=2 train.py --model custom --img_size 28
 
-Writes <path_to_save>/<dataset>/<model>/ (or <model>-2, -3, ... when that exists: a run never overwrites another;
---name replaces <model>, --exist_ok reuses it) with best.pth, last.pth, classes.txt, args.json, results.csv and
-results.png, prints it first and last as "run_dir: <path>" and links <model>-latest to it; with --tensorboard, the
-run's dashboard under <log_dir>/<dataset>/<run dir name>/<time>/ (continued by --resume). An image folder without
-val/ is split (split.json); with --skip_bad_images, the files left out are listed in skipped_images.txt.
---resume continues a run from its last.pth, in that checkpoint's directory: the network (model, img_size, norm_type,
-small_input) and the augmentation come from the checkpoint, and a flag that contradicts them is an error; the
-dataset's classes must be the checkpoint's. --init_from CKPT starts a new run from a checkpoint's weights
-(fine-tuning, other classes allowed).
+Each run gets its own directory, <path_to_save>/<dataset>/<name>/ (best.pth, last.pth, args.json, results.csv,
+results.png), printed first and last as "run_dir: <path>"; --resume continues it from its last.pth.
 """
 
 from __future__ import annotations
@@ -44,7 +38,7 @@ from utils.errors import InputError
 from utils.evaluation.loop import TTA_CHOICES, evaluate
 from utils.precision import AMP_DTYPES, Precision, needs_grad_scaler, resolve_precision
 from utils.training.checkpointer import CheckpointSaver, ResumePoint, restore
-from utils.training.config import TrainConfig
+from utils.training.config import RUN_FIELDS, TrainConfig
 from utils.training.dashboard import TrainingDashboard, evaluation_details
 from utils.training.ema import ModelEMA
 from utils.training.engine import TrainState, train_one_epoch
@@ -62,119 +56,78 @@ INIT_FLAGS = ("model", "img_size", "norm_type", "small_input")  # --init_from's 
 
 
 def get_args_parser():
-    p = cli.parser(__doc__)
-    p.add_argument("-m", "--model", default="custom", choices=MODEL_NAMES, help="network to train")
-    p.add_argument("-p", "--pretrained", action="store_true",
-                   help="start from torchvision's ImageNet weights (head replaced; nothing frozen)")
-    p.add_argument("--freeze_backbone", action="store_true", help="train only the classification head")
-    p.add_argument("--norm_type", default="BN", choices=NORM_TYPES, help="normalisation layers: BatchNorm, GroupNorm or none")
-    p.add_argument("--img_size", type=cli.positive(), default=224,
-                   help="crop size fed to the network; eval resizes to img_size*256/224 then centre-crops")
-    p.add_argument("--small_input", default="auto", choices=["auto", "on", "off"],
-                   help="stride-1 stem (ResNet: 3x3 conv, no max-pool) for small images; auto = on when img_size <= 64")
-    p.add_argument("--augment", default="auto", choices=AUGMENT_CHOICES,
-                   help="training augmentation: seed = RandomResizedCrop(scale 0.8-1) + RandomRotation(15) + flip (the "
-                        "seed's recipe); light = flip only; none; auto = seed above 64 px, light at native sizes <= 64 px. "
-                        "Horizontal flips are wrong for digits, text and anything with a handedness: use none there "
-                        "(on a digits dataset flips cost 3.7 points of test acc@1); nothing is guessed from class names")
-    p.add_argument("--random_erasing", type=cli.in_range(0, 1), default=0.0, metavar="P",
-                   help="RandomErasing probability added to the policy (timm's --reprob; 0 = off)")
-    p.add_argument("--random_crop_padding", type=cli.non_negative(), default=0, metavar="P",
-                   help="CIFAR-style translation added to the policy: pad by P black pixels, crop img_size at a random "
-                        "offset (RandomCrop(img_size, padding=P); 0 = off; 2-4 suits 28-32 px images)")
-    p.add_argument("--auto_augment", default="none", choices=AUTO_AUGMENT_CHOICES,
-                   help="torchvision policy applied to each image after the geometry: ra = RandAugment, ta_wide = "
-                        "TrivialAugmentWide, augmix = AugMix, autoaugment = AutoAugment (ImageNet policy); each image draws "
-                        "its own operations, in both data pipelines")
-    p.add_argument("--mixup_alpha", type=cli.non_negative(float), default=0.0,
-                   help="Mixup on batches with Beta(alpha, alpha) weights (0 = off; 0.2 is common)")
-    p.add_argument("--cutmix_alpha", type=cli.non_negative(float), default=0.0,
-                   help="CutMix on batches (0 = off; 1.0 is common); with --mixup_alpha too, each batch uses one of the two. "
-                        "With either, the loss uses the mixed soft targets and train acc@1 counts predictions of the label "
-                        "with the larger mixing weight")
-    cli.add_data_args(p)
-    p.add_argument("--wp_epoch", type=cli.non_negative(), default=1, help="warm-up epochs (LR rises linearly per iteration)")
-    p.add_argument("--start_epoch", type=cli.non_negative(), default=None,
-                   help="epoch to start at (default: 0, or the one after the checkpoint's with --resume)")
-    p.add_argument("--max_epoch", type=cli.positive(), default=10,
-                   help="total number of epochs (with --time_budget: the planned length until the first epoch is timed)")
-    p.add_argument("--time_budget", type=cli.non_negative(float), default=0.0, metavar="MINUTES",
-                   help="train for this wall-clock budget: after the first epoch the run fixes its number of epochs so it "
-                        "ends inside the budget, and fits the LR schedule to them (0 = off: --max_epoch decides)")
-    p.add_argument("--patience", type=cli.non_negative(), default=0, metavar="N",
-                   help="stop when validation acc@1 has not improved for N evaluations (best.pth keeps the best; 0 = off)")
-    p.add_argument("--eval_epoch", type=cli.positive(), default=1, help="validate every N epochs (and after the last)")
-    p.add_argument("--tta", default="none", choices=TTA_CHOICES,
-                   help="flip: after training, validate the final weights once more with the logits averaged over the "
-                        "image and its horizontal mirror (shown, and added to the last results.csv row as *_tta)")
-    p.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS, help="optimizer")
-    p.add_argument("--base_lr", type=cli.positive(float), default=3e-3,
-                   help="peak learning rate after warm-up (3e-3 suits AdamW at batch 64-256; for SGD try 0.1)")
-    p.add_argument("--sched", default="cosine", choices=SCHEDULES,
-                   help="LR schedule per step after the warm-up: cosine or linear decay to --min_lr; onecycle = the curve of "
-                        "torch's OneCycleLR (rises from base_lr/25 over the --wp_epoch warm-up, falls to --min_lr)")
-    p.add_argument("--min_lr", type=cli.non_negative(float), default=1e-6, help="learning rate at the end of the decay")
-    p.add_argument("--weight_decay", type=cli.non_negative(float), default=5e-2,
-                   help="weight decay (not applied to biases and norm layers)")
-    p.add_argument("--momentum", type=cli.in_range(0, 1, high_open=True), default=0.9, help="SGD momentum (beta1 for Adam/AdamW)")
-    p.add_argument("--accumulation", type=cli.positive(), default=1,
-                   help="micro-batches per optimizer step (effective batch = batch_size * accumulation)")
-    p.add_argument("--val_fraction", type=cli.in_range(0, 1, low_open=True, high_open=True), default=0.1,
-                   help="a --dataset without val/ (or test/), i.e. only class folders or train/ only, is split per class "
-                        "(stratified, fixed by --seed): this share of each class's images is held out for validation "
-                        "(at least one per class on each side); the file lists go to split.json and the checkpoints")
-    p.add_argument("--class_weights", default="none", choices=CLASS_WEIGHTS,
-                   help="balanced: weight the training loss of each class by n_images / (n_classes * its count) "
-                        "(scikit-learn's 'balanced'), for imbalanced folders; validation loss stays unweighted")
-    p.add_argument("--sampler", default="random", choices=SAMPLERS,
-                   help="balanced: draw training images with replacement so that every class is equally likely in each "
-                        "epoch (WeightedRandomSampler, weights 1/class count; per process under torchrun); random: each "
-                        "image once per epoch")
-    p.add_argument("--label_smoothing", type=cli.in_range(0, 1, high_open=True), default=0.0, help="cross-entropy label smoothing")
-    p.add_argument("--clip_grad", type=cli.non_negative(float), default=0.0, help="clip the gradient norm to this value (0 = off)")
-    p.add_argument("--ema", action="store_true", help="keep an EMA of the weights; validation and best.pth use it")
-    p.add_argument("--ema_decay", type=cli.in_range(0, 1), default=0.9999, help="EMA decay (warmed up as decay*(1-exp(-step/2000)))")
-    p.add_argument("--fp16", action="store_true",
-                   help="mixed precision: float16 autocast + GradScaler on CUDA; bfloat16 autocast on CPUs with native bf16 "
-                        "(AVX-512 BF16 or AMX); on other CPUs it falls back to float32 with a warning (emulated bf16 is "
-                        "several times slower)")
-    p.add_argument("--amp_dtype", default="auto", choices=AMP_DTYPES,
-                   help="autocast dtype with --fp16 (auto = float16 on CUDA, bfloat16 on CPU); bfloat16 forces bf16 even "
-                        "where the CPU emulates it")
-    p.add_argument("--channels_last", action="store_true", help="NHWC memory format (faster convolutions on AMX CPUs and tensor cores)")
-    p.add_argument("--data_pipeline", default="auto", choices=["auto", "pil", "tensor"],
-                   help="tensor = dataset held as one uint8 tensor, augmented in batches on --device (same recipe, much "
-                        "faster on CPUs); pil = per-image PIL transforms in DataLoader workers; auto = tensor when the "
-                        "images share one size and fit in memory (Fashion-MNIST always) or an image folder goes through "
-                        "the decode-once cache (--cache auto), else pil")
-    cli.add_cache_args(p)
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the model (first epoch pays minutes of compilation; see benchmarks/README.md)")
-    p.add_argument("--cuda", action="store_true", help="require CUDA (error if there is no GPU)")
-    cli.add_device_arg(p)
-    p.add_argument("--seed", type=cli.non_negative(), default=42,
-                   help="random seed (each epoch is seeded from it, so resumed runs repeat exactly)")
-    p.add_argument("-r", "--resume", default=None, metavar="CKPT",
-                   help="continue from a last.pth (model, optimizer, EMA, RNG, epoch; the network's flags come from it)")
-    p.add_argument("--init_from", default=None, metavar="CKPT",
-                   help="fine-tune: start a new run from a checkpoint's weights only (no optimizer, epoch or schedule); "
-                        "every tensor whose name and shape fit is loaded, the classification head is new when the "
-                        "dataset's classes differ from the checkpoint's; the network flags (model, img_size, norm_type, "
-                        "small_input) default to the checkpoint's")
-    p.add_argument("--path_to_save", default="weights",
-                   help="runs go to <path_to_save>/<dataset>/<name>/, or <name>-2, -3, ... when that exists (a run never "
-                        "overwrites another); the chosen directory is printed first and last as 'run_dir: <path>', and "
-                        "<name>-latest links to the newest run with a checkpoint")
-    p.add_argument("--name", type=check_run_name, default=None,
-                   help="the run directory's name (default: the model name); numbered like the default when it exists")
-    p.add_argument("--exist_ok", action="store_true",
-                   help="reuse <path_to_save>/<dataset>/<name>/ even when an earlier run is there (its files are replaced "
-                        "as this run writes its own, from the end of the first epoch on)")
-    p.add_argument("--tensorboard", action="store_true",
-                   help="log the run's dashboard (scalars, HParams, confusion matrix, mistakes, PR curves, graph) under --log_dir")
-    p.add_argument("--log_dir", default="logs", help="TensorBoard root: logs go to <log_dir>/<dataset>/<run dir name>/<time>/")
-    p.add_argument("--log_every", type=cli.positive(), default=50, help="training iterations per TensorBoard step point")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p = cli.parser(__doc__, epilog="The manual, with every flag explained: docs/training.md", grouped=True)
+    cli.add_config_arg(p)
+    g = p.add_argument_group("model")
+    g.add_argument("-m", "--model", default="custom", choices=MODEL_NAMES, metavar="NAME",
+                   help="network: custom (FashionCNN), resnet9, resnet18-152, mobilenet_v2/v3_small/v3_large, efficientnet_b0")
+    g.add_argument("-p", "--pretrained", action="store_true", help="start from torchvision's ImageNet weights (new head)")
+    g.add_argument("--freeze_backbone", action="store_true", help="train only the classification head")
+    g.add_argument("--norm_type", default="BN", choices=NORM_TYPES, help="normalisation layers: BatchNorm, GroupNorm or none")
+    g.add_argument("--img_size", type=cli.positive(), default=224, help="crop size fed to the network, in pixels")
+    g.add_argument("--small_input", default="auto", choices=["auto", "on", "off"],
+                   help="stride-1 stem for small images; auto = on when img_size <= 64")
+    g = p.add_argument_group("augmentation and regularisation")
+    g.add_argument("--augment", default="auto", choices=AUGMENT_CHOICES,
+                   help="policy: seed = crop + rotate + flip, light = flip, none; auto = seed above 64 px, else light")
+    g.add_argument("--random_erasing", type=cli.in_range(0, 1), default=0.0, metavar="P", help="RandomErasing probability")
+    g.add_argument("--random_crop_padding", type=cli.non_negative(), default=0, metavar="P",
+                   help="pad by P px and crop back at a random offset (0 = off)")
+    g.add_argument("--auto_augment", default="none", choices=AUTO_AUGMENT_CHOICES,
+                   help="torchvision policy per image: RandAugment, TrivialAugmentWide, AugMix or AutoAugment")
+    g.add_argument("--mixup_alpha", type=cli.non_negative(float), default=0.0, help="Mixup Beta(alpha, alpha) (0 = off)")
+    g.add_argument("--cutmix_alpha", type=cli.non_negative(float), default=0.0, help="CutMix Beta(alpha, alpha) (0 = off)")
+    g.add_argument("--label_smoothing", type=cli.in_range(0, 1, high_open=True), default=0.0, help="cross-entropy label smoothing")
+    g.add_argument("--ema", action="store_true", help="keep an EMA of the weights; validation and best.pth use it")
+    g.add_argument("--ema_decay", type=cli.in_range(0, 1), default=0.9999, help="EMA decay (warmed up over the first steps)")
+    g = cli.add_data_args(p)
+    g.add_argument("--val_fraction", type=cli.in_range(0, 1, low_open=True, high_open=True), default=0.1,
+                   help="share of each class held out when a folder has no val/")
+    g.add_argument("--class_weights", default="none", choices=CLASS_WEIGHTS,
+                   help="balanced: weight the loss of each class by n / (classes x count)")
+    g.add_argument("--sampler", default="random", choices=SAMPLERS,
+                   help="balanced: draw every class equally often (with replacement)")
+    g = p.add_argument_group("optimisation and schedule")
+    g.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS, help="optimizer")
+    g.add_argument("--base_lr", type=cli.positive(float), default=3e-3, help="peak learning rate (try 0.1 with SGD)")
+    g.add_argument("--sched", default="cosine", choices=SCHEDULES, help="LR decay after the warm-up")
+    g.add_argument("--min_lr", type=cli.non_negative(float), default=1e-6, help="learning rate at the end of the decay")
+    g.add_argument("--wp_epoch", type=cli.non_negative(), default=1, help="warm-up epochs (linear, per step)")
+    g.add_argument("--weight_decay", type=cli.non_negative(float), default=5e-2, help="weight decay (not on biases and norms)")
+    g.add_argument("--momentum", type=cli.in_range(0, 1, high_open=True), default=0.9, help="SGD momentum (Adam's beta1)")
+    g.add_argument("--accumulation", type=cli.positive(), default=1, help="micro-batches per optimizer step")
+    g.add_argument("--clip_grad", type=cli.non_negative(float), default=0.0, help="clip the gradient norm (0 = off)")
+    g = p.add_argument_group("length and evaluation")
+    g.add_argument("--max_epoch", type=cli.positive(), default=10, help="number of epochs")
+    g.add_argument("--start_epoch", type=cli.non_negative(), default=None,
+                   help="epoch to start at (default: 0, or the checkpoint's next with --resume)")
+    g.add_argument("--time_budget", type=cli.non_negative(float), default=0.0, metavar="MINUTES",
+                   help="fit the number of epochs to this wall-clock budget (0 = off)")
+    g.add_argument("--patience", type=cli.non_negative(), default=0, metavar="N",
+                   help="stop when val acc@1 has not improved for N evaluations (0 = off)")
+    g.add_argument("--eval_epoch", type=cli.positive(), default=1, help="validate every N epochs (and after the last)")
+    g.add_argument("--tta", default="none", choices=TTA_CHOICES, help="flip: validate the final weights once more with flip TTA")
+    g = p.add_argument_group("precision and speed")
+    g.add_argument("--fp16", action="store_true", help="mixed precision: fp16 on CUDA, bf16 on CPUs with native bf16")
+    g.add_argument("--amp_dtype", default="auto", choices=AMP_DTYPES, help="autocast dtype with --fp16")
+    g.add_argument("--channels_last", action="store_true", help="NHWC memory format")
+    g.add_argument("--data_pipeline", default="auto", choices=["auto", "pil", "tensor"],
+                   help="tensor: augment whole batches from memory; pil: per-image PIL workers; auto: tensor when it fits")
+    cli.add_cache_args(g)
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--cuda", action="store_true", help="require CUDA (error if there is no GPU)")
+    cli.add_device_arg(g)
+    g.add_argument("--seed", type=cli.non_negative(), default=42, help="random seed (each epoch reseeded from it)")
+    g = p.add_argument_group("run directory and outputs")
+    g.add_argument("-r", "--resume", default=None, metavar="CKPT", help="continue a run from its last.pth")
+    g.add_argument("--init_from", default=None, metavar="CKPT", help="fine-tune: start a new run from a checkpoint's weights")
+    g.add_argument("--path_to_save", default="weights", help="runs go to <path_to_save>/<dataset>/<name>/")
+    g.add_argument("--name", type=check_run_name, default=None, help="run directory name (default: the model name)")
+    g.add_argument("--exist_ok", action="store_true", help="reuse an existing run directory instead of numbering a new one")
+    g.add_argument("--tensorboard", action="store_true", help="log the run's dashboard under --log_dir")
+    g.add_argument("--log_dir", default="logs", help="TensorBoard root")
+    g.add_argument("--log_every", type=cli.positive(), default=50, help="training iterations per TensorBoard point")
+    cli.add_quiet_arg(g)
     return p
 
 
@@ -185,15 +138,18 @@ def raise_keyboard_interrupt(signum, frame) -> None:
 def main(argv=None) -> int:
     parser = get_args_parser()
     args = parser.parse_args(argv)
-    if args.init_from and (args.resume or args.pretrained):
-        raise InputError(f"--init_from starts a new run from a checkpoint's weights: drop {'--resume' if args.resume else '--pretrained'}")
-    flags = vars(args)
-    ckpt = load_checkpoint(args.resume) if args.resume else None
+    explicit = cli.explicit_dests(parser, argv)
+    recipe = cli.config_values(parser, args.config, explicit, ignore=RUN_FIELDS)
+    flags = {**vars(args), **recipe}
+    explicit |= set(recipe)  # a recipe's values count as given: --resume/--init_from must not silently replace them
+    if flags["init_from"] and (flags["resume"] or flags["pretrained"]):
+        drop = "--resume" if flags["resume"] else "--pretrained"
+        raise InputError(f"--init_from starts a new run from a checkpoint's weights: drop {drop}")
+    ckpt = load_checkpoint(flags["resume"]) if flags["resume"] else None
     if ckpt is not None:
-        flags.update(checkpoint_flags(ckpt, NETWORK_FLAGS, flags, cli.explicit_dests(parser, argv)))
-    init = load_checkpoint(args.init_from) if args.init_from else None
+        flags.update(checkpoint_flags(ckpt, NETWORK_FLAGS, flags, explicit))
+    init = load_checkpoint(flags["init_from"]) if flags["init_from"] else None
     if init is not None:
-        explicit = cli.explicit_dests(parser, argv)
         saved = {**(init.get("args") or {}), "model": init["model_name"]}
         flags.update({key: saved[key] for key in INIT_FLAGS if key in saved and key not in explicit})
     cfg = TrainConfig(**flags)

@@ -56,3 +56,16 @@ def test_run_main_in_process_gives_what_a_real_process_gives(tmp_path):
         real, here = run_script(*args), run_main(*args)
         assert (here.returncode, here.stdout, here.stderr) == (real.returncode, real.stdout, real.stderr), args
         assert real.returncode == 2 and len(real.stderr.splitlines()) == 1
+
+
+def test_train_help_is_grouped_short_and_names_the_manual():
+    import train
+
+    p = train.get_args_parser()
+    groups = {g.title: [a.dest for a in g._group_actions] for g in p._action_groups if g._group_actions}
+    assert {"model", "augmentation and regularisation", "data", "optimisation and schedule", "length and evaluation",
+            "precision and speed", "run directory and outputs"} <= set(groups)
+    assert len(groups["options"]) <= 2, groups["options"]  # --help and --config; every other flag sits in a group
+    long = [(a.dest, len(a.help)) for a in p._actions if len(a.help) > 120]
+    assert not long, f"help texts over 120 characters: {long}"
+    assert "docs/training.md" in p.format_help()

@@ -23,13 +23,19 @@ class OneLineErrorParser(argparse.ArgumentParser):
         self.exit(2, f"error: {' '.join(message.split())} (see: {self.prog} --help)\n")
 
 
-def parser(description: str) -> argparse.ArgumentParser:
-    return OneLineErrorParser(description=description, formatter_class=HelpFormatter)
+def parser(description: str, epilog: str | None = None, grouped: bool = False) -> argparse.ArgumentParser:
+    """A script's parser. grouped: the usage line stays one line and points to the groups below (timm's style)."""
+    usage = "%(prog)s [-h] [--config FILE] [options]  (options by group below)" if grouped else None
+    return OneLineErrorParser(description=description, epilog=epilog, usage=usage, formatter_class=HelpFormatter)
 
 
-def add_device_arg(p: argparse.ArgumentParser, default: str = "auto") -> None:
+def add_device_arg(p, default: str = "auto") -> None:
     p.add_argument("--device", default=default, choices=["auto", "cpu", "cuda"],
                    help="where to run: auto = CUDA when available, else CPU")
+
+
+def add_quiet_arg(p) -> None:
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def add_model_override_arg(p: argparse.ArgumentParser) -> None:
@@ -38,40 +44,30 @@ def add_model_override_arg(p: argparse.ArgumentParser) -> None:
 
 
 def add_data_args(p: argparse.ArgumentParser, *, batch_size: int = 64, num_workers: int = 2,
-                  from_checkpoint: bool = False) -> None:
-    """--dataset, --data_root, --batch_size, --num_workers. from_checkpoint: the defaults are the data the
-    checkpoint was trained on (quantize.py, benchmarks) instead of Fashion-MNIST under data/."""
-    where = "default: the checkpoint's dataset" if from_checkpoint else "default: Fashion-MNIST"
-    p.add_argument("--dataset", default=None, metavar="PATH",
-                   help=f"image-folder dataset with train/ and val/ (or test/) holding one folder per class; {where}")
-    p.add_argument("--data_root", default=None if from_checkpoint else "data",
-                   help="where Fashion-MNIST lives (<data_root>/FashionMNIST/raw/) or is downloaded to"
-                        + ("; default: the checkpoint's" if from_checkpoint else ""))
-    p.add_argument("--skip_bad_images", action="store_true",
-                   help="image folders: leave out the files Pillow cannot read (listed on stderr) instead of stopping with "
-                        "that list (exit 2)")
-    p.add_argument("--batch_size", type=positive(), default=batch_size, help="images per batch (per process under torchrun)")
-    p.add_argument("--num_workers", type=non_negative(), default=num_workers,
-                   help="DataLoader worker processes (0 = load in the main process)")
+                  from_checkpoint: bool = False):
+    """The "data" group: --dataset, --data_root, --skip_bad_images, --batch_size, --num_workers (returned, so a script
+    adds its own data flags to it). from_checkpoint: the defaults are the data the checkpoint was trained on
+    (quantize.py, benchmarks) instead of Fashion-MNIST under data/."""
+    g = p.add_argument_group("data")
+    where = "the checkpoint's" if from_checkpoint else "Fashion-MNIST"
+    g.add_argument("--dataset", default=None, metavar="PATH",
+                   help=f"image folder: train/ and val/ (or only class folders) of one folder per class; default: {where}")
+    g.add_argument("--data_root", default=None if from_checkpoint else "data",
+                   help="Fashion-MNIST's root (<data_root>/FashionMNIST/raw/)" + ("; default: the checkpoint's" if from_checkpoint else ""))
+    g.add_argument("--skip_bad_images", action="store_true", help="leave out unreadable images (listed) instead of stopping")
+    g.add_argument("--batch_size", type=positive(), default=batch_size, help="images per batch (per process under torchrun)")
+    g.add_argument("--num_workers", type=non_negative(), default=num_workers, help="DataLoader worker processes (0 = none)")
+    return g
 
 
-def add_cache_args(p: argparse.ArgumentParser) -> None:
+def add_cache_args(p) -> None:
     """--cache and --cache_dir: the decode-once image cache of image folders (utils/data/cache.py)."""
     p.add_argument("--cache", default="auto", choices=["auto", "off"],
-                   help="decode-once cache for image folders: the first run decodes every image once (shorter side to "
-                        "the eval resize, img_size*256/224, and its central square; val: the exact eval crop), stores the "
-                        "uint8 pixels in a memory-mapped .npy under --cache_dir, and every epoch and later run reads them "
-                        "and augments in batches with the tensor pipeline (on the GPU when training there). Rebuilt "
-                        "when any file is added, removed, replaced or touched. auto = use it for image folders (GPU or CPU: "
-                        "benchmarks/bench_photos.py measured it faster than the PIL workers at every size on 2 CPU cores, "
-                        "4.2x for FashionCNN at 64 px; README table), unless --data_pipeline pil, the images already share one size no "
-                        "larger than the cached one, or the files would take more than half the free disk; off = never "
-                        "(Fashion-MNIST never needs it)")
-    p.add_argument("--cache_dir", default="data/.cache", metavar="DIR",
-                   help="where the cache files live (safe to delete; a run rebuilds what it needs)")
+                   help="decode image folders once into a memory-mapped uint8 cache (auto: when it pays)")
+    p.add_argument("--cache_dir", default="data/.cache", metavar="DIR", help="where cache files live (safe to delete)")
 
 
-def add_tensorboard_args(p: argparse.ArgumentParser, what: str, where: str) -> None:
+def add_tensorboard_args(p, what: str, where: str) -> None:
     """--tensorboard and --log_dir for scripts that log `what` to TensorBoard under <log_dir>/`where`/."""
     p.add_argument("--tensorboard", action="store_true", help=f"also log {what} to TensorBoard under <log_dir>/{where}/")
     p.add_argument("--log_dir", default="logs", help="TensorBoard root (serve it with: tensorboard --logdir logs --port 6006)")
@@ -80,10 +76,91 @@ def add_tensorboard_args(p: argparse.ArgumentParser, what: str, where: str) -> N
 def explicit_dests(p: argparse.ArgumentParser, argv: Sequence[str] | None) -> set[str]:
     """The destinations of the flags actually given on the command line (not left at their defaults)."""
     probe = copy.deepcopy(p)
+    probe._defaults.clear()
     for action in probe._actions:
         action.default = argparse.SUPPRESS
         action.required = False
     return set(vars(probe.parse_args(argv)))
+
+
+def add_config_arg(p) -> None:
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="a YAML recipe or a run's args.json: its values replace the defaults, flags given here win")
+
+
+def config_values(p: argparse.ArgumentParser, path: str | None, explicit: set[str], ignore: Sequence[str] = ()) -> dict:
+    """The values of a --config file (YAML, or JSON such as a run's args.json) for the flags not given on the command
+    line (`explicit`), each checked by the flag's own type and choices, so a file gets the command line's checks.
+    Keys in `ignore` (what a run records besides its flags) are skipped; an unknown key or a bad value is one line
+    naming the key."""
+    if not path:
+        return {}
+    where = f"--config {path}"
+    try:
+        text = open(path, encoding="utf-8").read()
+    except OSError as e:
+        raise InputError(f"{where}: cannot read it ({e.strerror or e})") from None
+    try:
+        if path.endswith(".json"):
+            import json
+
+            data = json.loads(text)
+        else:
+            import yaml  # PyYAML, only for YAML recipes
+
+            data = yaml.safe_load(text)
+    except ValueError as e:  # json.JSONDecodeError
+        raise InputError(f"{where}: not valid JSON ({e})") from None
+    except Exception as e:  # yaml.YAMLError: its message spans lines
+        raise InputError(f"{where}: not valid YAML ({' '.join(str(e).split())})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise InputError(f"{where}: expected a mapping of flag names to values (img_size: 28), got {type(data).__name__}")
+    actions = {a.dest: a for a in p._actions if a.option_strings and a.dest != "help"}
+    out = {}
+    for key, value in data.items():
+        if key in ignore or key == "config":
+            continue
+        action = actions.get(key)
+        if action is None:
+            import difflib
+
+            close = difflib.get_close_matches(str(key), actions, n=1)
+            raise InputError(f"{where}: unknown key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                             + f"; the keys are the flag names of {p.prog} --help without the dashes")
+        if key not in explicit:
+            out[key] = _config_value(action, value, f"{where}: {key}")
+    return out
+
+
+def _config_value(action: argparse.Action, value, where: str):
+    """One config value through the flag's own checks (type, choices; true/false for switches)."""
+    if value is None:
+        if action.default is not None:
+            raise InputError(f"{where}: has no value; give one or leave the key out (default {action.default!r})")
+        return None
+    if action.nargs == 0:  # store_true switches
+        if not isinstance(value, bool):
+            raise InputError(f"{where}: must be true or false, got {value!r}")
+        return value
+    if action.nargs in ("+", "*") or isinstance(action.nargs, int):
+        values = value if isinstance(value, list) else [value]
+        return [_check_scalar(action, v, where) for v in values]
+    return _check_scalar(action, value, where)
+
+
+def _check_scalar(action: argparse.Action, value, where: str):
+    if isinstance(value, (dict, list)):
+        raise InputError(f"{where}: must be a single value, got {value!r}")
+    text = str(value).lower() if isinstance(value, bool) else str(value)
+    try:
+        converted = action.type(text) if action.type is not None else text
+    except (argparse.ArgumentTypeError, ValueError, TypeError) as e:
+        raise InputError(f"{where}: {e}") from None
+    if action.choices is not None and converted not in action.choices:
+        raise InputError(f"{where}: {value!r} is not one of {', '.join(map(str, action.choices))}")
+    return converted
 
 
 def resolve_device(choice: str, require_cuda: bool = False):

@@ -19,7 +19,8 @@ RUN_FIELDS = ("data_used", "tensorboard_dir")
 class TrainConfig:
     """One training run's settings (field names are train.py's flag names; see `python train.py --help`)."""
 
-    # network
+    config: str | None  # the --config file the values came from (YAML recipe or a run's args.json)
+    # model
     model: str
     pretrained: bool
     freeze_backbone: bool
@@ -33,35 +34,35 @@ class TrainConfig:
     auto_augment: str
     mixup_alpha: float
     cutmix_alpha: float
+    label_smoothing: float
+    ema: bool
+    ema_decay: float
     # data
     dataset: str | None
     data_root: str
     skip_bad_images: bool
     batch_size: int
     num_workers: int
-    # length and schedule
-    wp_epoch: int
-    start_epoch: int | None
-    max_epoch: int
-    time_budget: float
-    patience: int
-    eval_epoch: int
-    tta: str
-    # optimisation
+    val_fraction: float
+    class_weights: str
+    sampler: str
+    # optimisation and schedule
     optimizer: str
     base_lr: float
     sched: str
     min_lr: float
+    wp_epoch: int
     weight_decay: float
     momentum: float
     accumulation: int
-    val_fraction: float
-    class_weights: str
-    sampler: str
-    label_smoothing: float
     clip_grad: float
-    ema: bool
-    ema_decay: float
+    # length and evaluation
+    max_epoch: int
+    start_epoch: int | None
+    time_budget: float
+    patience: int
+    eval_epoch: int
+    tta: str
     # precision and speed
     fp16: bool
     amp_dtype: str
