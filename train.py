@@ -102,7 +102,7 @@ def get_args_parser():
     g.add_argument("--start_epoch", type=cli.non_negative(), default=None,
                    help="epoch to start at (default: 0, or the checkpoint's next with --resume)")
     g.add_argument("--time_budget", type=cli.non_negative(float), default=0.0, metavar="MINUTES",
-                   help="fit the number of epochs to this wall-clock budget (0 = off)")
+                   help="train fewer epochs than --max_epoch if needed to end inside this wall-clock budget (0 = off)")
     g.add_argument("--patience", type=cli.non_negative(), default=0, metavar="N",
                    help="stop when val acc@1 has not improved for N evaluations (0 = off)")
     g.add_argument("--eval_epoch", type=cli.positive(), default=1, help="validate every N epochs (and after the last)")
@@ -171,6 +171,7 @@ def main(argv=None) -> int:
         return train(cfg, ckpt, init, spec, run, device, rank, world)
     finally:
         if is_main_process():
+            run.release()
             run.discard_if_empty()  # a run that failed before writing anything leaves no empty directory
 
 

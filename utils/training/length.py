@@ -1,5 +1,6 @@
-"""How long a run trains (Ultralytics' `time=` and `patience=`): --max_epoch, or a --time_budget that fixes the number
-of epochs once the first epoch has been timed, and --patience, which stops when validation acc@1 stops improving."""
+"""How long a run trains (Ultralytics' `time=` and `patience=`): --max_epoch, shortened by a --time_budget once the
+first epoch has been timed (a budget never lengthens a run), and --patience, which stops when validation acc@1 stops
+improving."""
 
 from __future__ import annotations
 
@@ -35,12 +36,16 @@ class TrainingLength:
         if not self.fixed:
             seconds = all_reduce_sum([epoch_seconds], self.device)[0] / world_size()  # the same on every rank
             fits = int(self.budget_s // max(seconds, 1e-9))
-            self.max_epoch = max(epoch, self.start_epoch + fits)
-            scheduler.set_length(self.max_epoch)
-            scheduler.seek(step)
+            planned, self.max_epoch = self.max_epoch, min(self.max_epoch, max(epoch, self.start_epoch + fits))
             self.fixed = True
-            self.log(f"time budget {self.budget_s / 60:g} min: epoch {epoch} took {seconds:.3f} s, so the run trains "
-                     f"{self.max_epoch} epochs in all (LR schedule fitted to them)")
+            if self.max_epoch == planned:
+                self.log(f"time budget {self.budget_s / 60:g} min: epoch {epoch} took {seconds:.3f} s, so all "
+                         f"{planned} epochs of --max_epoch fit (the budget only shortens a run)")
+            else:
+                scheduler.set_length(self.max_epoch)
+                scheduler.seek(step)
+                self.log(f"time budget {self.budget_s / 60:g} min: epoch {epoch} took {seconds:.3f} s, so the run trains "
+                         f"{self.max_epoch} of the {planned} epochs of --max_epoch (LR schedule fitted to them)")
         if val_acc1 is not None and self.patience > 0:
             if val_acc1 > self.best:
                 self.best, self.stale = val_acc1, 0

@@ -1,0 +1,56 @@
+"""Who owns a run directory, and how long a run lasts: one run at a time per directory (a lock a killed run does not
+leave stuck); a --time_budget only ever shortens a run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from conftest import ROOT, run_main
+
+FAST = ["--model", "custom", "--img_size", "16", "--batch_size", "64", "--num_workers", "0", "--quiet", "--device", "cpu"]
+
+
+def test_a_second_run_into_a_directory_in_use_is_refused_and_a_killed_run_does_not_leave_it_locked(tmp_path, fashion_root):
+    out = tmp_path / "runs"
+    args = ["--data_root", str(fashion_root), "--path_to_save", str(out), "--name", "shared", "--exist_ok", *FAST]
+    run_dir = out / "FashionMNIST" / "shared"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), MPLBACKEND="Agg", OMP_NUM_THREADS="1")
+    first = subprocess.Popen([sys.executable, "train.py", *args, "--max_epoch", "500"], cwd=ROOT, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert first.stdout.readline().strip() == f"run_dir: {run_dir}"  # it holds the directory from here on
+        while not first.stdout.readline().startswith("epoch 1/500"):  # until its first last.pth is written
+            assert first.poll() is None
+        in_use = [f"error: {run_dir} is in use by a run that is still going (pid {first.pid}); fix: wait for it to end, or "
+                  "choose another --name (without --exist_ok a new run never reuses a directory)"]
+        before = (run_dir / "args.json").read_bytes()
+        second = run_main("train.py", *args, "--max_epoch", "1")
+        assert second.returncode == 2 and second.stderr.splitlines() == in_use, second.stdout + second.stderr
+        resumed = run_main("train.py", "--resume", str(run_dir / "last.pth"), "--data_root", str(fashion_root))
+        assert resumed.returncode == 2 and resumed.stderr.splitlines() == in_use, resumed.stdout + resumed.stderr
+        assert (run_dir / "args.json").read_bytes() == before  # neither wrote into the run
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=60)
+    assert (run_dir / ".lock").exists()  # SIGKILL left the file; the kernel released the lock with the process
+    again = run_main("train.py", *args, "--max_epoch", "1")
+    assert again.returncode == 0, again.stderr
+    assert not (run_dir / ".lock").exists()  # a run that ends removes it
+    assert json.loads((run_dir / "args.json").read_text())["max_epoch"] == 1
+
+
+def test_a_time_budget_never_lengthens_a_run(tmp_path, fashion_root):
+    started = time.perf_counter()
+    result = run_main("train.py", "--data_root", str(fashion_root), "--path_to_save", str(tmp_path), *FAST,
+                      "--max_epoch", "2", "--time_budget", "100000")
+    assert result.returncode == 0, result.stderr
+    assert "so all 2 epochs of --max_epoch fit (the budget only shortens a run)" in result.stdout
+    run = tmp_path / "FashionMNIST" / "custom"
+    assert len((run / "results.csv").read_text().splitlines()) == 1 + 2
+    assert json.loads((run / "args.json").read_text())["max_epoch"] == 2
+    assert time.perf_counter() - started < 120
