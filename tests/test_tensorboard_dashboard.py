@@ -35,7 +35,7 @@ from utils.checkpoint import build_from_checkpoint, load_checkpoint
 from utils.data.datasets import FASHION_MNIST_CLASSES, DataSpec, build_eval_dataset
 from utils.evaluation.dashboard import tag_name
 from utils.tensorboard import add_graph, open_writer
-from utils.training.dashboard import HPARAMS, METRICS, evaluation_details, image_epochs
+from utils.training.dashboard import HPARAMS, HPARAMS_SHOWN, METRICS, evaluation_details, image_epochs
 
 N_TRAIN, N_VAL, BATCH, LOG_EVERY = 160, 80, 32, 2  # 5 iterations per epoch; log points at iterations 2, 4, 5
 EPOCH_TAGS = {"train/loss": "train_loss", "train/acc1": "train_acc1", "val/loss": "val_loss", "val/acc1": "val_acc1",
@@ -184,6 +184,10 @@ def test_hparams_line_up_runs_with_their_final_and_best_metrics(server, logged):
     types = {h["name"]: h["type"] for h in experiment["hparamInfos"]}
     assert types == {name: {bool: "DATA_TYPE_BOOL", str: "DATA_TYPE_STRING"}.get(kind, "DATA_TYPE_FLOAT64")
                      for name, kind in HPARAMS.items()}
+    # the default columns: marked as differing, so TensorBoard lists them first (then by name)
+    listed = [(h["name"], h.get("differs", False)) for h in experiment["hparamInfos"]]
+    assert listed[:len(HPARAMS_SHOWN)] == [(name, True) for name in sorted(HPARAMS_SHOWN)]
+    assert not any(differs for _, differs in listed[len(HPARAMS_SHOWN):])
     assert [m["name"]["tag"] for m in experiment["metricInfos"]] == list(METRICS)
     statuses = ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"]
     groups = hparams_request(server, "session_groups", allowedStatuses=statuses, startIndex=0, sliceSize=100)["sessionGroups"]
