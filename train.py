@@ -49,7 +49,7 @@ from utils.training.engine import TrainState, train_one_epoch
 from utils.training.length import TrainingLength
 from utils.training.optim import OPTIMIZERS, build_optimizer
 from utils.training.recorder import RunRecorder
-from utils.training.resume import apply_checkpoint_args
+from utils.training.resume import apply_checkpoint_args, check_resumable
 from utils.training.rng import seed_everything
 from utils.training.run_dir import RunDir, check_run_name, choose_run_dir
 from utils.training.schedule import SCHEDULES, WarmupSchedule
@@ -187,6 +187,7 @@ def main(argv=None) -> int:
         raise InputError(f"--init_from starts a new run from a checkpoint's weights: drop {'--resume' if args.resume else '--pretrained'}")
     ckpt = load_checkpoint(args.resume) if args.resume else None
     if ckpt is not None:
+        check_resumable(ckpt, args.resume)
         apply_checkpoint_args(args, ckpt, NETWORK_FLAGS, cli.explicit_dests(parser, argv))
     init = load_checkpoint(args.init_from) if args.init_from else None
     if init is not None:

@@ -1,7 +1,10 @@
 """The run's checkpoint policy (timm's CheckpointSaver idea): what goes into last.pth and best.pth, when, and
 how a run continues from one.
 
-- last.pth after every finished epoch; best.pth when validation acc@1 improves.
+- last.pth after every finished epoch, with everything --resume needs; best.pth when validation acc@1 improves,
+  without the optimizer, scheduler and scaler state (as Ultralytics strips best.pt): a third of last.pth with
+  AdamW, half with EMA, and all that eval, export, predict, quantize and --init_from read (network identity,
+  weights, EMA, epoch, step, best_acc1, history, args, split). --resume refuses it and names last.pth.
 - Interrupted (Ctrl-C, SIGTERM): last.pth labelled with the last *finished* epoch, so --resume repeats the
   interrupted epoch once, exactly as an uninterrupted run would have trained it.
 - Start: temporary files that killed saves of earlier runs left in the run directory are removed.
@@ -22,6 +25,8 @@ from utils.io import remove_stale_temps
 from utils.training.ema import ModelEMA, unwrap
 from utils.training.engine import TrainState
 from utils.training.rng import rng_state, set_rng_state
+
+RESUME_ONLY = ("optimizer", "scheduler", "scaler", "rng")  # in last.pth, left out of best.pth
 
 
 @dataclass
@@ -90,7 +95,7 @@ class CheckpointSaver:
             save_checkpoint(ckpt, self.run_dir / "last.pth")
             self.finished = epoch
             if is_best:
-                save_checkpoint(ckpt, self.run_dir / "best.pth")
+                save_checkpoint({k: v for k, v in ckpt.items() if k not in RESUME_ONLY}, self.run_dir / "best.pth")
         return is_best
 
     def interrupted(self) -> Path | None:

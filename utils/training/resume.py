@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Iterable
+from pathlib import Path
 
 from utils.checkpoint import Checkpoint
 from utils.errors import InputError
@@ -23,3 +24,11 @@ def apply_checkpoint_args(args: argparse.Namespace, ckpt: Checkpoint, keys: Iter
     for key in keys:
         if key in saved:
             setattr(args, key, saved[key])
+
+
+def check_resumable(ckpt: Checkpoint, path: str | Path) -> None:
+    """--resume needs the optimizer state, which only last.pth keeps (best.pth and quantize.py's FP16 checkpoints
+    leave it out): one line naming the run's last.pth instead of a KeyError later."""
+    if ckpt.get("optimizer") is None:
+        raise InputError(f"cannot resume from {path}: it holds no optimizer state (best.pth keeps only the network, for "
+                         f"eval, export and predict); fix: --resume {Path(path).parent / 'last.pth'}")
