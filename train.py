@@ -153,7 +153,7 @@ def get_args_parser():
     p.add_argument("--seed", type=cli.non_negative(), default=42,
                    help="random seed (each epoch is seeded from it, so resumed runs repeat exactly)")
     p.add_argument("-r", "--resume", default=None, metavar="CKPT",
-                   help="continue from a last.pth (model, optimizer, EMA, RNG, epoch; the network's flags come from it)")
+                   help="continue from a last.pth (model, optimizer, EMA, epoch; the network's flags come from it)")
     p.add_argument("--init_from", default=None, metavar="CKPT",
                    help="fine-tune: start a new run from a checkpoint's weights only (no optimizer, epoch or schedule); "
                         "every tensor whose name and shape fit is loaded, the classification head is new when the "
