@@ -36,7 +36,7 @@ from utils.data.splits import relative, split_source
 from utils.deploy.artifacts import evaluate_loaded, load_for_eval
 from utils.errors import InputError
 from utils.evaluation.dashboard import MISTAKES_SHOWN, detail_options, evaluation_figures, log_eval_report
-from utils.evaluation.loop import TTA_CHOICES, class_metrics, per_class_accuracy
+from utils.evaluation.loop import TTA_CHOICES, class_metrics
 from utils.evaluation.report import class_metrics_fields, class_metrics_text, default_output
 from utils.io import atomic_write_text, file_sha256
 from utils.plots import close_figures, save_figure
@@ -107,7 +107,6 @@ def main(argv=None) -> int:
         "compute": loaded.compute, "weights": str(args.weights), "sha256": file_sha256(args.weights),
         "dataset": spec.name, "split": split, "num_images": stats["num_images"], "tta": args.tta,
         "loss": stats["loss"], "acc1": stats["acc1"], "acc5": stats["acc5"],
-        "per_class_acc": per_class_accuracy(stats["confusion_matrix"], classes),
         # per_class_precision/recall/f1, support, their _macro and _weighted averages, balanced_accuracy
         **class_metrics_fields(class_metrics(stats, classes)),
         "confusion_matrix": stats["confusion_matrix"].tolist(), "classes": classes,

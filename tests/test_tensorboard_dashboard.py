@@ -239,7 +239,7 @@ def test_eval_logs_metrics_per_class_pictures_and_pr_curves_of_the_report(server
     report, run = logged["report"], "eval/custom"
     for key in ("acc1", "acc5", "loss"):
         assert scalars(server, run, f"eval/{key}") == [(0, pytest.approx(report[key], rel=1e-6))], key  # one point: replaced
-    for metric, key in (("accuracy", "per_class_acc"), ("precision", "per_class_precision")):
+    for metric, key in (("accuracy", "per_class_recall"), ("precision", "per_class_precision")):
         for name, value in report[key].items():
             assert scalars(server, run, f"eval_per_class_{metric}/{tag_name(name)}") == [(0, pytest.approx(value, abs=1e-6))]
     assert image_size(server, run, "eval/confusion_matrix", 0) == (1400, 650)
