@@ -8,7 +8,6 @@ Examples:
   python eval.py --weights weights/FashionMNIST/custom/converted_models/custom.onnx     # ONNX Runtime
   python eval.py --weights weights/FashionMNIST/custom/converted_models/custom.pt       # TorchScript
   python eval.py --weights weights/FashionMNIST/custom/best_fp16.pth                   # FP16 checkpoint
-  python eval.py --summary                                                             # merge results/*.json
 
 --weights takes a checkpoint (FP32, or FP16 from quantize.py), an .onnx file (FP32, FP16 or INT8)
 or a TorchScript .pt (FP32, FP16 or PyTorch-quantized INT8). Model name, classes and preprocessing
@@ -37,8 +36,8 @@ from utils.data.splits import relative, split_source
 from utils.deploy.artifacts import evaluate_loaded, load_for_eval
 from utils.errors import InputError
 from utils.evaluation.dashboard import MISTAKES_SHOWN, detail_options, evaluation_figures, log_eval_report
-from utils.evaluation.loop import TTA_CHOICES, class_metrics, per_class_accuracy
-from utils.evaluation.report import class_metrics_fields, class_metrics_text, default_output, write_summary
+from utils.evaluation.loop import TTA_CHOICES, class_metrics
+from utils.evaluation.report import class_metrics_fields, class_metrics_text, default_output
 from utils.io import atomic_write_text, file_sha256
 from utils.plots import close_figures, save_figure
 
@@ -47,9 +46,6 @@ def parse_args(argv=None):
     p = cli.parser(__doc__)
     p.add_argument("--weights", metavar="FILE",
                    help="checkpoint (best.pth / last.pth / *_fp16.pth), .onnx, or TorchScript .pt to evaluate")
-    p.add_argument("--summary", nargs="?", const="results", default=None, metavar="DIR",
-                   help="instead of evaluating, merge the JSON reports under DIR (default results/) into one markdown "
-                        "table, printed and written to DIR/summary.md")
     cli.add_model_override_arg(p)
     cli.add_data_args(p)
     p.add_argument("--split", default="val",
@@ -83,11 +79,8 @@ def recorded_split(args, record: dict | None) -> dict | None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.summary is not None:
-        print(write_summary(Path(args.summary)))
-        return 0
     if not args.weights:
-        raise InputError("give --weights FILE to evaluate (or --summary to merge existing reports)")
+        raise InputError("give --weights FILE to evaluate (summarize_results.py merges existing reports)")
     device = cli.resolve_device(args.device)
     loaded = load_for_eval(args.weights, device, args.model, args.device)
     info = loaded.info
@@ -114,7 +107,6 @@ def main(argv=None) -> int:
         "compute": loaded.compute, "weights": str(args.weights), "sha256": file_sha256(args.weights),
         "dataset": spec.name, "split": split, "num_images": stats.num_images, "tta": args.tta,
         "loss": stats.loss, "acc1": stats.acc1, "acc5": stats.acc5,
-        "per_class_acc": per_class_accuracy(stats.confusion_matrix, classes),
         # per_class_precision/recall/f1, support, their _macro and _weighted averages, balanced_accuracy
         **class_metrics_fields(class_metrics(stats, classes)),
         "confusion_matrix": stats.confusion_matrix.tolist(), "classes": classes,

@@ -1,4 +1,4 @@
-"""Merge the JSON reports under results/ into markdown tables (also: python eval.py --summary).
+"""Merge the JSON reports under results/ into markdown tables.
 
 Examples:
   python summarize_results.py                      # results/*.json + results/quantization/*.json -> results/summary.md

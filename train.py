@@ -45,7 +45,7 @@ from utils.training.engine import TrainState, train_one_epoch
 from utils.training.length import TrainingLength
 from utils.training.optim import OPTIMIZERS, build_optimizer
 from utils.training.recorder import RunRecorder
-from utils.training.resume import checkpoint_flags
+from utils.training.resume import check_resumable, checkpoint_flags
 from utils.training.rng import seed_everything
 from utils.training.run_dir import RunDir, check_run_name, choose_run_dir
 from utils.training.schedule import SCHEDULES, WarmupSchedule
@@ -147,6 +147,7 @@ def main(argv=None) -> int:
         raise InputError(f"--init_from starts a new run from a checkpoint's weights: drop {drop}")
     ckpt = load_checkpoint(flags["resume"]) if flags["resume"] else None
     if ckpt is not None:
+        check_resumable(ckpt, flags["resume"])
         flags.update(checkpoint_flags(ckpt, NETWORK_FLAGS, flags, explicit))
     init = load_checkpoint(flags["init_from"]) if flags["init_from"] else None
     if init is not None:

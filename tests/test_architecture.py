@@ -1,5 +1,5 @@
 """The structure the code promises: every module imports on its own, no import cycle, dependencies point one way,
-one atomic-write helper, torch-free modules stay torch-free, and checkpoints of the previous format still work."""
+one atomic-write helper, torch-free modules stay torch-free, and checkpoints of previous formats still work."""
 
 from __future__ import annotations
 
@@ -14,6 +14,10 @@ import torch
 from conftest import ROOT, run_script
 
 LEGACY_CKPT = ROOT / "tests" / "fixtures" / "legacy_c29c9b5_custom8_ema.pth"  # written by train.py at commit c29c9b5
+# last.pth written by train.py at commit 205200d (scheduler state, split and class_weights keys):
+# --model custom --img_size 8 --max_epoch 2 --ema --ema_decay 0.99 --base_lr 3e-3 --batch_size 32, same synthetic data
+LEGACY_205200D_CKPT = ROOT / "tests" / "fixtures" / "legacy_205200d_custom8_ema.pth"
+LEGACY_CKPTS = pytest.mark.parametrize("legacy", [LEGACY_CKPT, LEGACY_205200D_CKPT], ids=["c29c9b5", "205200d"])
 # layer of each package or module (lower = more basic); an import may only point to the same or a lower layer
 LAYERS = {"utils.errors": 0, "utils.io": 0, "utils.cli": 0, "utils.timing": 0, "utils.plots": 0, "utils.distributed": 0,
           "utils.precision": 0, "utils.tensorboard": 0, "utils.data": 1, "utils.model_info": 1, "models": 1, "utils.checkpoint": 2,
@@ -125,13 +129,14 @@ def test_atomic_path_keeps_the_old_file_and_leaves_no_temp_on_failure(tmp_path):
     assert target.read_text() == "new\n" and sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]
 
 
-def test_checkpoint_of_the_previous_format_evaluates_with_its_ema_weights(tmp_path, fashion_root):
-    # the fixture was trained for 2 epochs on the same synthetic data (tests/conftest.make_fashion_root), EMA on;
-    # its recorded validation acc@1 was measured on the EMA weights, so eval.py must reproduce it exactly
-    ckpt = torch.load(LEGACY_CKPT, map_location="cpu", weights_only=True)
-    assert "scheduler" not in ckpt and ckpt["ema"]["updates"] == 20
+@LEGACY_CKPTS
+def test_checkpoint_of_a_previous_format_evaluates_with_its_ema_weights(tmp_path, fashion_root, legacy):
+    # the fixtures were trained for 2 epochs on the same synthetic data (tests/conftest.make_fashion_root), EMA on;
+    # their recorded validation acc@1 was measured on the EMA weights, so eval.py must reproduce it exactly
+    ckpt = torch.load(legacy, map_location="cpu", weights_only=True)
+    assert ("scheduler" in ckpt) == (legacy == LEGACY_205200D_CKPT) and ckpt["ema"]["updates"] == 20
     out = tmp_path / "legacy.json"
-    proc = run_script("eval.py", "--weights", str(LEGACY_CKPT), "--data_root", str(fashion_root), "--output", str(out),
+    proc = run_script("eval.py", "--weights", str(legacy), "--data_root", str(fashion_root), "--output", str(out),
                       "--speed_repeats", "0", "--num_workers", "0", "--quiet", "--device", "cpu")
     assert proc.returncode == 0, proc.stderr
     report = json.loads(out.read_text())
@@ -139,12 +144,13 @@ def test_checkpoint_of_the_previous_format_evaluates_with_its_ema_weights(tmp_pa
     assert report["acc1"] == pytest.approx(ckpt["best_acc1"], abs=1e-7)
 
 
-def test_resume_from_a_previous_format_checkpoint_continues_its_schedule_and_ema(tmp_path, fashion_root):
+@LEGACY_CKPTS
+def test_resume_from_a_previous_format_checkpoint_continues_its_schedule_and_ema(tmp_path, fashion_root, legacy):
     import train
 
     run = tmp_path / "runs" / "FashionMNIST" / "custom"
     run.mkdir(parents=True)
-    (run / "last.pth").write_bytes(LEGACY_CKPT.read_bytes())
+    (run / "last.pth").write_bytes(legacy.read_bytes())
     # no network flags: model, img_size 8, norm and augmentation come from the checkpoint
     code = train.main(["--resume", str(run / "last.pth"), "--max_epoch", "3", "--data_root", str(fashion_root),
                        "--batch_size", "32", "--num_workers", "0", "--path_to_save", str(tmp_path / "runs"), "--quiet",
@@ -159,10 +165,26 @@ def test_resume_from_a_previous_format_checkpoint_continues_its_schedule_and_ema
     assert resumed["history"][-1]["lr"] == pytest.approx(1e-6)
 
 
-def test_resume_with_a_contradicting_network_flag_is_one_line_exit_2(tmp_path, fashion_root):
+@LEGACY_CKPTS
+def test_checkpoint_of_a_previous_format_exports_with_parity(tmp_path, legacy):
+    import onnx
+
+    ckpt = tmp_path / "run" / "last.pth"
+    ckpt.parent.mkdir()
+    ckpt.write_bytes(legacy.read_bytes())
+    out = tmp_path / "legacy.onnx"
+    proc = run_script("export.py", "--weights", str(ckpt), "--output", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "max |diff| vs PyTorch" in proc.stdout
+    props = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert props["model_name"] == "custom" and json.loads(props["classes"])[9] == "Ankle boot"
+
+
+@LEGACY_CKPTS
+def test_resume_with_a_contradicting_network_flag_is_one_line_exit_2(tmp_path, fashion_root, legacy):
     run = tmp_path / "FashionMNIST" / "custom"
     run.mkdir(parents=True)
-    (run / "last.pth").write_bytes(LEGACY_CKPT.read_bytes())
+    (run / "last.pth").write_bytes(legacy.read_bytes())
     before = (run / "last.pth").read_bytes()
     proc = run_script("train.py", "--resume", str(run / "last.pth"), "--img_size", "28", "--max_epoch", "3",
                       "--data_root", str(fashion_root), "--path_to_save", str(tmp_path), "--quiet", "--device", "cpu")

@@ -106,6 +106,7 @@ def test_bad_flag_value_is_one_line_exit_2(script, flag, values, capsys):
     (["eval.py", "--weights", "x.pth", "--num_workers", "-1"], "error: argument --num_workers: must be >= 0, got -1"),
     (["train.py", "--wp_epoch", "-1"], "error: argument --wp_epoch: must be >= 0, got -1"),
     (["train.py", "--no_such_flag"], "error: unrecognized arguments: --no_such_flag"),
+    (["eval.py", "--summary", "results"], "error: unrecognized arguments: --summary results"),  # summarize_results.py does it
 ])
 def test_bad_flags_in_a_real_process(argv, message):
     result = run_script(*argv)

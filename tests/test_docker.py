@@ -167,7 +167,7 @@ def test_dockerignore_sends_the_code_but_not_local_state():
     # Everything `bash scripts/test.sh` needs inside an unmounted container, too.
     kept = code + ["requirements.txt", "requirements-test.txt", "Makefile", "README.md", "scripts/test.sh", "scripts/setup.sh",
                    "Dockerfile", ".dockerignore", ".ci/run", "pyproject.toml", "data/FashionMNIST/classes.txt", "weights/.gitkeep",
-                   "tests/fixtures/legacy_c29c9b5_custom8_ema.pth"]
+                   "tests/fixtures/legacy_c29c9b5_custom8_ema.pth", "tests/fixtures/legacy_205200d_custom8_ema.pth"]
     assert "train.py" in code and "utils/plots.py" in code and "utils/data/preprocess.py" in code
     assert [p for p in kept if ignored(p, patterns)] == []
     dropped = [".venv/bin/python", ".git/HEAD", "weights/FashionMNIST/custom/best.pth", "logs/FashionMNIST/custom/t/events.out",

@@ -17,7 +17,7 @@ from utils.data.fashion_mnist import FASHION_MNIST_CLASSES
 from utils.errors import InputError
 
 REPORT_KEYS = {"model", "format", "engine", "weights", "dataset", "split", "num_images", "loss", "acc1", "acc5",
-               "per_class_acc", "confusion_matrix", "classes", "params", "macs", "size_mb", "img_size", "latency_ms",
+               "per_class_recall", "confusion_matrix", "classes", "params", "macs", "size_mb", "img_size", "latency_ms",
                "throughput_img_s", "speed_batch_size", "device", "torch"}
 
 
@@ -37,14 +37,14 @@ def test_eval_report_keys_and_values(tmp_path, trained_ckpt, fashion_root):
         assert 0.0 <= report[key] <= 1.0  # fractions, not percent
     assert report["acc5"] >= report["acc1"] > 0.5
     assert report["classes"] == FASHION_MNIST_CLASSES
-    assert list(report["per_class_acc"]) == FASHION_MNIST_CLASSES
-    assert all(0.0 <= v <= 1.0 for v in report["per_class_acc"].values())
+    assert list(report["per_class_recall"]) == FASHION_MNIST_CLASSES and "per_class_acc" not in report  # was its duplicate
+    assert all(0.0 <= v <= 1.0 for v in report["per_class_recall"].values())
     cm = np.array(report["confusion_matrix"])
     assert cm.shape == (10, 10) and cm.sum() == report["num_images"]
     assert report["acc1"] == pytest.approx(np.trace(cm) / report["num_images"], abs=1e-6)
     rows = cm.sum(1)
     for i, name in enumerate(FASHION_MNIST_CLASSES):
-        assert report["per_class_acc"][name] == pytest.approx(cm[i, i] / rows[i] if rows[i] else 0.0, abs=1e-6)
+        assert report["per_class_recall"][name] == pytest.approx(cm[i, i] / rows[i] if rows[i] else 0.0, abs=1e-6)
     # the same weights on the same images give the validation figures train.py recorded
     ckpt = load_checkpoint(trained_ckpt)
     assert report["acc1"] == pytest.approx(ckpt["best_acc1"], abs=1e-6)

@@ -43,7 +43,7 @@ def test_artifact_kinds_are_detected(artifacts, trained_ckpt):
 
 
 def test_eval_reports_every_format_and_summary_merges_them(artifacts, trained_ckpt, fashion_root, tmp_path, capsys):
-    import eval as eval_script
+    import summarize_results
 
     results = tmp_path / "results"
     reports = {"pytorch": run_eval(trained_ckpt, fashion_root, results / "custom.json")}
@@ -71,9 +71,10 @@ def test_eval_reports_every_format_and_summary_merges_them(artifacts, trained_ck
     assert (results / "confusion_matrix.png").is_file() and (results / "confusion_matrix_onnx-int8.png").is_file()
     capsys.readouterr()
 
-    assert eval_script.main(["--summary", str(results)]) == 0
-    table = capsys.readouterr().out
+    assert summarize_results.main(["--results_dir", str(results)]) == 0
+    table, written = capsys.readouterr().out.rstrip("\n").rsplit("\n", 1)
     rows = [line for line in table.splitlines() if line.startswith("| custom |")]
+    assert written == f"written to {results / 'summary.md'}"
     assert len(rows) == 5 and (results / "summary.md").read_text() == table.rstrip("\n") + "\n"
     onnx_row = next(r for r in rows if r.startswith("| custom | onnx |"))
     assert f"{100 * reports['onnx']['acc1']:.2f}" in onnx_row

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import csv
 import os
+import random
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import ROOT, make_fashion_root
@@ -107,6 +109,34 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path, resume_root,
     strip = [{k: v for k, v in r.items() if k != "seconds"} for r in csv_rows(ref_dir)]
     assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in csv_rows(cut_dir)]
     assert [int(r["epoch"]) for r in csv_rows(cut_dir)] == [1, 2, 3]
+
+
+def test_resume_is_exact_whatever_rng_state_the_checkpoint_carries(tmp_path, fashion_root):
+    """train.py reseeds every epoch from (seed, epoch) before it draws anything (flips, dropout), so the RNG state a
+    checkpoint carried decided nothing and is no longer saved: a last.pth given a foreign `rng` entry (as older
+    checkpoints have one) still resumes to the uninterrupted run, bit for bit."""
+    import train
+
+    common = ["--model", "custom", "--img_size", "8", "--batch_size", "32", "--num_workers", "0", "--data_root",
+              str(fashion_root), "--quiet", "--device", "cpu", "--ema", "--ema_decay", "0.99",
+              "--wp_epoch", "0", "--base_lr", "3e-3", "--min_lr", "3e-3"]  # constant LR: 1 epoch = the first of 2
+    assert train.main([*common, "--max_epoch", "2", "--path_to_save", str(tmp_path / "ref")]) == 0
+    assert train.main([*common, "--max_epoch", "1", "--path_to_save", str(tmp_path / "cut")]) == 0
+    ref_dir, cut_dir = tmp_path / "ref" / "FashionMNIST" / "custom", tmp_path / "cut" / "FashionMNIST" / "custom"
+    ckpt = load(cut_dir / "last.pth")
+    ckpt["rng"] = {"torch": torch.Generator().manual_seed(12345).get_state(), "python": random.Random(12345).getstate(),
+                   "numpy": torch.from_numpy(np.random.RandomState(12345).get_state()[1].astype(np.int64))}
+    torch.save(ckpt, cut_dir / "last.pth")
+    assert train.main([*common, "--max_epoch", "2", "--path_to_save", str(tmp_path / "cut"),
+                       "--resume", str(cut_dir / "last.pth")]) == 0
+    ref, res = load(ref_dir / "last.pth"), load(cut_dir / "last.pth")
+    assert ref["epoch"] == res["epoch"] == 1 and ref["step"] == res["step"] == 2 * (320 // 32)
+    assert_same_tensors(ref["model"], res["model"], "model")
+    assert_same_tensors(ref["ema"]["module"], res["ema"]["module"], "ema")
+    for key, state in ref["optimizer"]["state"].items():
+        assert_same_tensors(state, res["optimizer"]["state"][key], f"optimizer state {key}")
+    strip = [{k: v for k, v in r.items() if k != "seconds"} for r in csv_rows(ref_dir)]
+    assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in csv_rows(cut_dir)] and len(strip) == 2
 
 
 def test_ctrl_c_saves_last_pth_and_resume_finishes(tmp_path, resume_root):

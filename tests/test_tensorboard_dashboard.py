@@ -35,7 +35,7 @@ from utils.data.datasets import DataSpec, build_eval_dataset
 from utils.data.fashion_mnist import FASHION_MNIST_CLASSES
 from utils.evaluation.dashboard import tag_name
 from utils.tensorboard import add_graph, open_writer
-from utils.training.dashboard import HPARAMS, METRICS, evaluation_details, image_epochs
+from utils.training.dashboard import HPARAMS, HPARAMS_SHOWN, METRICS, evaluation_details, image_epochs
 
 N_TRAIN, N_VAL, BATCH, LOG_EVERY = 160, 80, 32, 2  # 5 iterations per epoch; log points at iterations 2, 4, 5
 EPOCH_TAGS = {"train/loss": "train_loss", "train/acc1": "train_acc1", "val/loss": "val_loss", "val/acc1": "val_acc1",
@@ -184,6 +184,10 @@ def test_hparams_line_up_runs_with_their_final_and_best_metrics(server, logged):
     types = {h["name"]: h["type"] for h in experiment["hparamInfos"]}
     assert types == {name: {bool: "DATA_TYPE_BOOL", str: "DATA_TYPE_STRING"}.get(kind, "DATA_TYPE_FLOAT64")
                      for name, kind in HPARAMS.items()}
+    # the default columns: marked as differing, so TensorBoard lists them first (then by name)
+    listed = [(h["name"], h.get("differs", False)) for h in experiment["hparamInfos"]]
+    assert listed[:len(HPARAMS_SHOWN)] == [(name, True) for name in sorted(HPARAMS_SHOWN)]
+    assert not any(differs for _, differs in listed[len(HPARAMS_SHOWN):])
     assert [m["name"]["tag"] for m in experiment["metricInfos"]] == list(METRICS)
     statuses = ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"]
     groups = hparams_request(server, "session_groups", allowedStatuses=statuses, startIndex=0, sliceSize=100)["sessionGroups"]
@@ -235,7 +239,7 @@ def test_eval_logs_metrics_per_class_pictures_and_pr_curves_of_the_report(server
     report, run = logged["report"], "eval/custom"
     for key in ("acc1", "acc5", "loss"):
         assert scalars(server, run, f"eval/{key}") == [(0, pytest.approx(report[key], rel=1e-6))], key  # one point: replaced
-    for metric, key in (("accuracy", "per_class_acc"), ("precision", "per_class_precision")):
+    for metric, key in (("accuracy", "per_class_recall"), ("precision", "per_class_precision")):
         for name, value in report[key].items():
             assert scalars(server, run, f"eval_per_class_{metric}/{tag_name(name)}") == [(0, pytest.approx(value, abs=1e-6))]
     assert image_size(server, run, "eval/confusion_matrix", 0) == (1400, 650)

@@ -13,8 +13,9 @@ import train
 from models import build_model
 from utils.data.fashion_mnist import FASHION_MNIST_CLASSES
 
-CKPT_KEYS = {"model_name", "num_classes", "classes", "preprocess", "model_kwargs", "augment", "epoch", "model", "optimizer", "scaler",
-             "ema", "best_acc1", "step", "history", "args", "rng", "torch_version"}
+CKPT_KEYS = {"model_name", "num_classes", "classes", "preprocess", "model_kwargs", "augment", "epoch", "model", "ema", "best_acc1",
+             "step", "history", "args", "split", "torch_version"}
+RESUME_KEYS = {"optimizer", "scheduler", "scaler"}  # last.pth only
 RUN_FILES = {"best.pth", "last.pth", "classes.txt", "args.json", "results.csv", "results.png"}
 
 
@@ -49,17 +50,17 @@ def test_checkpoints_load_with_weights_only_and_hold_every_key(trained_run):
     _, rows = read_results(trained_run)
     last = torch.load(trained_run / "last.pth", map_location="cpu", weights_only=True)
     best = torch.load(trained_run / "best.pth", map_location="cpu", weights_only=True)
+    assert CKPT_KEYS | RESUME_KEYS <= set(last), CKPT_KEYS | RESUME_KEYS - set(last)
+    assert CKPT_KEYS <= set(best) and not RESUME_KEYS & set(best), set(best) ^ CKPT_KEYS
     for ckpt in (last, best):
-        assert CKPT_KEYS <= set(ckpt), CKPT_KEYS - set(ckpt)
         assert ckpt["model_name"] == "custom" and ckpt["num_classes"] == 10
         assert ckpt["classes"] == FASHION_MNIST_CLASSES
         assert ckpt["preprocess"]["img_size"] == 28 and ckpt["preprocess"]["resize"] == 32
         assert ckpt["model_kwargs"] == {"img_size": 28, "norm_type": "BN", "in_channels": 3, "small_input": True}
-        assert ckpt["ema"] is None and ckpt["scaler"] is None
+        assert ckpt["ema"] is None
         # --augment auto at 28 px resolves to flips only, recorded with the resolved parameters
         assert ckpt["augment"] == {"name": "light", "crop_scale": None, "rotation": 0.0, "flip": 0.5, "erasing": 0.0,
                                    "crop_padding": 0, "auto_augment": "none"}
-        assert set(ckpt["rng"]) >= {"torch", "python", "numpy"}
         assert ckpt["torch_version"] == str(torch.__version__)
     val_acc = [float(r["val_acc1"]) for r in rows]
     assert last["epoch"] == 1 and last["step"] == 2 * (320 // 32)
@@ -69,7 +70,23 @@ def test_checkpoints_load_with_weights_only_and_hold_every_key(trained_run):
     assert last["history"][-1]["val_acc1"] == float(rows[-1]["val_acc1"])
     model = build_model("custom", 10, **last["model_kwargs"])
     model.load_state_dict(last["model"])  # strict
-    assert last["optimizer"]["state"]  # AdamW moments are saved for --resume
+    assert last["optimizer"]["state"] and last["scaler"] is None  # AdamW moments are saved for --resume
+    assert "rng" not in last and "rng" not in best  # each epoch is seeded from (seed, epoch): no snapshot needed
+
+
+def test_best_pth_leaves_out_the_optimizer_and_resume_from_it_names_last_pth(trained_run, tmp_path):
+    # AdamW keeps two moments per weight: best.pth, without them, is well under last.pth (weights x 3 + model + ...)
+    best, last = (trained_run / "best.pth").stat().st_size, (trained_run / "last.pth").stat().st_size
+    assert best < 0.6 * last, (best, last)
+    run = tmp_path / "FashionMNIST" / "custom"
+    run.mkdir(parents=True)
+    (run / "best.pth").write_bytes((trained_run / "best.pth").read_bytes())
+    proc = run_script("train.py", "--resume", str(run / "best.pth"), "--max_epoch", "3", "--path_to_save", str(tmp_path),
+                      "--quiet", "--device", "cpu")
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "holds no optimizer state" in lines[0] and f"--resume {run / 'last.pth'}" in lines[0]
+    assert sorted(p.name for p in run.iterdir()) == ["best.pth"]  # nothing written
 
 
 def test_image_folder_training_accepts_test_split_and_writes_folder_run(tmp_path, image_folder):

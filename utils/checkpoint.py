@@ -36,7 +36,7 @@ class Checkpoint(TypedDict, total=False):
     class_weights: list[float] | None  # --class_weights balanced: the loss weight of each class
     model: dict[str, torch.Tensor]  # state_dict of the trained network
     ema: dict | None  # utils.training.ema.ModelEMA.state_dict(): {"module", "updates", "decay", "tau"}
-    # training state, for --resume
+    # training state, for --resume (optimizer, scheduler and scaler in last.pth only)
     epoch: int  # 0-based index of the last finished epoch
     step: int  # optimizer steps taken
     best_acc1: float
@@ -44,7 +44,7 @@ class Checkpoint(TypedDict, total=False):
     optimizer: dict | None
     scheduler: dict | None  # absent in checkpoints written before the LRScheduler (derived from `step` then)
     scaler: dict | None
-    rng: dict  # utils.training.rng.rng_state()
+    rng: dict  # written until the per-epoch seeding made it unneeded; ignored
     args: dict  # train.py's flags
     torch_version: str
     # quantize.py --mode fp16

@@ -115,37 +115,46 @@ def _hparams_summary(tag: str, plugin_data):
     return summary
 
 
+def _any_value(kind: type, differs: bool):
+    """An HParams domain that records only the value type (and whether TensorBoard lists the hparam first), with no
+    value range: TensorBoard's helpers set HParamInfo fields only through a domain."""
+    from tensorboard.plugins.hparams import api_pb2, summary_v2
+
+    class AnyValue(summary_v2.Domain):
+        dtype = kind
+
+        def sample_uniform(self, rng=None):
+            raise NotImplementedError("an unbounded domain has no uniform distribution")
+
+        def update_hparam_info(self, hparam_info) -> None:
+            hparam_info.type = api_pb2.DataType.Value(HPARAM_TYPES[kind])
+            hparam_info.differs = differs
+
+    return AnyValue()
+
+
 def experiment_summary(hparam_types: dict[str, type], metrics: dict[str, str], shown: tuple[str, ...] = ()):
     """The HParams experiment: hparam names and types (no value domains, so the summary is the same for every run of
     a log directory and TensorBoard, which reads one run's, lines them all up) and the metric tags to tabulate, the
     first five shown by default. `shown`: the hparams TensorBoard lists first and shows by default (it shows five,
     those marked as differing between runs first)."""
-    from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
+    from tensorboard.plugins.hparams import summary_v2
 
-    experiment = api_pb2.Experiment(
-        hparam_infos=[api_pb2.HParamInfo(name=name, type=api_pb2.DataType.Value(HPARAM_TYPES[kind]), differs=name in shown)
-                      for name, kind in hparam_types.items()],
-        metric_infos=[api_pb2.MetricInfo(name=api_pb2.MetricName(tag=tag), display_name=label) for tag, label in metrics.items()])
-    return _hparams_summary(metadata.EXPERIMENT_TAG, plugin_data_pb2.HParamsPluginData(experiment=experiment))
+    return summary_v2.hparams_config_pb(
+        hparams=[summary_v2.HParam(name, _any_value(kind, name in shown)) for name, kind in hparam_types.items()],
+        metrics=[summary_v2.Metric(tag, display_name=label) for tag, label in metrics.items()])
 
 
 def session_start_summary(hparams: dict[str, bool | int | float | str], group_name: str):
     """One run's hparam values (bool, number or string, as experiment_summary declares them)."""
-    from tensorboard.plugins.hparams import metadata, plugin_data_pb2
+    from tensorboard.plugins.hparams import summary_v2
 
-    info = plugin_data_pb2.SessionStartInfo(group_name=group_name, start_time_secs=time.time())
-    for name, value in hparams.items():
-        if isinstance(value, bool):
-            info.hparams[name].bool_value = value
-        elif isinstance(value, (int, float)):
-            info.hparams[name].number_value = value
-        else:
-            info.hparams[name].string_value = str(value)
-    return _hparams_summary(metadata.SESSION_START_INFO_TAG, plugin_data_pb2.HParamsPluginData(session_start_info=info))
+    return summary_v2.hparams_pb(hparams, trial_id=group_name)
 
 
 def session_end_summary(status: str = "STATUS_SUCCESS"):
-    """The run's outcome for the HParams status filter: STATUS_SUCCESS, STATUS_FAILURE or STATUS_ABORTED."""
+    """The run's outcome for the HParams status filter: STATUS_SUCCESS, STATUS_FAILURE or STATUS_ABORTED. Built here:
+    TensorBoard's only session_end_pb (hparams.summary, the TF1 API) needs TensorFlow."""
     from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
 
     info = plugin_data_pb2.SessionEndInfo(status=api_pb2.Status.Value(status), end_time_secs=time.time())

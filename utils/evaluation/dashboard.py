@@ -87,7 +87,7 @@ def log_eval_report(log_dir: Path, report: dict, stats: EvalResult, figures: dic
             if report.get(key) is not None:
                 writer.add_scalar(f"eval/{key}", report[key], 0)
         log_evaluation(writer, stats, figures, classes, 0, "eval")
-        log_per_class(writer, {"accuracy": report["per_class_acc"], "precision": report["per_class_precision"]}, 0, "eval")
+        log_per_class(writer, {"accuracy": report["per_class_recall"], "precision": report["per_class_precision"]}, 0, "eval")
         facts = [(key, report[key]) for key in ("model", "format", "engine", "precision", "compute", "weights", "dataset", "split",
                                                  "num_images", "tta", *REPORT_SCALARS, "device") if report.get(key) is not None]
         add_markdown(writer, "eval/report", markdown_table(("field", "value"), [[key, value] for key, value in facts],

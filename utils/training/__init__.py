@@ -1,1 +1,1 @@
-"""Training: the loop (engine), EMA, LR schedule, optimizer, checkpoint policy, resume, run records, RNG."""
+"""Training: the loop (engine), EMA, LR schedule, optimizer, checkpoint policy, resume, run records, seeding."""

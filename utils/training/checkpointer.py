@@ -1,11 +1,15 @@
 """The run's checkpoint policy (timm's CheckpointSaver idea): what goes into last.pth and best.pth, when, and
 how a run continues from one.
 
-- last.pth after every finished epoch; best.pth when validation acc@1 improves.
+- last.pth after every finished epoch, with everything --resume needs; best.pth when validation acc@1 improves,
+  without the optimizer, scheduler and scaler state (as Ultralytics strips best.pt): a third of last.pth with
+  AdamW, half with EMA, and all that eval, export, predict, quantize and --init_from read (network identity,
+  weights, EMA, epoch, step, best_acc1, history, args, split). --resume refuses it and names last.pth.
 - Interrupted (Ctrl-C, SIGTERM): last.pth labelled with the last *finished* epoch, so --resume repeats the
   interrupted epoch once, exactly as an uninterrupted run would have trained it.
 - Start: temporary files that killed saves of earlier runs left in the run directory are removed.
-- Resume: model, optimizer, scheduler position, scaler, EMA, RNG, history and best acc@1 come back;
+- Resume: model, optimizer, scheduler position, scaler, EMA, history and best acc@1 come back (no RNG state:
+  every epoch is seeded from (seed, epoch); the `rng` entry of older checkpoints is ignored);
   the checkpoint is dropped from memory afterwards by the caller.
 """
 
@@ -21,7 +25,8 @@ from utils.checkpoint import Checkpoint, save_checkpoint
 from utils.io import remove_stale_temps
 from utils.training.ema import ModelEMA, unwrap
 from utils.training.engine import TrainState
-from utils.training.rng import rng_state, set_rng_state
+
+RESUME_ONLY = ("optimizer", "scheduler", "scaler")  # in last.pth, left out of best.pth
 
 
 @dataclass
@@ -42,7 +47,7 @@ class ResumePoint:
 
 
 def restore(ckpt: Checkpoint, *, model: nn.Module, state: TrainState) -> ResumePoint:
-    """Load a last.pth into the freshly built model, optimizer, scheduler, scaler and EMA; set the RNG."""
+    """Load a last.pth into the freshly built model, optimizer, scheduler, scaler and EMA."""
     model.load_state_dict(ckpt["model"])
     state.optimizer.load_state_dict(ckpt["optimizer"])
     if state.scaler.is_enabled() and ckpt.get("scaler"):
@@ -53,8 +58,6 @@ def restore(ckpt: Checkpoint, *, model: nn.Module, state: TrainState) -> ResumeP
     # checkpoints written before the LRScheduler carry no scheduler state: the position is the step count
     state.scheduler.load_state_dict(ckpt.get("scheduler") or {"last_epoch": step})
     state.step = step
-    if ckpt.get("rng"):
-        set_rng_state(ckpt["rng"])
     return ResumePoint(ckpt["epoch"] + 1, step, ckpt["best_acc1"], list(ckpt.get("history", [])),
                        (ckpt.get("args") or {}).get("tensorboard_dir"))
 
@@ -77,7 +80,7 @@ class CheckpointSaver:
             **self.identity, epoch=epoch, model=unwrap(self.model).state_dict(), optimizer=state.optimizer.state_dict(),
             scheduler=state.scheduler.state_dict(), scaler=state.scaler.state_dict() if state.scaler.is_enabled() else None,
             ema=ema.state_dict() if isinstance(ema, ModelEMA) else None, best_acc1=self.best_acc1, step=state.step,
-            history=self.history, rng=rng_state(), torch_version=str(torch.__version__),
+            history=self.history, torch_version=str(torch.__version__),
         )
 
     def epoch_end(self, epoch: int, val_acc1: float | None) -> bool:
@@ -90,7 +93,7 @@ class CheckpointSaver:
             save_checkpoint(ckpt, self.run_dir / "last.pth")
             self.finished = epoch
             if is_best:
-                save_checkpoint(ckpt, self.run_dir / "best.pth")
+                save_checkpoint({k: v for k, v in ckpt.items() if k not in RESUME_ONLY}, self.run_dir / "best.pth")
         return is_best
 
     def interrupted(self) -> Path | None:

@@ -1,19 +1,20 @@
-"""Exponential moving average of the weights through torch's AveragedModel, with the decay warm-up of Ultralytics/timm.
+"""Exponential moving average of the weights, updated as in timm's ModelEmaV3, with the decay warm-up of
+Ultralytics/timm.
 
-ema = d * ema + (1 - d) * model for every parameter and floating-point buffer (integer buffers such as BatchNorm's
-num_batches_tracked are copied), with d = decay * (1 - exp(-updates / tau)): near 0 at first, so a short run's
-average is not dominated by the random initialisation, rising towards `decay`. AveragedModel's own EMA helper has
-no warm-up, so the update is a custom `multi_avg_fn`: two foreach kernels over all tensors of one dtype.
+ema = d * ema + (1 - d) * model, i.e. lerp(ema, model, 1 - d), for every parameter and floating-point buffer (integer
+buffers such as BatchNorm's num_batches_tracked are copied), with d = decay * (1 - exp(-updates / tau)): near 0 at
+first, so a short run's average is not dominated by the random initialisation, rising towards `decay`. One
+`torch._foreach_lerp_` over all floating-point tensors does the update (one kernel launch per device and dtype).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.optim.swa_utils import AveragedModel
 
 from utils.distributed import is_distributed
 
@@ -37,28 +38,23 @@ class ModelEMA:
 
     def __init__(self, model: nn.Module, decay: float = 0.9999, tau: float = 2000.0, updates: int = 0):
         self.decay, self.tau, self.updates = decay, tau, updates
-        self.averaged = AveragedModel(unwrap(model), multi_avg_fn=self._average, use_buffers=True)
-        # AveragedModel copies the weights on its first update; here the copy made at construction is the start,
-        # so every update (the first included) is a decayed average
-        self.averaged.n_averaged.fill_(1)
-        self.module.eval().requires_grad_(False)
+        self.module = copy.deepcopy(unwrap(model)).eval().requires_grad_(False)
 
-    @property
-    def module(self) -> nn.Module:
-        return self.averaged.module
-
-    def _average(self, ema: list[torch.Tensor], current: list[torch.Tensor], _n_averaged) -> None:
-        if not ema[0].is_floating_point():  # one group per dtype: integer buffers are counters, copied
-            torch._foreach_copy_(ema, current)
-            return
-        d = ema_decay(self.updates, self.decay, self.tau)
-        torch._foreach_mul_(ema, d)
-        torch._foreach_add_(ema, current, alpha=1.0 - d)
+    @staticmethod
+    def _tensors(model: nn.Module) -> list[torch.Tensor]:
+        return [*model.parameters(), *model.buffers()]
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         self.updates += 1
-        self.averaged.update_parameters(unwrap(model))
+        ema_float, model_float = [], []
+        for ema_t, model_t in zip(self._tensors(self.module), self._tensors(unwrap(model)), strict=True):
+            if ema_t.is_floating_point():
+                ema_float.append(ema_t)
+                model_float.append(model_t.detach())
+            else:  # integer buffers are counters, copied
+                ema_t.copy_(model_t)
+        torch._foreach_lerp_(ema_float, model_float, 1.0 - ema_decay(self.updates, self.decay, self.tau))
 
     @torch.no_grad()
     def sync_buffers(self) -> None:

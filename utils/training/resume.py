@@ -5,6 +5,7 @@ instead of a load_state_dict traceback."""
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from utils.checkpoint import Checkpoint
@@ -22,3 +23,11 @@ def checkpoint_flags(ckpt: Checkpoint, keys: Iterable[str], current: dict[str, A
         raise InputError(f"--resume continues the checkpoint's network, but {'; '.join(conflicts)}: drop "
                          f"{'those flags' if len(conflicts) > 1 else 'that flag'} (to train a different network, start a new run)")
     return {key: saved[key] for key in keys if key in saved}
+
+
+def check_resumable(ckpt: Checkpoint, path: str | Path) -> None:
+    """--resume needs the optimizer state, which only last.pth keeps (best.pth and quantize.py's FP16 checkpoints
+    leave it out): one line naming the run's last.pth instead of a KeyError later."""
+    if ckpt.get("optimizer") is None:
+        raise InputError(f"cannot resume from {path}: it holds no optimizer state (best.pth keeps only the network, for "
+                         f"eval, export and predict); fix: --resume {Path(path).parent / 'last.pth'}")

@@ -1,4 +1,5 @@
-"""Random state: seeding per epoch and the RNG snapshot a checkpoint carries, so a resumed run repeats exactly."""
+"""Random state: train.py seeds every epoch from (seed, epoch, rank) before anything draws from it, so a resumed run
+repeats exactly without an RNG snapshot in the checkpoint (older checkpoints carry one under "rng"; it is ignored)."""
 
 from __future__ import annotations
 
@@ -13,19 +14,3 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
-
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64))}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), 624, 0, 0.0))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
