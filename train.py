@@ -13,7 +13,6 @@ results.png), printed first and last as "run_dir: <path>"; --resume continues it
 from __future__ import annotations
 
 import math
-import signal
 import sys
 import time
 from dataclasses import replace
@@ -42,6 +41,7 @@ from utils.training.config import RUN_FIELDS, TrainConfig
 from utils.training.dashboard import TrainingDashboard, evaluation_details
 from utils.training.ema import ModelEMA
 from utils.training.engine import TrainState, train_one_epoch
+from utils.training.interrupt import GracefulStop
 from utils.training.length import TrainingLength
 from utils.training.optim import OPTIMIZERS, build_optimizer
 from utils.training.recorder import RunRecorder
@@ -129,10 +129,6 @@ def get_args_parser():
     g.add_argument("--log_every", type=cli.positive(), default=50, help="training iterations per TensorBoard point")
     cli.add_quiet_arg(g)
     return p
-
-
-def raise_keyboard_interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
 
 
 def main(argv=None) -> int:
@@ -224,47 +220,63 @@ def train(cfg: TrainConfig, ckpt: dict | None, init: dict | None, spec: DataSpec
         describe_run(cfg, model, len(train_set), len(val_set), classes, device, world, loaders, augment, precision, resume,
                      recorder.log_dir)
         describe_balance(cfg, train_set, classes, class_weights)
-    # SIGTERM (docker stop, kill, job schedulers) behaves like Ctrl-C: save last.pth, then exit. Its own handler, not
-    # a copy of SIGINT's: a shell starts background jobs with SIGINT ignored, and copying that would ignore SIGTERM too.
-    signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
-    epoch = resume.start_epoch
+    stop = GracefulStop(announce=main_proc).install()  # Ctrl-C / SIGTERM: stop after the current optimizer step
+    epoch, partial, done = resume.start_epoch, resume.partial, None
     try:
         while epoch < length.max_epoch:
             start = time.perf_counter()
             seed_everything(cfg.seed + 1000 * epoch + rank)  # each epoch's randomness depends only on (seed, epoch)
             loaders.set_epoch(epoch)
-            stats = train_one_epoch(model, loaders.train, criterion, state, device, epoch + 1, not cfg.quiet)
+            with stop.stepping():
+                stats = train_one_epoch(model, loaders.train, criterion, state, device, epoch + 1, not cfg.quiet,
+                                        resume_from=partial, stop=stop)
+            partial = None
+            if stats["stopped"] is not None:
+                done = stats["stopped"]
+                raise KeyboardInterrupt
+            done = stats["progress"]  # the epoch's training is complete: a stop in validation resumes from here
+            if stop.requested:
+                raise KeyboardInterrupt
             row = {"epoch": epoch + 1, "lr": stats["lr"], "train_loss": stats["train_loss"], "train_acc1": stats["train_acc1"],
                    "seconds": round(stats["seconds"], 2)}
             if (epoch + 1) % cfg.eval_epoch == 0 or epoch + 1 == length.max_epoch:
                 row.update(validate(model, state, loaders.val, device, len(classes), val_criterion, cfg, recorder, epoch + 1))
             recorder.add(row)
-            stop = length.after_epoch(epoch + 1, time.perf_counter() - start, row.get("val_acc1"), state.scheduler, state.step)
+            end_early = length.after_epoch(epoch + 1, time.perf_counter() - start, row.get("val_acc1"), state.scheduler,
+                                           state.step)
             if length.max_epoch != cfg.max_epoch:  # a time budget fixes it after the first epoch
                 cfg = replace(cfg, max_epoch=length.max_epoch)
                 identity["args"] = cfg.to_dict()  # the checkpoints' copy (saver.identity is this dict)
                 recorder.set_args(identity["args"])
             check_finite(row, cfg)  # a diverged run stops before its NaN weights reach last.pth/best.pth
-            recorder.write_identity()  # cfg.json and classes.txt once the first epoch is through (then no-op)
+            recorder.write_identity()  # args.json and classes.txt once the first epoch is through (then no-op)
             saver.epoch_end(epoch, row.get("val_acc1"))
+            done = None  # last.pth holds this epoch now
             recorder.write_epoch(row, stats["images_per_s"])
             if main_proc and epoch == resume.start_epoch:
                 run.mark_latest()  # <name>-latest follows the newest run with a checkpoint
             epoch += 1
             barrier()
-            if stop:
+            if end_early:
                 break
         if cfg.tta != "none":  # the final weights once more, with test-time augmentation
             recorder.add_to_last_row(validate(model, state, loaders.val, device, len(classes), val_criterion, cfg, recorder,
                                               epoch, tta=cfg.tta))
+            saver.rewrite_last()  # its history carries the TTA columns too, so a later --resume keeps them
     except KeyboardInterrupt:
-        saved = saver.interrupted()
-        if saved:
-            print(f"\ninterrupted in epoch {epoch + 1}: saved {saved}; continue with --resume", flush=True)
+        saved = saver.interrupted(done)
+        if main_proc:
+            where = (f"after batch {done.batches} of {done.of}" if done is not None and done.batches < done.of
+                     else "after its training, before validation" if done is not None else "")
+            print(f"\ninterrupted in epoch {epoch + 1}{' ' + where if where else ''}: "
+                  + (f"saved {saved}; continue with --resume {saved}" if saved else
+                     f"nothing newer to save (last.pth holds epoch {saver.finished + 1})" if saver.finished >= 0 else
+                     "nothing saved yet (no epoch had finished)"), flush=True)
             run.announce()
         cleanup()
         return 130
     finally:
+        stop.uninstall()
         recorder.close()
     if main_proc:
         recorder.plot()

@@ -44,6 +44,7 @@ class Checkpoint(TypedDict, total=False):
     optimizer: dict | None
     scheduler: dict | None  # absent in checkpoints written before the LRScheduler (derived from `step` then)
     scaler: dict | None
+    partial: dict | None  # stopped mid-epoch (Ctrl-C, SIGTERM): utils.training.engine.EpochProgress.to_dict()
     rng: dict  # written until the per-epoch seeding made it unneeded; ignored
     args: dict  # train.py's flags
     torch_version: str

@@ -59,6 +59,19 @@ def broadcast_object(obj):
     return box[0]
 
 
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def all_gather_object(obj) -> list:
+    """Every process's `obj`, in rank order ([obj] in a single process)."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()

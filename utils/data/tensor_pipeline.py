@@ -176,9 +176,14 @@ class TensorTrainLoader:
         return n // self.batch_size if self.drop_last else (n + self.batch_size - 1) // self.batch_size
 
     def __iter__(self):
+        return self.iter_from(0)
+
+    def iter_from(self, start: int):
+        """The batches from batch `start` on, in the epoch's order (a stopped epoch resumes here without touching the
+        batches before it; their random draws are restored by the caller)."""
         order = torch.as_tensor(list(self.sampler), dtype=torch.int64)
         height, width = self.images.shape[-2:]
-        for b in range(len(self)):
+        for b in range(start, len(self)):
             index = order[b * self.batch_size:(b + 1) * self.batch_size]
             params = sample_params(len(index), height, width, augment=self.augment, out_size=self.pre.img_size)
             index = index.to(self.images.device)

@@ -5,8 +5,12 @@ how a run continues from one.
   without the optimizer, scheduler and scaler state (as Ultralytics strips best.pt): a third of last.pth with
   AdamW, half with EMA, and all that eval, export, predict, quantize and --init_from read (network identity,
   weights, EMA, epoch, step, best_acc1, history, args, split). --resume refuses it and names last.pth.
-- Interrupted (Ctrl-C, SIGTERM): last.pth labelled with the last *finished* epoch, so --resume repeats the
-  interrupted epoch once, exactly as an uninterrupted run would have trained it.
+- Interrupted (Ctrl-C, SIGTERM; utils/training/interrupt.py stops at an optimizer-step boundary): last.pth holds
+  the state of that step, labelled as what it is: the last *finished* epoch in `epoch`, plus `partial` (the epoch
+  in progress, the micro-batches done of it, its running sums and the random generators at that step:
+  engine.EpochProgress), so --resume trains the rest of that epoch exactly as an uninterrupted run would. A second
+  signal (a step that does not end) or a stop outside training leaves the last saved last.pth as it is.
+  (A SIGKILL cannot be handled: the end-of-epoch last.pth survives it.)
 - Start: temporary files that killed saves of earlier runs left in the run directory are removed.
 - Resume: model, optimizer, scheduler position, scaler, EMA, history and best acc@1 come back (no RNG state:
   every epoch is seeded from (seed, epoch); the `rng` entry of older checkpoints is ignored);
@@ -24,7 +28,7 @@ from torch import nn
 from utils.checkpoint import Checkpoint, save_checkpoint
 from utils.io import remove_stale_temps
 from utils.training.ema import ModelEMA, unwrap
-from utils.training.engine import TrainState
+from utils.training.engine import EpochProgress, TrainState
 
 RESUME_ONLY = ("optimizer", "scheduler", "scaler")  # in last.pth, left out of best.pth
 
@@ -38,10 +42,11 @@ class ResumePoint:
     best_acc1: float = 0.0
     history: list[dict] = field(default_factory=list)
     log_dir: str | None = None  # the run's TensorBoard directory (train.py --tensorboard), continued on resume
+    partial: EpochProgress | None = None  # how far into start_epoch the checkpoint's run was stopped
 
     def start_at(self, epoch: int, state: TrainState) -> None:
         """--start_epoch: begin at `epoch` (0-based), with the LR schedule at that epoch's first step."""
-        self.start_epoch = epoch
+        self.start_epoch, self.partial = epoch, None
         state.step = epoch * state.scheduler.steps_per_epoch
         state.scheduler.seek(state.step)
 
@@ -58,8 +63,10 @@ def restore(ckpt: Checkpoint, *, model: nn.Module, state: TrainState) -> ResumeP
     # checkpoints written before the LRScheduler carry no scheduler state: the position is the step count
     state.scheduler.load_state_dict(ckpt.get("scheduler") or {"last_epoch": step})
     state.step = step
+    partial = ckpt.get("partial")
     return ResumePoint(ckpt["epoch"] + 1, step, ckpt["best_acc1"], list(ckpt.get("history", [])),
-                       (ckpt.get("args") or {}).get("tensorboard_dir"))
+                       (ckpt.get("args") or {}).get("tensorboard_dir"),
+                       EpochProgress.from_dict(partial) if partial else None)
 
 
 class CheckpointSaver:
@@ -96,9 +103,17 @@ class CheckpointSaver:
                 save_checkpoint({k: v for k, v in ckpt.items() if k not in RESUME_ONLY}, self.run_dir / "best.pth")
         return is_best
 
-    def interrupted(self) -> Path | None:
-        """Save last.pth as of the last finished epoch (rows of later epochs dropped from the history)."""
-        if not self.enabled:
-            return None
+    def rewrite_last(self) -> None:
+        """last.pth again, as of the same finished epoch, after the history gained values (the final TTA row)."""
+        if self.enabled and self.finished >= 0:
+            save_checkpoint(self.assemble(self.finished), self.run_dir / "last.pth")
+
+    def interrupted(self, progress: EpochProgress | None) -> Path | None:
+        """Save last.pth at the step where training stopped (`progress` into the epoch after the last finished one;
+        the history keeps the finished epochs' rows only). None: nothing newer than the last.pth on disk."""
         self.history[:] = [r for r in self.history if r["epoch"] <= self.finished + 1]
-        return save_checkpoint(self.assemble(self.finished), self.run_dir / "last.pth")
+        if not self.enabled or progress is None:
+            return None
+        ckpt = self.assemble(self.finished)
+        ckpt["partial"] = progress.to_dict()
+        return save_checkpoint(ckpt, self.run_dir / "last.pth")

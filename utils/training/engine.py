@@ -11,15 +11,17 @@ import contextlib
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
-from utils.distributed import all_reduce_sum, world_size
+from utils.distributed import all_gather_object, all_reduce_sum, is_distributed, rank, world_size
 from utils.errors import InputError
 from utils.evaluation.loop import progress
 from utils.precision import autocast
+from utils.training.interrupt import GracefulStop
+from utils.training.rng import rng_state, set_rng_state
 
 
 @dataclass(kw_only=True)
@@ -53,6 +55,52 @@ class TrainState:
         return self.optimizer.param_groups[0]["lr"] if self.step < self.scheduler.total_steps else previous
 
 
+@dataclass(frozen=True)
+class EpochProgress:
+    """Where a stopped epoch stands: `batches` micro-batches of `of` done (an optimizer-step boundary), the epoch's
+    running sums over every process and its time so far, and each process's random generators at that point, so the
+    rest of the epoch can be trained exactly as an uninterrupted run trains it (train_one_epoch(..., resume_from=...))."""
+
+    batches: int
+    of: int  # micro-batches in the whole epoch: a resumed epoch must be cut the same way
+    loss_sum: float  # summed over processes: on resume rank 0 carries them, the others start from 0
+    correct: float
+    seen: int
+    seconds: float
+    lr: float
+    rng: list[dict]  # utils.training.rng.rng_state() of each rank, in rank order
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> EpochProgress:
+        return cls(**{key: d[key] for key in cls.__dataclass_fields__})
+
+
+def batches_from(loader, start: int):
+    """An iterator over `loader` from batch `start`: loaders that can seek (the tensor pipeline) start there; others
+    (DataLoader workers) load and drop the first batches, so every worker's random state is where it was."""
+    if start == 0:
+        return iter(loader)
+    if hasattr(loader, "iter_from"):
+        return loader.iter_from(start)
+    it = iter(loader)
+    for _ in range(start):
+        next(it)
+    return it
+
+
+def stop_agreed(stop: GracefulStop | None, device: torch.device, crossed_log_point: bool) -> bool:
+    """Whether to end the epoch after this optimizer step. Under torchrun the ranks must agree: they compare their
+    flags (a collective) only where the loop syncs anyway, at its log points."""
+    if stop is None:
+        return False
+    if not is_distributed():
+        return stop.requested
+    return crossed_log_point and all_reduce_sum([float(stop.requested)], device)[0] > 0
+
+
 def optimizer_step(model: nn.Module, state: TrainState) -> torch.Tensor | None:
     """Unscale, clip, step (skipped by the scaler on inf/NaN gradients), zero, update the EMA, advance the LR.
     Returns the total gradient norm before clipping (a device tensor) when clipping or tracking measured it."""
@@ -73,8 +121,13 @@ def optimizer_step(model: nn.Module, state: TrainState) -> torch.Tensor | None:
 
 
 def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, state: TrainState, device: torch.device,
-                    epoch: int, show_progress: bool = True) -> dict:
+                    epoch: int, show_progress: bool = True, *, resume_from: EpochProgress | None = None,
+                    stop: GracefulStop | None = None) -> dict:
     """One pass over `loader`; the optimizer steps every `accumulation` micro-batches and after the last one.
+
+    resume_from: continue an epoch that was stopped (its first batches are skipped, its sums and random state
+    restored). stop: when a stop is requested the epoch ends after the current optimizer step, and the result's
+    "stopped" holds the EpochProgress to resume from (else None).
 
     Each micro-batch's mean loss is divided by the number of micro-batches in its window, so k
     micro-batches of b samples give the gradient of one batch of k*b samples. With `state.mix` (Mixup/CutMix) the
@@ -85,6 +138,10 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, state: Train
     num_batches = len(loader)
     k = max(1, state.accumulation)
     amp = autocast(device, state.amp, state.amp_dtype)
+    first = 0 if resume_from is None else resume_from.batches
+    if resume_from is not None and resume_from.of != num_batches:
+        raise InputError(f"the checkpoint stopped epoch {epoch} after batch {first} of {resume_from.of}, but this run cuts the "
+                         f"epoch into {num_batches} batches: resume with the run's --batch_size, --accumulation and data")
     # [loss sum, correct] over the epoch and since the last log point, summed on the device in micro-batch order
     totals = torch.zeros(2, dtype=torch.float64, device=device)
     window = torch.zeros(2, dtype=torch.float64, device=device)
@@ -92,10 +149,18 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, state: Train
     seen = window_seen = 0
     loss_sum = correct = 0.0
     lr = state.optimizer.param_groups[0]["lr"]
-    start = last_log = time.perf_counter()
-    bar = progress(loader, show_progress, total=num_batches, desc=f"epoch {epoch}")
+    batches = batches_from(loader, first)
+    if resume_from is not None:
+        if resume_from.rng:  # after the skipped batches: the generators are where the stop left them
+            set_rng_state(resume_from.rng[rank()])
+        lr = resume_from.lr
+        if rank() == 0:
+            totals += torch.tensor([resume_from.loss_sum, resume_from.correct], dtype=torch.float64, device=device)
+            seen, loss_sum, correct = resume_from.seen, resume_from.loss_sum, resume_from.correct
+    start = last_log = time.perf_counter() - (resume_from.seconds if resume_from is not None else 0.0)
+    bar = progress(batches, show_progress, total=num_batches, initial=first, desc=f"epoch {epoch}")
     state.optimizer.zero_grad(set_to_none=True)
-    for i, (images, targets) in enumerate(bar):
+    for i, (images, targets) in enumerate(bar, start=first):
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         labels = targets
@@ -131,6 +196,12 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, state: Train
         window += batch
         seen += n
         window_seen += n
+        crossed = (i + 1) // state.log_every != (window_start) // state.log_every
+        if last_in_window and i + 1 < num_batches and stop_agreed(stop, device, crossed):
+            bar.close()
+            loss_sum, correct, seen_all = all_reduce_sum([*totals.tolist(), seen], device)
+            return {"stopped": EpochProgress(i + 1, num_batches, loss_sum, correct, int(seen_all),
+                                             time.perf_counter() - start, lr, all_gather_object(rng_state()))}
         if (i + 1) % state.log_every == 0 or i + 1 == num_batches:
             synced = torch.cat([totals, window, grad_window]).tolist()  # the one host sync
             loss_sum, correct, window_loss, window_correct, grad_sum, grad_count = synced
@@ -155,4 +226,5 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, state: Train
     seconds = time.perf_counter() - start
     loss_sum, correct, seen = all_reduce_sum([loss_sum, correct, seen], device)
     return {"train_loss": loss_sum / max(seen, 1), "train_acc1": correct / max(seen, 1), "lr": lr,
-            "seconds": seconds, "images_per_s": seen / max(seconds, 1e-9)}
+            "seconds": seconds, "images_per_s": seen / max(seconds, 1e-9), "stopped": None,
+            "progress": EpochProgress(num_batches, num_batches, loss_sum, correct, int(seen), seconds, lr, [])}
