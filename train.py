@@ -45,7 +45,7 @@ from utils.training.interrupt import GracefulStop
 from utils.training.length import TrainingLength
 from utils.training.optim import OPTIMIZERS, build_optimizer
 from utils.training.recorder import RunRecorder
-from utils.training.resume import check_resumable, checkpoint_flags
+from utils.training.resume import check_resumable, checkpoint_flags, fixed_by_resume
 from utils.training.rng import seed_everything
 from utils.training.run_dir import RunDir, check_run_name, choose_run_dir
 from utils.training.schedule import SCHEDULES, WarmupSchedule
@@ -145,6 +145,7 @@ def main(argv=None) -> int:
     if ckpt is not None:
         check_resumable(ckpt, flags["resume"])
         flags.update(checkpoint_flags(ckpt, NETWORK_FLAGS, flags, explicit))
+        flags.update(fixed_by_resume(ckpt, flags, explicit))
     init = load_checkpoint(flags["init_from"]) if flags["init_from"] else None
     if init is not None:
         saved = {**(init.get("args") or {}), "model": init["model_name"]}
@@ -374,7 +375,7 @@ def describe_run(cfg: TrainConfig, model, num_train: int, num_val: int, classes:
 
 def describe_folders(train_set, val_set, run_dir: Path) -> dict[str, str]:
     """Image folders: used and skipped images per class of each split. Returns the files the run keeps about its data
-    (split.json, skipped_images.txt), written with cfg.json once the first epoch is through."""
+    (split.json, skipped_images.txt), written with args.json once the first epoch is through."""
     files = {}
     scans = [(name, getattr(ds, "scan", None)) for name, ds in (("train", train_set), ("val", val_set))]
     scans = [(name, scan) for name, scan in scans if scan is not None]

@@ -54,3 +54,22 @@ def test_a_time_budget_never_lengthens_a_run(tmp_path, fashion_root):
     assert len((run / "results.csv").read_text().splitlines()) == 1 + 2
     assert json.loads((run / "args.json").read_text())["max_epoch"] == 2
     assert time.perf_counter() - started < 120
+
+
+def test_resume_keeps_the_tta_columns_and_records_the_flags_it_could_not_change(tmp_path):
+    from conftest import make_image_folder
+
+    data = make_image_folder(tmp_path / "parts", per_class=8, splits=("train",)) / "train"  # no val/: the run splits it
+    base = ["--dataset", str(data), "--path_to_save", str(tmp_path / "runs"), "--model", "custom", "--img_size", "16",
+            "--batch_size", "8", "--num_workers", "0", "--quiet", "--device", "cpu", "--tta", "flip"]
+    assert run_main("train.py", *base, "--max_epoch", "1", "--val_fraction", "0.25").returncode == 0
+    run = tmp_path / "runs" / "train" / "custom"
+    first = (run / "results.csv").read_text().splitlines()
+    assert first[0].endswith("val_loss_tta,val_acc1_tta,val_acc5_tta") and len(first) == 2
+    resumed = run_main("train.py", *base, "--max_epoch", "2", "--val_fraction", "0.5", "--resume", str(run / "last.pth"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "note: --val_fraction 0.5 has no effect on --resume: the run continues with 0.25" in resumed.stdout
+    rows = (run / "results.csv").read_text().splitlines()
+    assert len(rows) == 3 and rows[1] == first[1]  # epoch 1's TTA values survive the resume
+    assert all(cell != "" for cell in rows[2].split(","))  # and epoch 2, the last, has its own
+    assert json.loads((run / "args.json").read_text())["val_fraction"] == 0.25

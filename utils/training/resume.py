@@ -31,3 +31,21 @@ def check_resumable(ckpt: Checkpoint, path: str | Path) -> None:
     if ckpt.get("optimizer") is None:
         raise InputError(f"cannot resume from {path}: it holds no optimizer state (best.pth keeps only the network, for "
                          f"eval, export and predict); fix: --resume {Path(path).parent / 'last.pth'}")
+
+
+# flags a resumed run cannot change (the split is the recorded one, the weights are the checkpoint's): args.json
+# keeps the values the run really used, not what the resuming command line said
+FIXED_BY_RESUME = ("val_fraction", "pretrained")
+
+
+def fixed_by_resume(ckpt: Checkpoint, current: dict[str, Any], explicit: set[str]) -> dict[str, Any]:
+    """The checkpoint's values of FIXED_BY_RESUME (the split record's --val_fraction first), with a note for each
+    explicitly given flag they replace."""
+    saved = dict(ckpt.get("args") or {})
+    if ckpt.get("split"):
+        saved["val_fraction"] = ckpt["split"]["val_fraction"]
+    out = {key: saved[key] for key in FIXED_BY_RESUME if key in saved}
+    for key in sorted(explicit & out.keys()):
+        if current[key] != out[key]:
+            print(f"note: --{key} {current[key]} has no effect on --resume: the run continues with {out[key]}")
+    return out
