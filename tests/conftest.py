@@ -204,3 +204,14 @@ def assert_valid_png(path, min_side: int = 50) -> None:
         img.verify()
     with Image.open(path) as img:
         assert img.format == "PNG" and min(img.size) >= min_side, (path, img.size)
+
+
+# ----------------------------------------------------------------------------- shared by the data/training test files
+# (test_bad_inputs, test_run_safety, test_training_options, test_tensor_pipeline, ...): built once per session
+
+
+@pytest.fixture(scope="session")
+def small_fashion_root(tmp_path_factory) -> Path:
+    """A Fashion-MNIST root of 64 train / 32 test images (same classes and format as `fashion_root`), for trainings
+    whose assertions need a run, not a learned model: an epoch is two or four batches."""
+    return make_fashion_root(tmp_path_factory.mktemp("fmnist_small"), n_train=64, n_test=32)

@@ -1,7 +1,11 @@
 """Malformed inputs are one line on stderr, exit 2, no traceback: a checkpoint that would run code when unpickled
 (the line names the code; torch's advice to load it with weights_only=False is never repeated), a checkpoint without
 the network's description, a truncated checkpoint, a file that is no checkpoint, and truncated or corrupt
-Fashion-MNIST files and .gz archives."""
+Fashion-MNIST files and .gz archives.
+
+The scripts run in this process (conftest.run_main: main(argv) through utils.cli.run, as a real process runs it);
+one case per script (eval.py, export.py, predict_ckpoint.py) runs as a real process, so the whole stderr of a fresh
+interpreter is checked to be the one line too."""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ import os
 
 import pytest
 import torch
-from conftest import make_fashion_root, run_script
+from conftest import make_fashion_root, run_main, run_script
 from PIL import Image
 
 from utils.checkpoint import load_checkpoint
@@ -50,9 +54,12 @@ def test_checkpoint_with_code_is_refused_and_names_the_code(tmp_path, trained_ck
 
     with pytest.raises(InputError, match=r"^refusing to load .*evil.pth: it contains code: posix.system "):
         load_checkpoint(evil)
-    for argv in (["export.py", "--weights", str(evil)], ["eval.py", "--weights", str(evil), "--device", "cpu"],
+    # a real process: nothing else (no warning of torch's) reaches stderr either
+    assert_one_line(run_script("eval.py", "--weights", str(evil), "--device", "cpu"), "it contains code: posix.system",
+                    str(evil))
+    for argv in (["export.py", "--weights", str(evil)],
                  ["train.py", "--resume", str(evil), "--path_to_save", str(tmp_path / "runs")]):
-        assert_one_line(run_script(*argv), "it contains code: posix.system", str(evil))
+        assert_one_line(run_main(*argv), "it contains code: posix.system", str(evil))
     assert not marker.exists() and not (tmp_path / "runs").exists()
 
 
@@ -69,11 +76,12 @@ def test_truncated_checkpoint_and_non_checkpoints_are_one_line(tmp_path, trained
     for path, needle in cases.items():
         with pytest.raises(InputError, match=needle):
             load_checkpoint(path)
+    # real processes for export.py and predict_ckpoint.py; train.py in this process
     assert_one_line(run_script("export.py", "--weights", str(truncated)), "the file is truncated or corrupt", str(truncated))
     Image.new("L", (28, 28), 128).save(tmp_path / "shirt.png")
     assert_one_line(run_script("predict_ckpoint.py", "--weights", str(partial), "--image", str(tmp_path / "shirt.png")),
                     "lacks num_classes, classes, preprocess")
-    assert_one_line(run_script("train.py", "--resume", str(junk), "--path_to_save", str(tmp_path / "runs")),
+    assert_one_line(run_main("train.py", "--resume", str(junk), "--path_to_save", str(tmp_path / "runs")),
                     "not a PyTorch checkpoint")
 
 
@@ -103,7 +111,7 @@ def test_truncated_or_corrupt_fashion_mnist_file_is_one_line(tmp_path, damage):
         target.write_bytes(gzip.compress(gzip.decompress(target.read_bytes())[:1000]))
         needle = "1000 bytes of data where its header (64 x 28 x 28) needs 50192"
     out = tmp_path / "runs"
-    line = assert_one_line(run_script(*TRAIN, "--data_root", str(root), "--path_to_save", str(out)),
+    line = assert_one_line(run_main(*TRAIN, "--data_root", str(root), "--path_to_save", str(out)),
                            f"Fashion-MNIST file {target} is truncated or corrupt", needle)
     assert "fix: " in line
     assert not out.exists()  # the directories the run made are removed again
@@ -113,6 +121,6 @@ def test_extracted_fashion_mnist_file_of_the_wrong_size_is_one_line(tmp_path):
     root = make_fashion_root(tmp_path / "fm", n_train=64, n_test=32)
     labels = root / "FashionMNIST" / "raw" / "t10k-labels-idx1-ubyte"
     labels.write_bytes(labels.read_bytes()[:-5])
-    assert_one_line(run_script(*TRAIN, "--data_root", str(root), "--path_to_save", str(tmp_path / "runs")),
+    assert_one_line(run_main(*TRAIN, "--data_root", str(root), "--path_to_save", str(tmp_path / "runs")),
                     f"Fashion-MNIST file {labels} is truncated or corrupt (35 bytes of data where its header (32) needs 40)")
     assert not (tmp_path / "runs").exists()

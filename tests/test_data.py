@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import run_script
+from conftest import run_main
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
@@ -104,10 +104,12 @@ def test_input_error_from_a_dataloader_worker_is_one_line(capsys):
 # ----------------------------------------------------------------------------- bad input through train.py
 
 
-def train_fails(tmp_path, *args: str, env: dict | None = None) -> str:
-    """Run train.py with bad input; assert exit code 2, one stderr line, no traceback; return that line."""
-    proc = run_script("train.py", *args, "--img_size", "32", "--max_epoch", "1", "--path_to_save", str(tmp_path / "out"),
-                      "--quiet", "--device", "cpu", env=env, timeout=300)
+def train_fails(tmp_path, *args: str) -> str:
+    """Run train.py's main with bad input (in this process, through utils.cli.run as `python train.py` runs it; real
+    processes: tests/test_train.py, tests/test_run_safety.py); assert exit code 2, one stderr line, no traceback;
+    return that line."""
+    proc = run_main("train.py", *args, "--img_size", "32", "--max_epoch", "1", "--path_to_save", str(tmp_path / "out"),
+                    "--quiet", "--device", "cpu")
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
     lines = proc.stderr.strip().splitlines()
@@ -161,16 +163,22 @@ def test_truncated_jpeg_is_named_before_training(tmp_path, image_folder):
     assert str(broken) in line and "truncated" in line
 
 
-def test_missing_fashion_mnist_offline_names_the_folder_and_the_package(tmp_path):
+def test_missing_fashion_mnist_offline_names_the_folder_and_the_package(tmp_path, monkeypatch):
+    import urllib.request
+
+    import utils.data.fashion_mnist as fashion
+
     empty = tmp_path / "empty_root"
     empty.mkdir()
-    offline = {"https_proxy": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9",
-               "HTTP_PROXY": "http://127.0.0.1:9", "no_proxy": "", "NO_PROXY": ""}
+    for name in ("https_proxy", "http_proxy", "HTTPS_PROXY", "HTTP_PROXY"):  # offline: every download is refused
+        monkeypatch.setenv(name, "http://127.0.0.1:9")
+    for name in ("no_proxy", "NO_PROXY"):
+        monkeypatch.setenv(name, "")
+    monkeypatch.setattr(urllib.request, "_opener", None)  # urlopen's cached opener: built anew, with these proxies
     # point the Debian package location at an empty place, so the result does not depend on this machine's packages
-    code = ("import sys, pathlib, utils.data.fashion_mnist as d; d.DEBIAN_FASHION_MNIST = pathlib.Path(sys.argv.pop(1)); "
-            "import train; from utils import cli; cli.run(train.main)")
-    proc = run_script("-c", code, str(tmp_path / "no_debian_package"), "--data_root", str(empty), "--path_to_save",
-                      str(tmp_path / "out"), "--quiet", "--num_workers", "0", env=offline, timeout=300)
+    monkeypatch.setattr(fashion, "DEBIAN_FASHION_MNIST", tmp_path / "no_debian_package")
+    proc = run_main("train.py", "--data_root", str(empty), "--path_to_save", str(tmp_path / "out"), "--quiet",
+                    "--num_workers", "0")
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_image_folder, run_script
+from conftest import make_image_folder, run_main
 from image_files import GOOD_FILES, jpeg_bytes, picture, write_bomb_png, write_good_files, write_truncated_jpeg
 from PIL import Image
 from torchvision import datasets
@@ -249,7 +249,7 @@ def test_train_reports_every_bad_file_then_skips_them(tmp_path):
     write_good_files(root / "train" / "dog" / "more")
     common = ["--model", "custom", "--img_size", "32", "--max_epoch", "1", "--batch_size", "8", "--num_workers", "0",
               "--device", "cpu", "--quiet", "--path_to_save", str(tmp_path / "runs"), "--dataset", str(root)]
-    proc = run_script("train.py", *common, timeout=300)
+    proc = run_main("train.py", *common)  # main(argv) in this process, as `python train.py` runs it
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr
     assert proc.stderr.splitlines() == [
@@ -259,7 +259,7 @@ def test_train_reports_every_bad_file_then_skips_them(tmp_path):
         "error: 2 image files cannot be read (listed above); fix: remove or replace them, or pass --skip_bad_images "
         "to leave them out"]
     assert not (tmp_path / "runs").exists()
-    proc = run_script("train.py", *common, "--skip_bad_images", timeout=300)
+    proc = run_main("train.py", *common, "--skip_bad_images")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stderr.count("Pillow cannot read") == 1 and "(--skip_bad_images: left out)" in proc.stderr
     n_dog = 4 + len(GOOD_FILES)

@@ -1,5 +1,9 @@
 """Never lose a run: numbered run directories, no trace of a failed start in an earlier run, no temp files left by
-killed saves, one-line errors when the system refuses a write, and no NaN weights in best.pth."""
+killed saves, one-line errors when the system refuses a write, and no NaN weights in best.pth.
+
+train.py's one-line errors run main(argv) in this process (conftest.run_main, through utils.cli.run as a real process);
+real processes stay where the mechanism needs them: SIGKILL, and the tiny read-only or full filesystems, which exist
+only in the private mount namespace of the process that writes to them."""
 
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, run_script
+from conftest import ROOT, run_main
 
 import train
 from utils.errors import InputError
@@ -30,8 +34,8 @@ def run_dir_lines(out: str) -> list[str]:
     return [line.removeprefix("run_dir: ") for line in out.splitlines() if line.startswith("run_dir: ")]
 
 
-def test_second_run_gets_a_numbered_directory_and_the_latest_link_follows(tmp_path, fashion_root, capsys):
-    base = ["--data_root", str(fashion_root), "--path_to_save", str(tmp_path), *FAST]
+def test_second_run_gets_a_numbered_directory_and_the_latest_link_follows(tmp_path, small_fashion_root, capsys):
+    base = ["--data_root", str(small_fashion_root), "--path_to_save", str(tmp_path), *FAST]
     assert train.main(base) == 0
     first = capsys.readouterr().out
     first_dir = tmp_path / "FashionMNIST" / "custom"
@@ -57,10 +61,10 @@ def test_second_run_gets_a_numbered_directory_and_the_latest_link_follows(tmp_pa
 
 def test_name_flag_and_bad_names(tmp_path, fashion_root):
     out = tmp_path / "w"
-    bad = run_script("train.py", "--name", "../x", "--path_to_save", str(out), "--data_root", str(fashion_root), *FAST)
+    bad = run_main("train.py", "--name", "../x", "--path_to_save", str(out), "--data_root", str(fashion_root), *FAST)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
     assert "--name" in bad.stderr and not out.exists()
-    bad = run_script("train.py", "--name", "exp-latest", "--path_to_save", str(out), "--data_root", str(fashion_root), *FAST)
+    bad = run_main("train.py", "--name", "exp-latest", "--path_to_save", str(out), "--data_root", str(fashion_root), *FAST)
     assert bad.returncode == 2 and "-latest" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
 
 
@@ -95,8 +99,8 @@ def test_failed_start_in_a_reused_directory_leaves_the_earlier_run_intact(tmp_pa
 
 
 def test_diverged_run_is_one_line_exit_2_and_writes_no_checkpoint(tmp_path, fashion_root):
-    result = run_script("train.py", "--data_root", str(fashion_root), "--path_to_save", str(tmp_path), *FAST,
-                        "--base_lr", "1e6")
+    result = run_main("train.py", "--data_root", str(fashion_root), "--path_to_save", str(tmp_path), *FAST,
+                      "--base_lr", "1e6")
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines() == [result.stderr.strip()] and "Traceback" not in result.stderr
     assert result.stderr.startswith("error: training diverged: the loss became nan in epoch 1 (by batch "), result.stderr
@@ -130,7 +134,7 @@ def test_write_into_a_path_whose_parent_is_a_file_is_one_line(tmp_path):
         atomic_write_text(blocker / "sub" / "report.json", "{}\n")
     with pytest.raises(InputError, match=r"^not a directory: .*file.txt.*; fix: "):
         make_dirs(blocker)
-    result = run_script("train.py", "--path_to_save", str(blocker / "runs"), "--data_root", str(tmp_path), *FAST)
+    result = run_main("train.py", "--path_to_save", str(blocker / "runs"), "--data_root", str(tmp_path), *FAST)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]
     assert result.stderr.startswith("error: not a directory: ") and str(blocker) in result.stderr
@@ -158,9 +162,9 @@ def tiny_fs_shell(script: str, size: str = "96k", options: str = "") -> subproce
                           capture_output=True, text=True, timeout=600)
 
 
-def test_disk_full_during_training_is_one_line_exit_2_and_leaves_no_partial_file(fashion_root):
+def test_disk_full_during_training_is_one_line_exit_2_and_leaves_no_partial_file(small_fashion_root):
     # 96 KiB: room for the run directory, not for last.pth (2 MB)
-    result = tiny_fs_shell(f"{sys.executable} train.py --data_root {fashion_root} --path_to_save $FS {' '.join(FAST)}; "
+    result = tiny_fs_shell(f"{sys.executable} train.py --data_root {small_fashion_root} --path_to_save $FS {' '.join(FAST)}; "
                            "rc=$?; echo; echo files:; find $FS -type f | sort; exit $rc")
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr and result.stderr.strip().splitlines() == [result.stderr.strip()]
@@ -180,7 +184,7 @@ def test_read_only_output_directory_is_one_line_exit_2(fashion_root):
 
 def test_eval_prints_its_metrics_before_failing_to_write_them(trained_ckpt, fashion_root):
     result = tiny_fs_shell(f"{sys.executable} eval.py --weights {trained_ckpt} --data_root {fashion_root} --quiet "
-                           "--num_workers 0 --device cpu --output $FS/report.json", options="ro")
+                           "--num_workers 0 --device cpu --speed_repeats 0 --output $FS/report.json", options="ro")
     assert result.returncode == 2, result.stderr
     assert "acc@1 " in result.stdout and "custom [pytorch" in result.stdout, result.stdout
     assert result.stderr.startswith("error: read-only file system: ") and "report.json" in result.stderr

@@ -279,14 +279,15 @@ def test_choose_pipeline(fashion_root, tmp_path):
     assert next(iter(val_loader))[0].shape == (6, 3, 28, 28)
 
 
-def test_train_py_resume_equals_uninterrupted_with_tensor_pipeline(fashion_root, tmp_path, capsys):
-    """2 epochs in one go == 1 epoch + --resume for the second (constant LR, so both runs share one schedule)."""
+def test_train_py_resume_equals_uninterrupted_with_tensor_pipeline(small_fashion_root, tmp_path, capsys):
+    """2 epochs in one go == 1 epoch + --resume for the second (constant LR, so both runs share one schedule);
+    64 training images in batches of 16: four steps per epoch."""
     import train
 
     def run(out, epochs: int, *extra: str) -> None:
-        assert train.main(["--model", "custom", "--img_size", "28", "--batch_size", "32", "--wp_epoch", "0",
+        assert train.main(["--model", "custom", "--img_size", "28", "--batch_size", "16", "--wp_epoch", "0",
                            "--base_lr", "2e-3", "--min_lr", "2e-3", "--max_epoch", str(epochs), "--ema",
-                           "--data_root", str(fashion_root), "--quiet", "--device", "cpu", "--data_pipeline", "auto",
+                           "--data_root", str(small_fashion_root), "--quiet", "--device", "cpu", "--data_pipeline", "auto",
                            "--path_to_save", str(out), *extra]) == 0
 
     run(tmp_path / "full", 2)

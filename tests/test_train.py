@@ -7,7 +7,7 @@ import json
 import math
 
 import torch
-from conftest import assert_valid_png, run_script
+from conftest import assert_valid_png, run_main, run_script
 
 import train
 from models import build_model
@@ -109,8 +109,11 @@ def test_image_folder_training_accepts_test_split_and_writes_folder_run(tmp_path
 
 
 def test_cuda_flag_on_a_cpu_machine_is_one_line_exit_2(tmp_path, fashion_root):
-    proc = run_script("train.py", "--cuda", "--data_root", str(fashion_root), "--path_to_save", str(tmp_path), "--quiet",
-                      env={"CUDA_VISIBLE_DEVICES": ""})  # no GPU visible, even on a GPU machine
+    argv = ("train.py", "--cuda", "--data_root", str(fashion_root), "--path_to_save", str(tmp_path), "--quiet")
+    if torch.cuda.is_available():  # a GPU machine: only a fresh process started with no GPU visible sees none
+        proc = run_script(*argv, env={"CUDA_VISIBLE_DEVICES": ""})
+    else:  # torch sees no GPU here: main(argv) in this process, as `python train.py` runs it
+        proc = run_main(*argv)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()

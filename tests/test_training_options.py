@@ -122,12 +122,12 @@ def test_flip_tta_is_the_mean_of_the_image_and_mirror_logits():
     assert not torch.allclose(logits, plain)  # the mirror really changes the logits
 
 
-def test_patience_stops_at_the_right_evaluation(tmp_path, fashion_root, capsys):
+def test_patience_stops_at_the_right_evaluation(tmp_path, small_fashion_root, capsys):
     # a learning rate of 1e-12 and no BatchNorm statistics leave the network as it is: acc@1 never improves after the
     # first evaluation
     code = train.main(["--model", "custom", "--img_size", "28", "--max_epoch", "10", "--patience", "2", "--base_lr", "1e-12",
                        "--norm_type", "none",
-                       "--wp_epoch", "0", "--batch_size", "64", "--num_workers", "0", "--data_root", str(fashion_root),
+                       "--wp_epoch", "0", "--batch_size", "64", "--num_workers", "0", "--data_root", str(small_fashion_root),
                        "--path_to_save", str(tmp_path), "--quiet", "--device", "cpu"])
     assert code == 0
     rows = _rows(tmp_path / "FashionMNIST" / "custom")
@@ -136,7 +136,7 @@ def test_patience_stops_at_the_right_evaluation(tmp_path, fashion_root, capsys):
 
 
 def test_time_budget_fixes_the_epochs_after_the_first_and_ends_inside_the_budget(tmp_path, fashion_root, capsys):
-    budget_min = 0.1  # 6 s; an epoch of 320 images takes well under a second
+    budget_min = 0.05  # 3 s; an epoch of 320 images takes well under a second
     started = time.perf_counter()
     code = train.main(["--model", "custom", "--img_size", "28", "--max_epoch", "2", "--time_budget", str(budget_min),
                        "--batch_size", "32", "--num_workers", "0", "--data_root", str(fashion_root),
@@ -176,10 +176,10 @@ def test_fp16_on_a_cpu_without_native_bf16_falls_back_to_fp32_with_one_warning(m
 
 
 @pytest.mark.parametrize("native", [False, True])
-def test_train_start_up_lines_say_what_precision_runs(tmp_path, fashion_root, capsys, monkeypatch, native):
+def test_train_start_up_lines_say_what_precision_runs(tmp_path, small_fashion_root, capsys, monkeypatch, native):
     monkeypatch.setattr(precision, "cpu_bf16_native", lambda: native)
     code = train.main(["--model", "custom", "--img_size", "28", "--max_epoch", "1", "--fp16", "--channels_last",
-                       "--batch_size", "64", "--num_workers", "0", "--data_root", str(fashion_root),
+                       "--batch_size", "64", "--num_workers", "0", "--data_root", str(small_fashion_root),
                        "--path_to_save", str(tmp_path), "--quiet", "--device", "cpu"])
     assert code == 0
     captured = capsys.readouterr()
