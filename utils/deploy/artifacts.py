@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from models import count_parameters
+from models.memory import explain_out_of_memory, inference_memory, require_fits
 from utils.checkpoint import build_from_checkpoint, inference_state, load_checkpoint
 from utils.deploy.metadata import TORCHSCRIPT_METADATA_FILE, artifact_kind, decode_metadata
 from utils.deploy.runtime import OnnxModel, pool_score_map
@@ -147,9 +148,15 @@ def broken_weights(module: nn.Module | None) -> str:
 def evaluate_loaded(loaded: LoadedModel, loader, num_classes: int, speed_repeats: int = 20, show_progress: bool = True,
                     **details) -> EvalResult:
     """acc@1/acc@5/loss/confusion through the eval loop's forward hook, then batch-1 latency and throughput.
-    A model whose outputs are NaN or inf is refused (InputError) before any report is made of it.
-    `details`: evaluate()'s tta, return_predictions, pr_thresholds, keep_mistakes."""
-    with torch.inference_mode():
+    `details`: evaluate()'s tta, return_predictions, pr_thresholds, keep_mistakes.
+
+    A batch that cannot fit in memory is refused before the first one is loaded, an allocation that fails all the
+    same is one line (models.memory), and a model whose outputs are NaN or inf is refused before any report is made."""
+    pre = loaded.info.preprocess
+    need = inference_memory(loaded.module, loaded.info.model_name, loader.batch_size, len(loader.dataset), pre.channels,
+                            pre.img_size, loader.num_workers * (loader.prefetch_factor or 0))
+    require_fits(need, loaded.device)
+    with torch.inference_mode(), explain_out_of_memory(need.flags, "lower --batch_size"):
         stats = evaluate(None, loader, loaded.device, num_classes, forward=loaded.forward, show_progress=show_progress,
                          desc=f"eval {loaded.format}", **details)
         if stats.nonfinite:
