@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from models import MODEL_NAMES, build_model, count_parameters, min_img_size, model_kwargs, resolve_small_input
+from models.memory import explain_out_of_memory, require_fits, training_flags, training_memory
 from models.norm import NORM_TYPES
 from utils import cli
 from utils.checkpoint import head_keys, inference_state, load_checkpoint, load_matching
@@ -166,7 +167,8 @@ def main(argv=None) -> int:
     if is_main_process():
         run.announce()
     try:
-        return train(cfg, ckpt, init, spec, run, device, rank, world)
+        with explain_out_of_memory(training_flags(cfg.batch_size, cfg.img_size), "lower --batch_size or --img_size"):
+            return train(cfg, ckpt, init, spec, run, device, rank, world)
     finally:
         if is_main_process():
             run.release()
@@ -185,12 +187,14 @@ def train(cfg: TrainConfig, ckpt: dict | None, init: dict | None, spec: DataSpec
         check_same_classes(list(ckpt["classes"]), classes, f"checkpoint {cfg.resume}", f"dataset {spec.dataset or 'Fashion-MNIST'}",
                            f"resume on the run's own dataset ({saved_data}); to fine-tune on another dataset start a new run "
                            f"with --init_from {cfg.resume}")
+    kwargs = model_kwargs(cfg.img_size, cfg.norm_type, pre.channels, cfg.small_input)
+    # before the data is loaded: a batch that cannot fit is one line, not the OOM killer
+    require_fits(training_memory(cfg.model, len(classes), kwargs, cfg.batch_size, len(train_set), cfg.freeze_backbone, cfg.fp16), device)
     loaders = build_train_loaders(train_set, val_set, pre, augment, pipeline=cfg.data_pipeline, batch_size=cfg.batch_size,
                                   num_workers=cfg.num_workers, device=device, seed=cfg.seed, rank=rank, world=world,
                                   sampler=cfg.sampler, cache=cfg.cache, cache_dir=cfg.cache_dir,
                                   show_progress=not cfg.quiet)
     cfg = replace(cfg, data_used=loaders.record())  # in args.json and the checkpoints: the pipeline and cache files read
-    kwargs = model_kwargs(cfg.img_size, cfg.norm_type, pre.channels, cfg.small_input)
     model = build_model(cfg.model, len(classes), pretrained=cfg.pretrained and ckpt is None,
                         freeze_backbone=cfg.freeze_backbone, **kwargs).to(device)
     if init is not None:

@@ -60,27 +60,56 @@ def plot_results(rows: list[dict], path: str | Path) -> Path:
     return save_figure(fig, path)
 
 
+FULL_MATRIX_CLASSES = 30  # up to this many classes the confusion matrix is drawn whole, every cell numbered
+LABEL_CHARS = 24  # class names are shortened to this in figures (the JSON reports and tables keep them whole)
+GRID_LABEL_CHARS = 20  # ... and to this under the images of a grid (a 1.8-inch cell holds about 30 characters)
+
+
+def short_label(name: str, limit: int = LABEL_CHARS) -> str:
+    """`name` cut to `limit` characters by an ellipsis in the middle (the start and the end, where names that share
+    a prefix differ, stay): long class names (species, product titles) would otherwise widen every figure they
+    label, and with 1,000 of them no figure stays a readable size."""
+    if len(name) <= limit:
+        return name
+    head = (limit - 1) // 2
+    return name[:head] + "\u2026" + name[len(name) - (limit - 1 - head):]
+
+
+def most_confused(cm: np.ndarray, k: int) -> np.ndarray:
+    """The indices (ascending) of the `k` classes involved in the most off-diagonal mistakes, as the true or the
+    predicted class; ties keep class order. Linear extra memory on top of the matrix itself."""
+    mistakes = cm.sum(1) + cm.sum(0) - 2 * np.diagonal(cm)
+    return np.sort(np.argsort(-mistakes, kind="stable")[:k])
+
+
 def confusion_matrix_figure(cm: np.ndarray, classes: list[str], title: str = ""):
     """Counts on the left, row-normalised (recall per true class) on the right; class names on both axes.
-    One figure for the PNG and for TensorBoard."""
+    One figure for the PNG and for TensorBoard.
+
+    Above FULL_MATRIX_CLASSES classes the figure shows the matrix restricted to the FULL_MATRIX_CLASSES classes in
+    the most mistakes (titled so; rows still normalised by all images of the class): the figure's size, and with it
+    its memory, would otherwise grow with classes^2 (210 classes drew 21,000 x 10,600 pixels and ran out of memory)."""
     cm = np.asarray(cm)
-    norm = cm / np.clip(cm.sum(1, keepdims=True), 1, None)
     n = len(classes)
-    size = max(5.0, 0.45 * n + 2)
+    shown = np.arange(n) if n <= FULL_MATRIX_CLASSES else most_confused(cm, FULL_MATRIX_CLASSES)
+    counts = cm[np.ix_(shown, shown)]
+    norm = counts / np.clip(cm.sum(1)[shown, None], 1, None)
+    names = [short_label(classes[i]) for i in shown]
+    k = len(shown)
+    size = max(5.0, 0.45 * k + 2)
+    subset = "" if k == n else f"\nthe {k} of {n} classes in the most mistakes (as true or predicted class)"
     fig, axes = plt.subplots(1, 2, figsize=(2 * size + 1, size))
-    for ax, data, fmt, name in ((axes[0], cm, "d", "counts"), (axes[1], norm, ".2f", "normalised by true class")):
+    for ax, data, fmt, name in ((axes[0], counts, "d", "counts"), (axes[1], norm, ".2f", "normalised by true class")):
         ax.imshow(data, cmap="Blues")
-        ax.set_title(f"{title} {name}".strip())
-        ax.set_xticks(range(n), classes, rotation=90, fontsize=7)
-        ax.set_yticks(range(n), classes, fontsize=7)
+        ax.set_title(f"{title} {name}".strip() + subset)
+        ax.set_xticks(range(k), names, rotation=90, fontsize=7)
+        ax.set_yticks(range(k), names, fontsize=7)
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
-        if n <= 30:
-            peak = data.max() if data.size else 1
-            for i in range(n):
-                for j in range(n):
-                    ax.text(j, i, format(data[i, j], fmt), ha="center", va="center", fontsize=6,
-                            color="white" if data[i, j] > peak / 2 else "black")
+        peak = data.max() if data.size else 1
+        for i, j in (np.argwhere(counts) if k < n else np.ndindex(k, k)):  # a part of many classes: zeros left blank
+            ax.text(j, i, format(data[i, j], fmt), ha="center", va="center", fontsize=6,
+                    color="white" if data[i, j] > peak / 2 else "black")
     fig.tight_layout()
     return fig
 

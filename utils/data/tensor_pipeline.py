@@ -68,15 +68,60 @@ def eval_tensor_bytes(dataset, pre: Preprocess) -> int:
 
 
 def available_memory() -> int:
-    """MemAvailable from /proc/meminfo (bytes); total physical memory elsewhere."""
+    """Bytes this process can still allocate: MemAvailable from /proc/meminfo (total physical memory elsewhere),
+    lowered to what is left under a container's cgroup memory limit (inside a container /proc/meminfo describes the
+    host, and the OOM killer acts on the limit) and under the address-space limit (ulimit -v) when those are smaller."""
+    free = None
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    free = int(line.split()[1]) * 1024
     except OSError:
         pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if free is None:
+        free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return min(free, _cgroup_headroom(), _address_space_headroom())
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):  # absent, or "max" (no limit)
+        return None
+
+
+def _cgroup_headroom() -> int:
+    """Limit minus usage of this container's memory cgroup (v2, else v1), the reclaimable page cache counted free."""
+    for folder, limit_file, usage_file, cache_key in (("/sys/fs/cgroup", "memory.max", "memory.current", "inactive_file"),
+                                                      ("/sys/fs/cgroup/memory", "memory.limit_in_bytes",
+                                                       "memory.usage_in_bytes", "total_inactive_file")):
+        limit, usage = _read_int(f"{folder}/{limit_file}"), _read_int(f"{folder}/{usage_file}")
+        if limit is None or usage is None or limit >= 2**60:  # v1 writes "no limit" as a huge number
+            continue
+        try:
+            with open(f"{folder}/memory.stat") as f:
+                cache = next((int(line.split()[1]) for line in f if line.split()[0] == cache_key), 0)
+        except OSError:
+            cache = 0
+        return max(0, limit - usage + cache)
+    return 2**63
+
+
+def _address_space_headroom() -> int:
+    """RLIMIT_AS (ulimit -v) minus this process's virtual size: past it every allocation fails."""
+    try:
+        import resource
+
+        limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if limit == resource.RLIM_INFINITY:
+            return 2**63
+        with open("/proc/self/status") as f:
+            size = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+        return max(0, limit - size)
+    except (ImportError, OSError, StopIteration):  # Windows, or no /proc
+        return 2**63
 
 
 def choose_pipeline(choice: str, train_set, val_set, pre: Preprocess) -> tuple[str, str]:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from models import count_parameters
+from models.memory import explain_out_of_memory, inference_memory, require_fits
 from utils.checkpoint import build_from_checkpoint, inference_state, load_checkpoint
 from utils.deploy.metadata import TORCHSCRIPT_METADATA_FILE, artifact_kind, decode_metadata
 from utils.deploy.runtime import OnnxModel, pool_score_map
@@ -75,6 +76,7 @@ class LoadedModel:
     params: int | None = None
     extra: dict = field(default_factory=dict)
     split: dict | None = None  # a checkpoint's recorded train/held-out split of a folder without val/ (utils.data.splits)
+    module: nn.Module | None = None  # the PyTorch network of a checkpoint (None for ONNX and TorchScript)
 
 
 def state_dict_mb(state: dict) -> float:
@@ -89,7 +91,7 @@ def load_for_eval(path: str | Path, device: torch.device, model_name: str | None
     file_mb = path.stat().st_size / 1e6
     if kind == "checkpoint":
         ckpt = load_checkpoint(path)
-        model, info = build_from_checkpoint(ckpt, model_name)
+        model, info = build_from_checkpoint(ckpt, model_name, source=str(path))
         precision = ckpt.get("precision", "fp32")
         state = inference_state(ckpt)
         params = count_parameters(model)
@@ -100,7 +102,7 @@ def load_for_eval(path: str | Path, device: torch.device, model_name: str | None
             compute = "fp32 (fp16 weights upcast to fp32 on CPU)" if precision == "fp16" else "fp32"
         return LoadedModel(lambda x: pool_score_map(model(x).float()), info, "pytorch" if precision == "fp32" else f"pytorch-{precision}",
                            "pytorch", precision, compute, device, state_dict_mb(state), params, {"file_mb": file_mb},
-                           ckpt.get("split"))
+                           ckpt.get("split"), model)
     if kind == "onnx":
         import onnxruntime
 
@@ -135,13 +137,32 @@ def load_for_eval(path: str | Path, device: torch.device, model_name: str | None
                        int(meta["params"]) if "params" in meta else None, {"file_mb": file_mb, "torchscript": meta.get("torchscript")})
 
 
+def broken_weights(module: nn.Module | None) -> str:
+    """ " (<tensor> holds NaN/inf)": the first such tensor of a PyTorch network, to say where the NaN comes from."""
+    if module is None:
+        return ""
+    name = next((k for k, t in module.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+    return f" (its weight {name} holds NaN or inf)" if name else ""
+
+
 def evaluate_loaded(loaded: LoadedModel, loader, num_classes: int, speed_repeats: int = 20, show_progress: bool = True,
                     **details) -> EvalResult:
     """acc@1/acc@5/loss/confusion through the eval loop's forward hook, then batch-1 latency and throughput.
-    `details`: evaluate()'s tta, return_predictions, pr_thresholds, keep_mistakes."""
-    with torch.inference_mode():
+    `details`: evaluate()'s tta, return_predictions, pr_thresholds, keep_mistakes.
+
+    A batch that cannot fit in memory is refused before the first one is loaded, an allocation that fails all the
+    same is one line (models.memory), and a model whose outputs are NaN or inf is refused before any report is made."""
+    pre = loaded.info.preprocess
+    need = inference_memory(loaded.module, loaded.info.model_name, loader.batch_size, len(loader.dataset), pre.channels,
+                            pre.img_size, loader.num_workers * (loader.prefetch_factor or 0))
+    require_fits(need, loaded.device)
+    with torch.inference_mode(), explain_out_of_memory(need.flags, "lower --batch_size"):
         stats = evaluate(None, loader, loaded.device, num_classes, forward=loaded.forward, show_progress=show_progress,
                          desc=f"eval {loaded.format}", **details)
+        if stats.nonfinite:
+            raise InputError(f"{loaded.info.source}: the model's outputs are NaN or infinite for {stats.nonfinite} of "
+                             f"{stats.num_images} images{broken_weights(loaded.module)}, so its accuracy would mean nothing: "
+                             "evaluate a checkpoint from before training diverged, or retrain (e.g. with a lower --base_lr)")
         if speed_repeats > 0:
             batch = next(iter(loader))[0].to(loaded.device)
             sync = torch.cuda.synchronize if loaded.device.type == "cuda" else None

@@ -44,6 +44,7 @@ from utils.deploy.parity import (
     describe_tolerance,
     probe_size,
     random_batches,
+    reference_outputs,
     supports_dynamic_size,
     torch_forward,
 )
@@ -184,8 +185,8 @@ def export_artifact(model: nn.Module, info: ModelInfo, checkpoint: str | Path, e
                          "global-pooled models such as fcn_resnet18, ResNets, MobileNets support it)")
     precision = "fp16" if half else "fp32"
     params = count_parameters(model)
-    reference = torch_forward(model)
     batches = random_batches(pre, dynamic_size) + ([real] if real is not None else [])
+    expected = reference_outputs(torch_forward(model), batches, str(checkpoint))
     with atomic_path(output) as tmp:
         if engine == "onnx":
             if exporter == "dynamo" and opset < DYNAMO_MIN_OPSET:
@@ -208,7 +209,7 @@ def export_artifact(model: nn.Module, info: ModelInfo, checkpoint: str | Path, e
             forward = torch_forward(program)
         else:
             raise InputError(f"unknown engine {engine!r}: use onnx or torchscript")
-        report = check_parity(reference, forward, batches, precision, atol, rtol)
+        report = check_parity(expected, forward, batches, precision, atol, rtol)
         log(f"{engine} {precision} parity vs PyTorch (tolerance {describe_tolerance(precision, report, atol, rtol)}):")
         for line in report.lines():
             log(line)

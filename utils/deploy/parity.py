@@ -120,15 +120,34 @@ def describe_tolerance(precision: str, report: ParityReport, atol: float, rtol: 
     return f"{report.tolerance:.3g} = {FP16_RTOL:g} x max(1, largest |logit| {report.scale:.3g})"
 
 
-def check_parity(reference: Callable[[np.ndarray], np.ndarray], candidate: Callable[[np.ndarray], np.ndarray],
+def reference_outputs(reference: Callable[[np.ndarray], np.ndarray], batches: list[tuple[str, np.ndarray]],
+                      source: str) -> list[np.ndarray]:
+    """The PyTorch model's outputs on every batch, refused (InputError, before anything is exported) when they hold
+    NaN or inf: such a model has no outputs to match, and the parity check would only say it "differs by nan"."""
+    outputs = []
+    for label, x in batches:
+        ref = np.asarray(reference(x), dtype=np.float32)
+        if not np.isfinite(ref).all():
+            raise InputError(f"{source}: the PyTorch model's outputs are NaN or infinite (on the {label}): its weights are "
+                             "broken, e.g. by a diverged training run; nothing exported: export a checkpoint from before "
+                             "it diverged, or retrain (e.g. with a lower --base_lr)")
+        outputs.append(ref)
+    return outputs
+
+
+def check_parity(expected: list[np.ndarray], candidate: Callable[[np.ndarray], np.ndarray],
                  batches: list[tuple[str, np.ndarray]], precision: str = "fp32", atol: float = FP32_ATOL,
                  rtol: float = FP32_RTOL) -> ParityReport:
-    """Run both on every batch; max absolute difference of the raw outputs and top-1 agreement per batch."""
+    """Run the candidate on every batch against the reference's outputs (`expected`, from reference_outputs); max
+    absolute difference of the raw outputs and top-1 agreement per batch. NaN or inf where the reference is finite is
+    a ParityError of its own (a max difference of nan compares as passing nothing, and says nothing)."""
     results, scale = [], 0.0
-    for label, x in batches:
-        ref, out = np.asarray(reference(x), dtype=np.float32), np.asarray(candidate(x), dtype=np.float32)
+    for (label, x), ref in zip(batches, expected, strict=True):
+        out = np.asarray(candidate(x), dtype=np.float32)
         if ref.shape != out.shape:
             raise ParityError(f"{label}: output shape {out.shape} differs from PyTorch's {ref.shape}")
+        if not np.isfinite(out).all():
+            raise ParityError(f"{label}: the exported model's outputs are NaN or infinite where PyTorch's are finite")
         scale = max(scale, float(np.abs(ref).max()))
         agree = float((ref.reshape(len(ref), ref.shape[1], -1).mean(-1).argmax(1)
                        == out.reshape(len(out), out.shape[1], -1).mean(-1).argmax(1)).mean())

@@ -130,6 +130,7 @@ class EvalResult:
     precision: torch.Tensor  # (classes,) per class, torchmetrics' MulticlassPrecision(average=None)
     recall: torch.Tensor
     f1: torch.Tensor
+    nonfinite: int = 0  # images whose outputs hold NaN or inf (their argmax, and so acc@1, means nothing)
     predictions: torch.Tensor | None = None  # argmax per image in loader order (return_predictions)
     pr_curves: PRCurves | None = None  # pr_thresholds > 0
     mistakes: Mistakes | None = None  # keep_mistakes > 0
@@ -148,7 +149,8 @@ def evaluate(model: nn.Module | None, loader, device: torch.device, num_classes:
              amp: bool = False, amp_dtype: str = "auto", channels_last: bool = False, show_progress: bool = True,
              forward: Callable[[torch.Tensor], torch.Tensor] | None = None, desc: str = "val",
              return_predictions: bool = False, tta: str = "none", pr_thresholds: int = 0, keep_mistakes: int = 0) -> EvalResult:
-    """Mean loss over the whole set, acc@1, acc@5 (capped at num_classes) and the confusion matrix.
+    """Mean loss over the whole set, acc@1, acc@5 (capped at num_classes), the confusion matrix and the number of
+    images whose outputs were not finite (`nonfinite`: a NaN model otherwise scores the share of class 0 as acc@1).
 
     Metrics are summed over processes under torchrun. `forward` replaces `model(images)` for
     engines that are not nn.Modules (ONNX Runtime, TorchScript on another device, ...).
@@ -169,6 +171,7 @@ def evaluate(model: nn.Module | None, loader, device: torch.device, num_classes:
                  (("precision", MulticlassPrecision), ("recall", MulticlassRecall), ("f1", MulticlassF1Score))}
     amp_context = autocast(device, amp, amp_dtype)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: no host sync per batch
+    nonfinite = torch.zeros((), dtype=torch.long, device=device)
     seen, predictions = 0, []
     pr = PRCounter(num_classes, pr_thresholds, device) if pr_thresholds > 0 else None
     mistakes = MistakeBuffer(keep_mistakes) if keep_mistakes > 0 else None
@@ -184,6 +187,7 @@ def evaluate(model: nn.Module | None, loader, device: torch.device, num_classes:
                     mirrored = mirrored.contiguous(memory_format=torch.channels_last)
                 logits = (logits + (forward(mirrored) if forward is not None else model(mirrored)).float()) / 2
         loss_sum += criterion(logits, targets).double() * targets.shape[0]
+        nonfinite += (~torch.isfinite(logits)).any(1).sum()
         seen += targets.shape[0]
         acc1.update(logits, targets)
         acc5.update(logits, targets)
@@ -198,10 +202,11 @@ def evaluate(model: nn.Module | None, loader, device: torch.device, num_classes:
                 pr.update(probs, targets)
             if mistakes is not None:
                 mistakes.update(images, targets, probs)
-    loss_sum, seen = all_reduce_sum([loss_sum.item(), seen], device)
+    loss_sum, seen, nonfinite = all_reduce_sum([loss_sum.item(), seen, nonfinite.item()], device)
     cm = confusion.compute().cpu()
     return EvalResult(
         loss=loss_sum / max(seen, 1), acc1=acc1.compute().item(), acc5=acc5.compute().item(), num_images=int(seen),
+        nonfinite=int(nonfinite),
         confusion_matrix=cm, **{name: metric.compute().cpu() for name, metric in per_class.items()},
         predictions=(torch.cat(predictions) if predictions else torch.zeros(0, dtype=torch.long)) if return_predictions else None,
         pr_curves=pr.compute() if pr is not None else None, mistakes=mistakes.compute() if mistakes is not None else None)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from utils.data.preprocess import Preprocess, denormalize
 from utils.errors import InputError
 from utils.io import atomic_write_text, markdown_table
-from utils.plots import examples_figure
+from utils.plots import GRID_LABEL_CHARS, examples_figure, short_label
 
 if TYPE_CHECKING:  # the eval loop imports torch; summarize_results.py needs only the tables
     from utils.evaluation.loop import Mistakes
@@ -91,7 +91,8 @@ def mistakes_figure(mistakes: Mistakes, classes: list[str], pre: Preprocess):
     if len(mistakes.targets) == 0:
         return None
     images = [denormalize(image.numpy(), pre) for image in mistakes.images]
-    titles = [f"true {classes[t]}\npred {classes[p]} {c:.0%}" for t, p, c in
+    titles = [f"true {short_label(classes[t], GRID_LABEL_CHARS)}\npred {short_label(classes[p], GRID_LABEL_CHARS)} {c:.0%}"
+              for t, p, c in
               zip(mistakes.targets.tolist(), mistakes.predictions.tolist(), mistakes.confidence.tolist())]
     return examples_figure(images, titles)
 
@@ -138,7 +139,7 @@ def class_metrics_text(fields: dict, classes: list[str], max_rows: int = 20) -> 
     order = list(classes)
     precision, recall, f1 = (fields[f"per_class_{name}"] for name in ("precision", "recall", "f1"))
     shown = order if len(order) <= max_rows else sorted(order, key=lambda c: f1[c])[:max_rows]
-    width = max([len("class"), *(len(c) for c in shown)])
+    width = max([len("weighted avg"), *(len(c) for c in shown)])  # the average rows line up too
     lines = [f"{'class':<{width}}  precision  recall     f1  support"]
     lines += [f"{c:<{width}}  {precision[c]:9.4f}  {recall[c]:6.4f}  {f1[c]:6.4f}  "
               f"{fields['support'][c]:7d}" for c in shown]

@@ -8,7 +8,8 @@
   existing host sync).
 - Images at capped evaluations (IMAGE_EVALUATIONS per run): the confusion matrix, the misclassified validation
   images with their probabilities; once at the start, a grid of augmented training images as the network sees them.
-  PR curves per class at the same evaluations; per-class accuracy and precision at every evaluation.
+  PR curves per class at the same evaluations; per-class accuracy and precision at every evaluation (above
+  TAGGED_CLASSES classes: those of the lowest-F1 classes of that evaluation, every class in the text table).
 - Text: command line, resolved arguments, environment. Graph: traced once, or skipped with a one-line note.
 
 One TensorBoard run across --resume: the checkpoint's args name the log directory and the resumed run writes into it.
@@ -33,9 +34,9 @@ from torch import nn
 
 from utils.data.preprocess import Preprocess, denormalize
 from utils.distributed import world_size
-from utils.evaluation.dashboard import detail_options, evaluation_figures, log_evaluation, log_per_class, per_class_table
+from utils.evaluation.dashboard import detail_options, evaluation_figures, log_evaluation, log_per_class
 from utils.evaluation.loop import EvalResult
-from utils.plots import close_figures, examples_figure
+from utils.plots import GRID_LABEL_CHARS, close_figures, examples_figure, short_label
 from utils.precision import autocast_dtype
 from utils.tensorboard import (
     add_figure,
@@ -163,7 +164,7 @@ class TrainingDashboard:
     def log_training_batch(self, images: torch.Tensor, targets: torch.Tensor) -> None:
         """The first training batch after each (re)start, de-normalised, titled with its classes (Mixup: the dominant one)."""
         images = images[:PREVIEW_IMAGES].detach().float().cpu()
-        titles = ([self.classes[t] for t in targets[:PREVIEW_IMAGES].tolist()] if targets.ndim == 1
+        titles = ([short_label(self.classes[t], GRID_LABEL_CHARS) for t in targets[:PREVIEW_IMAGES].tolist()] if targets.ndim == 1
                   else [""] * len(images))
         fig = examples_figure([denormalize(image.numpy(), self.pre) for image in images], titles)
         add_figure(self.writer, "train/augmented_batch", fig, self.epoch)
@@ -194,8 +195,7 @@ class TrainingDashboard:
             if raw is not None:
                 for key in ("loss", "acc1", "acc5"):
                     w.add_scalar(f"val_no_ema/{key}", getattr(raw, key), evaluated)
-            log_per_class(w, per_class_table(stats.confusion_matrix, self.classes), evaluated, "val",
-                          table=stats.pr_curves is not None)
+            log_per_class(w, stats, self.classes, evaluated, "val", table=stats.pr_curves is not None)
             if stats.pr_curves is not None:  # a picture epoch (evaluation_details)
                 figures = evaluation_figures(stats, self.classes, self.pre, f"epoch {evaluated}")
                 log_evaluation(w, stats, figures, self.classes, evaluated, "val")
