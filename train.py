@@ -285,7 +285,9 @@ def train(cfg: TrainConfig, ckpt: dict | None, init: dict | None, spec: DataSpec
         recorder.close()
     if main_proc:
         recorder.plot()
-        print(f"best val acc@1 {saver.best_acc1:.4f}\nresults saved to {run_dir}/ (best.pth, last.pth, results.csv, results.png)")
+        best = f"best val acc@1 {saver.best_acc1:.4f}" if saver.best_acc1 >= 0 else "no validation ran: no best.pth"
+        files = ", ".join(name for name in ("best.pth", "last.pth", "results.csv", "results.png") if (run_dir / name).exists())
+        print(f"{best}\nresults saved to {run_dir}/ ({files})")
         run.announce()
     cleanup()
     return 0

@@ -73,3 +73,21 @@ def test_resume_keeps_the_tta_columns_and_records_the_flags_it_could_not_change(
     assert len(rows) == 3 and rows[1] == first[1]  # epoch 1's TTA values survive the resume
     assert all(cell != "" for cell in rows[2].split(","))  # and epoch 2, the last, has its own
     assert json.loads((run / "args.json").read_text())["val_fraction"] == 0.25
+
+
+def test_the_first_evaluation_writes_best_pth_even_at_acc1_zero(tmp_path):
+    import torch
+
+    from utils.training.checkpointer import CheckpointSaver
+    from utils.training.engine import TrainState
+    from utils.training.schedule import WarmupSchedule
+
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    state = TrainState(optimizer=optimizer, scheduler=WarmupSchedule(optimizer, steps_per_epoch=1, max_epoch=2, wp_epoch=0,
+                                                                      base_lr=0.1, min_lr=0.0))
+    saver = CheckpointSaver(tmp_path, identity={"model_name": "x", "num_classes": 2, "classes": ["a", "b"]}, model=model,
+                            state=state, history=[])
+    assert saver.epoch_end(0, 0.0) is True and (tmp_path / "best.pth").is_file()
+    assert saver.epoch_end(1, 0.0) is False  # not better: best.pth stays the first
+    assert torch.load(tmp_path / "best.pth", weights_only=True)["epoch"] == 0

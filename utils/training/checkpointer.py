@@ -39,7 +39,7 @@ class ResumePoint:
 
     start_epoch: int = 0
     step: int = 0
-    best_acc1: float = 0.0
+    best_acc1: float = -1.0  # below any accuracy: the first evaluation always writes best.pth (even at acc@1 0)
     history: list[dict] = field(default_factory=list)
     log_dir: str | None = None  # the run's TensorBoard directory (train.py --tensorboard), continued on resume
     partial: EpochProgress | None = None  # how far into start_epoch the checkpoint's run was stopped
@@ -74,7 +74,7 @@ class CheckpointSaver:
     preprocess, model_kwargs, augment, args, ...); `finished` is the last epoch whose last.pth is on disk."""
 
     def __init__(self, run_dir: Path, *, identity: dict, model: nn.Module, state: TrainState, history: list[dict],
-                 best_acc1: float = 0.0, finished: int = -1, enabled: bool = True):
+                 best_acc1: float = -1.0, finished: int = -1, enabled: bool = True):
         self.run_dir, self.identity, self.model, self.state = Path(run_dir), identity, model, state
         self.history, self.best_acc1, self.finished, self.enabled = history, best_acc1, finished, enabled
         if enabled:
