@@ -10,6 +10,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from utils.errors import InputError
+from utils.io import display_line
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -233,7 +234,7 @@ def run(main: Callable[[], int | None]) -> None:
         message = str(e).strip()
         if "Original Traceback" in message:  # raised in a DataLoader worker: keep the original message, not the traceback
             message = message.splitlines()[-1].partition("InputError: ")[2] or message.splitlines()[-1]
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {display_line(message)}", file=sys.stderr)  # one line, whatever file name it quotes
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
