@@ -182,7 +182,7 @@ def train(cfg: TrainConfig, ckpt: dict | None, init: dict | None, spec: DataSpec
     augment = resolve_augment(cfg.augment, cfg.img_size, cfg.random_erasing, cfg.random_crop_padding, cfg.auto_augment)
     train_set, val_set, classes = build_datasets(spec, pre, augment=augment)
     if ckpt is not None:
-        saved_data = (ckpt.get("cfg") or {}).get("dataset") or "Fashion-MNIST"
+        saved_data = (ckpt.get("args") or {}).get("dataset") or "Fashion-MNIST"
         check_same_classes(list(ckpt["classes"]), classes, f"checkpoint {cfg.resume}", f"dataset {spec.dataset or 'Fashion-MNIST'}",
                            f"resume on the run's own dataset ({saved_data}); to fine-tune on another dataset start a new run "
                            f"with --init_from {cfg.resume}")
