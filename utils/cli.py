@@ -135,6 +135,14 @@ def config_values(p: argparse.ArgumentParser, path: str | None, explicit: set[st
     return out
 
 
+def checked_values(p: argparse.ArgumentParser, values: dict, where: str) -> dict:
+    """Flag values read from a file (a checkpoint's saved args for --resume / --init_from) through each flag's own
+    type and choices, as --config's: an edited or damaged value is one line naming the key (`where`: key)."""
+    actions = {a.dest: a for a in p._actions if a.option_strings}
+    return {key: _config_value(actions[key], value, f"{where} {key}") if key in actions else value
+            for key, value in values.items()}
+
+
 def _config_value(action: argparse.Action, value, where: str):
     """One config value through the flag's own checks (type, choices; true/false for switches)."""
     if value is None:
