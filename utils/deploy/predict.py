@@ -7,8 +7,9 @@ Built for folders of tens of thousands of images on a few cores:
 - decoding (Pillow releases the GIL while it decodes and resizes) runs in a thread pool a bounded number of images
   ahead of inference, so the next batch is decoded while the model runs on this one;
 - results are written as they come (`--output`), never all held in memory: memory stays flat with the folder size;
-- one bad file (missing, not an image, truncated, refused by Pillow's decompression-bomb limit) or an image whose
-  scores are NaN is reported on one line and skipped; the others are predicted and the exit code is 2 at the end.
+- one bad file (missing, not an image, truncated, over the pixel limit decoded or once resized:
+  utils.data.preprocess.oversize_reason, the limit training applies) or an image whose scores are NaN is reported on
+  one line and skipped; the others are predicted and the exit code is 2 at the end.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from utils import cli
 from utils.data.preprocess import Preprocess, list_images, preprocess_file
@@ -322,16 +325,20 @@ def run_prediction(forward: Forward, paths: Sequence[Path], pre: Preprocess, cla
                 print_text(p, k)
 
     try:
-        if target is None:
-            consume(None)
-        else:
-            for stale in remove_stale_temps(target[0].parent):  # a killed run's partial output: never left to pile up
-                print(f"removed {display_path(stale)} (the partial output of a killed run)", file=sys.stderr)
-            try:
-                with atomic_path(target[0]) as tmp, open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
-                    consume(RowWriter(f, target[1], k))
-            except OSError as e:
-                raise InputError(f"cannot write --output {target[0]}: {e.strerror or e}") from None
+        with warnings.catch_warnings():  # set in the main thread, so it holds for the decoding threads too
+            # Pillow warns on opening an image over its pixel limit; load_image refuses it with its own error line
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            if target is None:
+                consume(None)
+            else:
+                for stale in remove_stale_temps(target[0].parent):  # a killed run's partial output never piles up
+                    print(f"removed {display_path(stale)} (the partial output of a killed run)", file=sys.stderr)
+                try:
+                    with atomic_path(target[0]) as tmp, open(tmp, "w", newline="", encoding="utf-8",
+                                                             errors="surrogateescape") as f:
+                        consume(RowWriter(f, target[1], k))
+                except OSError as e:
+                    raise InputError(f"cannot write --output {target[0]}: {e.strerror or e}") from None
     finally:
         bar.close()
     median_ms = float(np.median(batch_ms)) if batch_ms else None
