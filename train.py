@@ -166,7 +166,7 @@ def main(argv=None) -> int:
         device = torch.device("cuda", local_rank)
     spec = DataSpec(cfg.dataset, cfg.data_root, cfg.skip_bad_images, val_fraction=cfg.val_fraction, seed=cfg.seed,
                     split_record=ckpt.get("split") if ckpt is not None else None, resuming=ckpt is not None,
-                    cache_dir=cfg.cache_dir)
+                    run_dataset=(ckpt.get("args") or {}).get("dataset") if ckpt is not None else None, cache_dir=cfg.cache_dir)
     run = choose_run_dir(cfg.path_to_save, spec.name, cfg.name or cfg.model, exist_ok=cfg.exist_ok, resume=cfg.resume)
     if is_main_process():
         run.announce()

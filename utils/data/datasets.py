@@ -135,6 +135,7 @@ class DataSpec:
     seed: int = 42
     split_record: dict | None = None  # a split recorded by an earlier run (--resume, eval.py): used as it is
     resuming: bool = False  # train.py --resume: the folder's split layout must be the one the run started with
+    run_dataset: str | None = None  # --resume: the dataset the run trained on (its saved --dataset; None: Fashion-MNIST)
     cache_dir: str | None = None  # the run's --cache_dir: never scanned as a class, even inside the dataset
 
     @property
@@ -173,8 +174,8 @@ def build_datasets(spec: DataSpec, pre: Preprocess, verify: bool = True, augment
 def check_split_layout(spec: DataSpec, source: Path | None) -> None:
     """--resume on a folder whose split layout changed since the run started: a run that split the folder itself
     (its checkpoint records the held-out files) now meeting a val/ (or test/) folder would drop that record and train
-    on the held-out files; a run that had val/ now meeting a folder without one would draw a new split whose held-out
-    files it trained on. Either is one line naming the choices."""
+    on the held-out files; a run that had val/ now meeting the same folder without one would draw a new split whose
+    held-out files it trained on. Either is one line naming the choices."""
     if not spec.resuming:
         return
     if spec.split_record is not None and source is None:
@@ -183,11 +184,11 @@ def check_split_layout(spec: DataSpec, source: Path | None) -> None:
                          f"{spec.dataset} now has a val/ (or test/) folder, which would drop that split and train on "
                          f"the held-out files; fix: keep the recorded split (give --dataset {root}, or remove the new "
                          "val/ folder), or start a new run to use the new val/")
-    if spec.split_record is None and source is not None:
-        raise InputError(f"--resume: the run made no split of its own (it validated on a val/ or test/ folder, or on "
-                         f"Fashion-MNIST), but {spec.dataset} has no val/ (or test/) folder: a new split would hold out "
-                         "images the run trained on; fix: resume on the run's dataset with its val/ folder, or start a "
-                         "new run")
+    same_folder = spec.run_dataset is not None and Path(spec.run_dataset).resolve() == Path(spec.dataset).resolve()
+    if spec.split_record is None and source is not None and same_folder:
+        raise InputError(f"--resume: the run validated on the val/ (or test/) folder of {spec.dataset}, which is gone: a "
+                         "new split of the folder would hold out images the run trained on; fix: restore the val/ folder, "
+                         "or start a new run")
 
 
 def split_datasets(spec: DataSpec, source: Path, pre: Preprocess, train_tf, val_tf, verify: bool):
