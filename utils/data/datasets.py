@@ -180,10 +180,11 @@ def check_split_layout(spec: DataSpec, source: Path | None) -> None:
         return
     if spec.split_record is not None and source is None:
         root = spec.split_record["root"]
+        other = f"give --dataset {root}, or " if Path(root).resolve() != Path(spec.dataset).resolve() else ""
         raise InputError(f"--resume: the run split {root} itself (its held-out files are recorded in the checkpoint), but "
                          f"{spec.dataset} now has a val/ (or test/) folder, which would drop that split and train on "
-                         f"the held-out files; fix: keep the recorded split (give --dataset {root}, or remove the new "
-                         "val/ folder), or start a new run to use the new val/")
+                         f"the held-out files; fix: keep the recorded split ({other}move the new val/ folder out of "
+                         f"{spec.dataset}), or start a new run to use it")
     same_folder = spec.run_dataset is not None and Path(spec.run_dataset).resolve() == Path(spec.dataset).resolve()
     if spec.split_record is None and source is not None and same_folder:
         raise InputError(f"--resume: the run validated on the val/ (or test/) folder of {spec.dataset}, which is gone: a "
