@@ -13,10 +13,11 @@ Examples:
 or a TorchScript .pt (FP32, FP16 or PyTorch-quantized INT8). Model name, classes and preprocessing
 come from the checkpoint or the artifact's metadata. Writes the JSON (default results/<model>.json
 for checkpoints, results/<model>_<format>.json for other formats, with "format", "engine",
-"precision" and "compute" fields) and a confusion-matrix PNG beside it. FP16 checkpoints run in
-FP16 on CUDA; on CPU their weights are upcast to FP32 (the report says which). --tensorboard logs the same
-evaluation (metrics, per-class accuracy and precision, confusion matrix, PR curves, misclassified images) as the run
-<log_dir>/eval/<report name>/, so a checkpoint and its ONNX, TorchScript and INT8 versions compare side by side.
+"precision" and "compute" fields) and a confusion-matrix PNG beside it, named after the report
+(<report stem>_confusion_matrix.png). FP16 checkpoints run in FP16 on CUDA; on CPU their weights are upcast to
+FP32 (the report says which). --tensorboard logs the same evaluation (metrics, per-class accuracy and precision,
+confusion matrix, PR curves, misclassified images) as the run <log_dir>/eval/<report name>/, so a checkpoint and its
+ONNX, TorchScript and INT8 versions compare side by side.
 """
 
 from __future__ import annotations
@@ -128,16 +129,15 @@ def main(argv=None) -> int:
           + (f"  latency {report['latency_ms']:.2f} ms (batch 1)  throughput {report['throughput_img_s']:.0f} img/s "
              f"(batch {report['speed_batch_size']}) on {loaded.device}" if "latency_ms" in report else ""))
     print(class_metrics_text(report, classes))
-    out, tag = (Path(args.output), "") if args.output else default_output(name, loaded.format, report["weights"],
-                                                                            report["sha256"])
+    out = Path(args.output) if args.output else default_output(name, loaded.format, report["weights"], report["sha256"])[0]
     atomic_write_text(out, json.dumps(report, indent=2) + "\n")
     figures = evaluation_figures(stats, classes, pre, title=f"{name} ({loaded.format})")
     board = log_eval_report(Path(args.log_dir) / "eval" / out.stem, report, stats, figures) if args.tensorboard else None
-    cm_name = f"confusion_matrix{'' if loaded.format == 'pytorch' else '_' + loaded.format}{tag}.png"
-    cm_png = save_figure(figures.pop("confusion_matrix"), out.with_name(cm_name))
+    # figures named after their report: several reports in one folder never overwrite each other's
+    cm_png = save_figure(figures.pop("confusion_matrix"), out.with_name(f"{out.stem}_confusion_matrix.png"))
     grid = None
     if args.save_examples and "misclassified" in figures:
-        grid = save_figure(figures.pop("misclassified"), out.with_name(f"misclassified_examples{tag}.png"))
+        grid = save_figure(figures.pop("misclassified"), out.with_name(f"{out.stem}_misclassified_examples.png"))
     close_figures(*figures.values())
     if grid:
         print(f"misclassified examples: {grid}")

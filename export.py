@@ -64,7 +64,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     ckpt = load_checkpoint(args.weights)
-    model, info = build_from_checkpoint(ckpt, args.model)
+    model, info = build_from_checkpoint(ckpt, args.model, source=args.weights)
     engines = ["onnx", "torchscript"] if args.engine == "all" else [args.engine]
     opset = args.opset or (DYNAMO_MIN_OPSET if args.exporter == "dynamo" else DEFAULT_OPSET)
     real = real_images(info.preprocess, args.parity_images, ckpt.get("args"))

@@ -17,7 +17,8 @@ Without --weights it uses torchvision's ImageNet ResNet18 weights (1000 ImageNet
 downloadable or already in the torch hub cache. With --weights, a project resnet18 checkpoint and its classes.
 
 Several images (files, folders, quoted globs) are analysed one after the other with the network loaded once, each
-into its own <out_dir>/<image name>/; with --json, one JSON object per line. An image that cannot be read
+into its own <out_dir>/<image name>/ (<image name>-<hash of its path>/ when another image of that name
+has results there); with --json, one JSON object per line. An image that cannot be read
 (missing, not an image, truncated, refused by Pillow's decompression-bomb limit) is reported on one line and
 skipped; the exit code is then 2.
 
@@ -37,11 +38,11 @@ import torch
 
 from utils import cli
 from utils.analysis.fcn import fcn_image_tensor, largest_region_box, load_fcn, map_to_image, rank_classes, score_geometry
-from utils.analysis.many_images import analyse_each
+from utils.analysis.many_images import OUTPUT_RULE, analyse_each, output_names
 from utils.data.preprocess import eval_transform, load_image
 from utils.deploy.predict import expand_images
 from utils.errors import InputError
-from utils.io import atomic_write_text
+from utils.io import atomic_write_text, display_path
 from utils.tensorboard import add_figure, add_markdown, open_writer
 
 
@@ -56,7 +57,7 @@ def build_parser():
     p.add_argument("--threshold", type=cli.in_range(0, 1, low_open=True), default=0.5,
                    help="fraction (0-1] of the min-max normalised score map that defines the object region")
     p.add_argument("--topk", type=cli.positive(), default=5, help="how many classes to list")
-    p.add_argument("--out_dir", default="results/fcn", help="results go to <out_dir>/<image name>/")
+    p.add_argument("--out_dir", default="results/fcn", help=OUTPUT_RULE)
     cli.add_device_arg(p)
     p.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
     cli.add_tensorboard_args(p, "the score map, the overlay and the result", "fcn/<image name>")
@@ -159,14 +160,17 @@ def main(argv: list[str] | None = None) -> int:
     device = cli.resolve_device(args.device)
     networks = load_fcn(args.weights, device)
     several = len(images) > 1
+    names = output_names(images, Path(args.out_dir))
     return analyse_each(images, lambda image: analyse(args, image, networks, device),
-                        lambda image, res: report(args, image, res, several=several))
+                        lambda image, res: report(args, image, res, names[image], several=several))
 
 
-def report(args, image: Path, res: dict, several: bool) -> None:
-    """Write one image's figures and result.json, then print the result (text, or one JSON line)."""
-    out_dir = Path(args.out_dir) / image.stem
-    board = Path(args.log_dir) / "fcn" / image.stem if args.tensorboard else None
+def report(args, image: Path, res: dict, name: str, several: bool) -> None:
+    """Write one image's figures and result.json into <out_dir>/<name>/, then print the result (text, or one JSON
+    line)."""
+    out_dir = Path(args.out_dir) / name
+    res["source"] = str(image.resolve())  # whose results the folder holds (many_images.output_names)
+    board = Path(args.log_dir) / "fcn" / name if args.tensorboard else None
     writer = open_writer(board, purge_step=0) if board else None  # purge: a rerun replaces the image's earlier run
     try:
         res["files"] = save_figures(res, out_dir, writer)
@@ -184,7 +188,7 @@ def report(args, image: Path, res: dict, several: bool) -> None:
     h, w = res["fcn_input_hw"]
     if several:
         print()
-    print(f"image {res['image']} ({res['image_size_hw'][0]}x{res['image_size_hw'][1]}), weights: {res['weights']}")
+    print(f"image {display_path(res['image'])} ({res['image_size_hw'][0]}x{res['image_size_hw'][1]}), weights: {res['weights']}")
     print(f"FCN input {h}x{w} -> score map {res['score_map_hw'][0]}x{res['score_map_hw'][1]} "
           f"(each unit sees {res['receptive_field']['size']} px, stride {res['receptive_field']['stride']} px)\n")
     print(f"{'FCN on the full image (best location)':<52}  standard ResNet18 (resized + centre crop)")
@@ -196,7 +200,8 @@ def report(args, image: Path, res: dict, several: bool) -> None:
           f"image centre (y, x) = ({m['image_center_yx'][0]:.0f}, {m['image_center_yx'][1]:.0f})")
     box = res["region_box"]
     print(f"region box (top, left, bottom, right): {tuple(box) if box else 'none'} - {res['region_note']}")
-    print(f"\nwritten: {', '.join(res['files'].values())}" + (f"\nTensorBoard: {board}" if board else ""))
+    print(f"\nwritten: {', '.join(map(display_path, res['files'].values()))}"
+          + (f"\nTensorBoard: {display_path(board)}" if board else ""))
 
 
 if __name__ == "__main__":

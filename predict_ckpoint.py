@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     device = cli.resolve_device(args.device)
     start = time.perf_counter()
     ckpt = load_checkpoint(args.weights)
-    model, info = build_from_checkpoint(ckpt, args.model)
+    model, info = build_from_checkpoint(ckpt, args.model, source=args.weights)
     model = model.to(device)
     load_ms = (time.perf_counter() - start) * 1000.0
     classes = resolve_classes(info.classes, load_class_names(args.classes), info.num_classes)

@@ -90,7 +90,7 @@ def main(argv=None) -> int:
     ckpt = load_checkpoint(args.weights)
     if ckpt.get("precision", "fp32") != "fp32":
         raise InputError(f"{args.weights} is already a {ckpt['precision']} checkpoint: quantize the FP32 checkpoint")
-    model, info = build_from_checkpoint(ckpt, args.model)
+    model, info = build_from_checkpoint(ckpt, args.model, source=args.weights)
     name, pre = info.model_name, info.preprocess
     spec = data_spec(ckpt.get("args"), args.dataset, args.data_root, ckpt.get("split"))
     loader, data_classes = eval_loader(spec, pre, args.batch_size, args.max_images, args.num_workers)

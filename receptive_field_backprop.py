@@ -19,7 +19,8 @@ result.json. With --tensorboard the pictures, each field's normalised |gradient|
 to TensorBoard, as the run <log_dir>/receptive_field/<image name>/.
 
 Several images (files, folders, quoted globs) are analysed one after the other with the network loaded once, each
-into its own <out_dir>/<image name>/; with --json, one JSON object per line. An image that cannot be read
+into its own <out_dir>/<image name>/ (<image name>-<hash of its path>/ when another image of that name
+has results there); with --json, one JSON object per line. An image that cannot be read
 (missing, not an image, truncated, refused by Pillow's decompression-bomb limit), or whose score map does not
 contain --pixel, is reported on one line and skipped; the exit code is then 2.
 
@@ -40,11 +41,11 @@ import torch
 from utils import cli
 from utils.analysis import rf_backprop
 from utils.analysis.fcn import fcn_image_tensor, load_fcn, map_to_image, rank_classes, score_geometry
-from utils.analysis.many_images import analyse_each
+from utils.analysis.many_images import OUTPUT_RULE, analyse_each, output_names
 from utils.data.preprocess import load_image
 from utils.deploy.predict import expand_images
 from utils.errors import InputError
-from utils.io import atomic_path, atomic_write_text
+from utils.io import atomic_path, atomic_write_text, display_path
 from utils.tensorboard import add_figure, add_markdown, open_writer
 
 
@@ -61,7 +62,7 @@ def build_parser():
                         "three backward passes at full resolution are slow on a CPU")
     p.add_argument("--threshold", type=cli.in_range(0, 1, low_open=True, high_open=True), default=0.05,
                    help="fraction of the peak |gradient| above which a pixel counts for the effective and net boxes")
-    p.add_argument("--out_dir", default="results/receptive_field", help="results go to <out_dir>/<image name>/")
+    p.add_argument("--out_dir", default="results/receptive_field", help=OUTPUT_RULE)
     cli.add_device_arg(p)
     p.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
     cli.add_tensorboard_args(p, "the pictures, the three fields and the result", "receptive_field/<image name>")
@@ -214,14 +215,17 @@ def main(argv: list[str] | None = None) -> int:
     device = cli.resolve_device(args.device)
     networks = load_fcn(args.weights, device)
     several = len(images) > 1
+    names = output_names(images, Path(args.out_dir))
     return analyse_each(images, lambda image: analyse(args, image, networks, device),
-                        lambda image, out: report(args, image, *out, several=several))
+                        lambda image, out: report(args, image, *out, names[image], several=several))
 
 
-def report(args, image: Path, res: dict, arrays: dict, several: bool) -> None:
-    """Write one image's gradients, figures and result.json, then print the result (text, or one JSON line)."""
-    out_dir = Path(args.out_dir) / image.stem
-    board = Path(args.log_dir) / "receptive_field" / image.stem if args.tensorboard else None
+def report(args, image: Path, res: dict, arrays: dict, name: str, several: bool) -> None:
+    """Write one image's gradients, figures and result.json into <out_dir>/<name>/, then print the result (text, or
+    one JSON line)."""
+    out_dir = Path(args.out_dir) / name
+    res["source"] = str(image.resolve())  # whose results the folder holds (many_images.output_names)
+    board = Path(args.log_dir) / "receptive_field" / name if args.tensorboard else None
     writer = open_writer(board, purge_step=0) if board else None  # purge: a rerun replaces the image's earlier run
     try:
         res["files"] = save_outputs(res, arrays, out_dir, writer)
@@ -242,7 +246,7 @@ def report(args, image: Path, res: dict, arrays: dict, several: bool) -> None:
     def fmt(b):
         return "none" if b is None else f"rows {b['top']}-{b['bottom']}, cols {b['left']}-{b['right']} ({b['height']}x{b['width']} px)"
 
-    print(f"image {res['image']} as {res['fcn_input_hw'][0]}x{res['fcn_input_hw'][1]}, weights: {res['weights']}")
+    print(f"image {display_path(res['image'])} as {res['fcn_input_hw'][0]}x{res['fcn_input_hw'][1]}, weights: {res['weights']}")
     print(f"predicted '{res['predicted_class']}'; backpropagating from score-map unit {tuple(res['pixel'])} "
           f"of {res['score_map_hw'][0]}x{res['score_map_hw'][1]}")
     print(f"analytic field     : RF {a['rf']} px, stride {a['stride']} px, padding {a['padding']} px -> {fmt(a['box'])}"
@@ -251,7 +255,8 @@ def report(args, image: Path, res: dict, arrays: dict, several: bool) -> None:
     print(f"effective (grad)   : non-zero {fmt(res['effective']['support_box'])}; > {res['threshold']:g} of peak "
           f"{fmt(res['effective']['box'])}")
     print(f"net field of class : > {res['threshold']:g} of peak {fmt(res['net']['box'])}")
-    print(f"\nwritten: {', '.join(res['files'].values())}" + (f"\nTensorBoard: {board}" if board else ""))
+    print(f"\nwritten: {', '.join(map(display_path, res['files'].values()))}"
+          + (f"\nTensorBoard: {display_path(board)}" if board else ""))
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from models import MODEL_NAMES, build_model, count_parameters, min_img_size, mod
 from models.memory import explain_out_of_memory, require_fits, training_flags, training_memory
 from models.norm import NORM_TYPES
 from utils import cli
-from utils.checkpoint import head_keys, inference_state, load_checkpoint, load_matching
+from utils.checkpoint import check_resume_fits, head_keys, inference_state, load_checkpoint, load_matching
 from utils.data.augment import AUGMENT_CHOICES, AUTO_AUGMENT_CHOICES, batch_mixing, resolve_augment
 from utils.data.datasets import DataSpec, build_datasets
 from utils.data.folders import bad_images_report, check_same_classes
@@ -145,12 +145,14 @@ def main(argv=None) -> int:
     ckpt = load_checkpoint(flags["resume"]) if flags["resume"] else None
     if ckpt is not None:
         check_resumable(ckpt, flags["resume"])
-        flags.update(checkpoint_flags(ckpt, NETWORK_FLAGS, flags, explicit))
+        saved = checkpoint_flags(ckpt, NETWORK_FLAGS, flags, explicit)
+        flags.update(cli.checked_values(parser, saved, f"--resume {flags['resume']}: saved flag"))
         flags.update(fixed_by_resume(ckpt, flags, explicit))
     init = load_checkpoint(flags["init_from"]) if flags["init_from"] else None
     if init is not None:
         saved = {**(init.get("args") or {}), "model": init["model_name"]}
-        flags.update({key: saved[key] for key in INIT_FLAGS if key in saved and key not in explicit})
+        flags.update(cli.checked_values(parser, {key: saved[key] for key in INIT_FLAGS if key in saved and key not in explicit},
+                                        f"--init_from {flags['init_from']}: saved flag"))
     cfg = TrainConfig(**flags)
     small = resolve_small_input(cfg.small_input, cfg.img_size)
     if cfg.img_size < min_img_size(cfg.model, small):
@@ -162,7 +164,8 @@ def main(argv=None) -> int:
     if device.type == "cuda" and is_distributed():
         device = torch.device("cuda", local_rank)
     spec = DataSpec(cfg.dataset, cfg.data_root, cfg.skip_bad_images, val_fraction=cfg.val_fraction, seed=cfg.seed,
-                    split_record=ckpt.get("split") if ckpt is not None else None)
+                    split_record=ckpt.get("split") if ckpt is not None else None, resuming=ckpt is not None,
+                    run_dataset=(ckpt.get("args") or {}).get("dataset") if ckpt is not None else None, cache_dir=cfg.cache_dir)
     run = choose_run_dir(cfg.path_to_save, spec.name, cfg.name or cfg.model, exist_ok=cfg.exist_ok, resume=cfg.resume)
     if is_main_process():
         run.announce()
@@ -204,6 +207,7 @@ def train(cfg: TrainConfig, ckpt: dict | None, init: dict | None, spec: DataSpec
     if precision.channels_last:
         model = model.to(memory_format=torch.channels_last)
     state = build_train_state(cfg, model, device, precision, len(classes), steps_per_epoch=-(-len(loaders.train) // cfg.accumulation))
+    check_resume_fits(ckpt, model, state.optimizer, cfg.resume)  # a tensor of another shape: one line, before loading
     resume = restore(ckpt, model=model, state=state) if ckpt is not None else ResumePoint()
     del ckpt  # the optimizer state and weights are in place now: free the checkpoint's copy
     if cfg.start_epoch is not None:

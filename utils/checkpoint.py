@@ -105,7 +105,81 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> Checkpoint:
     if missing:
         raise InputError(f"{path} is not a complete checkpoint written by train.py: it lacks {', '.join(missing)} "
                          "(the network's description); fix: use best.pth or last.pth of a train.py run")
+    check_identity(ckpt, path)
     return ckpt
+
+
+CKPT_FIX = "; fix: use the checkpoint as train.py wrote it (it was edited or damaged), or its run's other checkpoint"
+
+
+def check_identity(ckpt: Checkpoint, path: str | Path) -> None:
+    """The network's description that every consumer (eval, export, predict_ckpoint, quantize, --resume) reads,
+    checked once where checkpoints are loaded: a value of the wrong type or range is one line naming the key, not a
+    traceback wherever it is first used."""
+    where = f"checkpoint {path}"
+
+    def bad(key: str, expected: str, value) -> InputError:
+        return InputError(f"{where}: key {key!r} must be {expected}, got {str(value)[:60]!r}{CKPT_FIX}")
+
+    if not isinstance(ckpt["model_name"], str) or not ckpt["model_name"]:
+        raise bad("model_name", "a model name", ckpt["model_name"])
+    classes = ckpt["classes"]
+    if not isinstance(classes, (list, tuple)) or not classes or not all(isinstance(c, str) for c in classes):
+        raise bad("classes", "a list of class names", classes)
+    num = ckpt["num_classes"]
+    if not isinstance(num, int) or isinstance(num, bool) or num != len(classes):
+        raise bad("num_classes", f"the number of classes ({len(classes)})", num)
+    Preprocess.from_dict(ckpt["preprocess"], where)
+    kwargs = ckpt.get("model_kwargs", {})
+    if not isinstance(kwargs, dict):
+        raise bad("model_kwargs", "a mapping", kwargs)
+    size = kwargs.get("img_size", 1)
+    if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+        raise bad("model_kwargs.img_size", "a positive integer (pixels)", size)
+    if not isinstance(ckpt["model"], dict) or not all(torch.is_tensor(v) for v in ckpt["model"].values()):
+        raise bad("model", "a state dict of tensors", type(ckpt["model"]).__name__)
+
+
+def check_state_fits(state: dict, model: nn.Module, what: str) -> None:
+    """InputError naming the first tensor of `state` (a state dict) whose name or shape differs from `model`'s, with
+    both shapes: load_state_dict would raise a RuntimeError listing every key, after the model was half loaded."""
+    own = model.state_dict()
+    for key, value in state.items():
+        if key not in own:
+            raise InputError(f"{what}: tensor {key!r} is not in the {type(model).__name__} network{CKPT_FIX}")
+        if not torch.is_tensor(value) or value.shape != own[key].shape:
+            shape = list(value.shape) if torch.is_tensor(value) else type(value).__name__
+            raise InputError(f"{what}: tensor {key!r} has shape {shape}, the network's has {list(own[key].shape)}"
+                             f"{CKPT_FIX}")
+    missing = [key for key in own if key not in state]
+    if missing:
+        raise InputError(f"{what}: tensor {missing[0]!r} of the network is missing ({len(missing)} missing){CKPT_FIX}")
+
+
+def check_resume_fits(ckpt: Checkpoint | None, model: nn.Module, optimizer: torch.optim.Optimizer,
+                      path: str | Path | None) -> None:
+    """--resume: every tensor the checkpoint will load (weights, EMA weights, the optimizer's per-parameter state)
+    has the shape of the freshly built network's, checked before anything is loaded (a no-op without a checkpoint)."""
+    if ckpt is None:
+        return
+    where = f"--resume {path}"
+    check_state_fits(ckpt["model"], model, where)
+    if isinstance(ckpt.get("ema"), dict) and "module" in ckpt["ema"]:
+        check_state_fits(ckpt["ema"]["module"], model, f"{where} (EMA weights)")
+    saved = ckpt.get("optimizer")
+    if not isinstance(saved, dict):
+        return
+    groups, names = saved.get("param_groups", []), {id(p): n for n, p in model.named_parameters()}
+    sizes = [len(g.get("params", [])) for g in groups]
+    if sizes != [len(g["params"]) for g in optimizer.param_groups]:
+        raise InputError(f"{where}: its optimizer state has parameter groups of {sizes} tensors, the network's optimizer "
+                         f"{[len(g['params']) for g in optimizer.param_groups]}{CKPT_FIX}")
+    for group, own in zip(groups, optimizer.param_groups):
+        for index, param in zip(group["params"], own["params"]):
+            for key, value in (saved.get("state", {}).get(index) or {}).items():
+                if torch.is_tensor(value) and value.ndim > 0 and value.shape != param.shape:
+                    raise InputError(f"{where}: optimizer state {key!r} of {names.get(id(param), index)!r} has shape "
+                                     f"{list(value.shape)}, the parameter's is {list(param.shape)}{CKPT_FIX}")
 
 
 def inference_state(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
@@ -124,6 +198,8 @@ def build_from_checkpoint(ckpt: Checkpoint, model_name: str | None = None, use_e
     info = model_info(ckpt, model_name, source)
     model = build_model(info.model_name, ckpt["num_classes"], **info.model_kwargs)
     state = inference_state(ckpt) if use_ema else ckpt["model"]
+    if info.model_name == ckpt["model_name"]:  # its own network: a tensor that does not fit was edited (named here)
+        check_state_fits(state, model, f"checkpoint {source}" if source else "checkpoint")
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     try:
         model.load_state_dict(state, strict=True)

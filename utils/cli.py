@@ -10,6 +10,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from utils.errors import InputError
+from utils.io import display_line
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -134,6 +135,14 @@ def config_values(p: argparse.ArgumentParser, path: str | None, explicit: set[st
     return out
 
 
+def checked_values(p: argparse.ArgumentParser, values: dict, where: str) -> dict:
+    """Flag values read from a file (a checkpoint's saved args for --resume / --init_from) through each flag's own
+    type and choices, as --config's: an edited or damaged value is one line naming the key (`where`: key)."""
+    actions = {a.dest: a for a in p._actions if a.option_strings}
+    return {key: _config_value(actions[key], value, f"{where} {key}") if key in actions else value
+            for key, value in values.items()}
+
+
 def _config_value(action: argparse.Action, value, where: str):
     """One config value through the flag's own checks (type, choices; true/false for switches)."""
     if value is None:
@@ -233,7 +242,7 @@ def run(main: Callable[[], int | None]) -> None:
         message = str(e).strip()
         if "Original Traceback" in message:  # raised in a DataLoader worker: keep the original message, not the traceback
             message = message.splitlines()[-1].partition("InputError: ")[2] or message.splitlines()[-1]
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {display_line(message)}", file=sys.stderr)  # one line, whatever file name it quotes
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

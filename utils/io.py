@@ -6,6 +6,10 @@ Ctrl-C never leaves half a file under the real name (and an earlier file stays i
 is removed when writing fails; one left by a killed process (SIGKILL, power loss) carries that process's id in its
 name, so the next run writing in that folder removes it (`remove_stale_temps`). A write the system refuses (disk
 full, read-only, no permission, missing folder) is an InputError naming the path and the cause. Torch-free.
+
+Terminal text shows file names through `display_path` (and whole lines through `display_line`): a name may hold
+newlines, carriage returns or ANSI escape sequences (which could forge result lines) or bytes that are not UTF-8
+(which crash a strict UTF-8 stdout); files (CSV, JSON Lines) keep the exact names.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import hashlib
 import json
 import os
 import re
+import unicodedata
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -27,6 +32,42 @@ TEMP_NAME = re.compile(r"^\.(?P<stem>.+)\.tmp-(?P<pid>\d+)(?P<suffix>\.[^.]*)?$"
 # what the system says when a write cannot happen: the user's environment, not a bug (-> one line, exit 2)
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOENT, errno.ENOTDIR,
                 errno.EEXIST, errno.EISDIR, errno.EFBIG}
+
+
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+# bidirectional overrides and isolates reorder what a terminal shows; line/paragraph separators break lines
+_INVISIBLE = frozenset("\u2028\u2029\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def _escape(text: str, backslash: bool) -> str:
+    out = []
+    for ch in text:
+        code = ord(ch)
+        if 0xDC80 <= code <= 0xDCFF:  # a byte that is not UTF-8, kept by os.fsdecode's surrogateescape
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif ch in _ESCAPES:
+            out.append(_ESCAPES[ch])
+        elif ch == "\\" and backslash:
+            out.append("\\\\")
+        elif ch in _INVISIBLE or unicodedata.category(ch) in ("Cc", "Cs"):
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def display_path(path: str | os.PathLike) -> str:
+    """A file name as terminal text: control characters (newline, carriage return, ESC of ANSI sequences), bidi
+    overrides and bytes that are not UTF-8 written as Python-style escapes (a backslash too, so the text is
+    unambiguous), so a hostile name can neither forge output lines nor crash a strict UTF-8 stdout."""
+    text = os.fspath(path)
+    return _escape(os.fsdecode(text) if isinstance(text, bytes) else text, backslash=True)
+
+
+def display_line(text: str) -> str:
+    """A message as one terminal line: the escapes of display_path (backslashes kept as they are: prose), so a file
+    name quoted inside an error message cannot break the line or the output encoding."""
+    return _escape(text, backslash=False)
 
 
 def temp_sibling(path: str | Path) -> Path:

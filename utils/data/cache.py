@@ -15,10 +15,17 @@ on 4:3 photos the crops cover the central square instead of the whole (squashed)
 For validation, the exact eval-transform crop (resize, centre crop img_size) is stored, bit-identical to
 utils.data.preprocess.
 
-Keyed by the file list, each file's size and modification time, the stored geometry, the Pillow version (its
-resampling defines the pixels) and the format version, so any added, removed, replaced or touched file builds a new
-cache; an unchanged folder reuses it across runs. Files are written under a temporary name and renamed into place
-only when complete (utils.io.atomic_path), so a killed build never leaves a file that a later run trusts.
+Keyed by the file list, each file's size, modification time, status-change time (st_ctime_ns: it changes on every
+write, even when an editor or `touch -r` restores the modification time) and inode, the stored geometry, the Pillow
+version (its resampling defines the pixels) and the format version, so any added, removed, replaced, edited in place
+or touched file builds a new cache; an unchanged folder reuses it across runs. The pixels themselves are checked too:
+the build stores a CRC-32 of each cached image in the cache's .json, and every open verifies them (one read of the
+file, in threads; it also warms the page cache the first epoch reads), so pixels overwritten in the cache file are
+noticed and just those images are decoded again from their files. Files are written under a temporary name and
+renamed into place only when complete (utils.io.atomic_path), so a killed build never leaves a file that a later run
+trusts; the temporary files of killed builds (hundreds of MB) are removed when the next run opens the cache folder
+(utils.io.remove_stale_temps). A cache folder is never scanned as data (utils.data.formats.is_cache_dir), so
+--cache_dir may lie inside the dataset; it must not hold the images themselves.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import json
 import os
 import shutil
 import time
+import zlib
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -41,9 +49,9 @@ from tqdm import tqdm
 from utils.data.preprocess import Preprocess, center_crop, load_image, resize_shorter
 from utils.data.tensor_pipeline import train_tensor_bytes
 from utils.errors import InputError
-from utils.io import TEMP_MARKER, atomic_path, atomic_write_text, process_alive
+from utils.io import atomic_path, atomic_write_text, display_path, remove_stale_temps
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 CACHE_MODES = ("auto", "off")
 DEFAULT_CACHE_DIR = Path("data") / ".cache"
 DISK_FRACTION = 0.5  # auto uses the cache when its files need at most this share of the free disk
@@ -79,15 +87,18 @@ class CacheInfo:
     seconds: float  # build time (0 when warm)
     images: int
     nbytes: int
+    repaired: int = 0  # images whose cached pixels failed their checksum and were decoded again
 
     def describe(self) -> str:
         state = f"built in {self.seconds:.1f} s" if self.built else "warm"
+        if self.repaired:
+            state += f", {self.repaired} damaged image{'s' if self.repaired > 1 else ''} decoded again"
         return f"data: cache {self.path} ({state}; {self.images} {self.kind} images, {self.nbytes / 2**20:.1f} MiB)"
 
 
 def cache_key(paths: Sequence[str | Path], layout: CacheLayout) -> str:
-    """sha256 of the format version, Pillow's version, the layout, and every file's absolute path, size and
-    modification time (ns), in order."""
+    """sha256 of the format version, Pillow's version, the layout, and every file's absolute path, size, modification
+    time, status-change time (ns) and inode, in order."""
     header = {"version": CACHE_VERSION, "pillow": PIL.__version__, **asdict(layout)}
     h = hashlib.sha256(json.dumps(header, sort_keys=True).encode())
     for path in paths:
@@ -95,7 +106,8 @@ def cache_key(paths: Sequence[str | Path], layout: CacheLayout) -> str:
             st = os.stat(path)
         except OSError as e:
             raise InputError(f"cannot read image {path}: {e.strerror or e} (remove it from the folder or restore it)") from None
-        h.update(f"{os.path.abspath(path)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        h.update(f"{os.path.abspath(path)}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\0{st.st_ino}\n"
+                 .encode("utf-8", "surrogateescape"))
     return h.hexdigest()[:32]
 
 
@@ -105,7 +117,7 @@ def folder_tag(paths: Sequence[str | Path]) -> str:
     if not paths:
         return "empty"
     common = os.path.commonpath([os.path.abspath(p) for p in paths]) if len(paths) > 1 else os.path.dirname(os.path.abspath(paths[0]))
-    return hashlib.sha256(common.encode()).hexdigest()[:8]
+    return hashlib.sha256(common.encode("utf-8", "surrogateescape")).hexdigest()[:8]
 
 
 def cache_path(paths: Sequence[str | Path], layout: CacheLayout, cache_dir: str | Path = DEFAULT_CACHE_DIR) -> Path:
@@ -116,7 +128,7 @@ def cache_path(paths: Sequence[str | Path], layout: CacheLayout, cache_dir: str 
 def decode(path: str | Path, layout: CacheLayout) -> np.ndarray:
     """One image as the cache stores it: uint8 (channels, side, side), made by utils.data.preprocess's own
     functions (so the val layout is exactly the eval transform's crop)."""
-    img = resize_shorter(load_image(path, layout.channels), layout.resize, layout.interpolation)
+    img = resize_shorter(load_image(path, layout.channels, layout.resize), layout.resize, layout.interpolation)
     arr = np.asarray(center_crop(img, layout.side), dtype=np.uint8)
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
@@ -136,20 +148,22 @@ def _open_existing(path: Path, shape: tuple[int, ...]) -> np.ndarray | None:
 
 
 def remove_leftovers(cache_dir: Path, prefix: str, keep: Path) -> None:
-    """Delete this split's outdated cache files (same kind, size and folder, another key) and temporary files of
-    builds whose process is gone (killed with SIGKILL, so atomic_path could not remove them)."""
+    """Delete this split's outdated cache files (same kind, size and folder, another key)."""
     for entry in cache_dir.iterdir():
-        name = entry.name
-        if name.startswith(prefix) and entry != keep and entry.with_suffix(".npy") != keep:
+        if entry.name.startswith(prefix) and entry != keep and entry.with_suffix(".npy") != keep:
             entry.unlink(missing_ok=True)
-        elif name.startswith(".") and TEMP_MARKER in name:
-            pid = name.rsplit(TEMP_MARKER, 1)[1].split(".", 1)[0]
-            if pid.isdigit() and not process_alive(int(pid)):
-                entry.unlink(missing_ok=True)
 
 
-def _build(path: Path, paths: Sequence[str | Path], layout: CacheLayout, show_progress: bool, workers: int) -> None:
+def checksums(images: np.ndarray, workers: int) -> list[int]:
+    """CRC-32 of each image's bytes, in threads (zlib releases the GIL on large buffers)."""
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(lambda i: zlib.crc32(np.ascontiguousarray(images[i])), range(len(images))))
+
+
+def _build(path: Path, paths: Sequence[str | Path], layout: CacheLayout, show_progress: bool, workers: int) -> list[int]:
+    """Decode every image into a new cache file; returns each image's CRC-32."""
     shape = (len(paths), layout.channels, layout.side, layout.side)
+    crcs = []
     with atomic_path(path) as tmp:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
         with open(tmp, "r+b") as f:  # reserve the blocks now: a full disk is an OSError here, not a SIGBUS later
@@ -163,28 +177,78 @@ def _build(path: Path, paths: Sequence[str | Path], layout: CacheLayout, show_pr
             for start in range(0, len(paths), chunk):
                 for i, arr in enumerate(pool.map(lambda p: decode(p, layout), paths[start:start + chunk]), start):
                     out[i] = arr
+                    crcs.append(zlib.crc32(np.ascontiguousarray(arr)))
                     bar.update()
         out.flush()
         del out
+    return crcs
+
+
+def _describe(path: Path, paths: Sequence[str | Path], layout: CacheLayout, crcs: list[int]) -> None:
+    """The cache's .json: what it holds, and the CRC-32 of each image that every open verifies."""
+    atomic_write_text(path.with_suffix(".json"), json.dumps(
+        {"files": len(paths), "first": str(paths[0]) if paths else None, **asdict(layout), "version": CACHE_VERSION,
+         "pillow": PIL.__version__, "built": time.strftime("%Y-%m-%d %H:%M:%S"), "crc32": crcs}, indent=2) + "\n")
+
+
+def _stored_checksums(path: Path, count: int) -> list[int] | None:
+    try:
+        crcs = json.loads(path.with_suffix(".json").read_text()).get("crc32")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return crcs if isinstance(crcs, list) and len(crcs) == count else None
+
+
+def _repair(path: Path, paths: Sequence[str | Path], layout: CacheLayout, damaged: list[int], workers: int) -> None:
+    """Decode the `damaged` images again from their files into the cache file, in place."""
+    out = np.load(path, mmap_mode="r+")
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for i, arr in zip(damaged, pool.map(lambda i: decode(paths[i], layout), damaged)):
+            out[i] = arr
+    out.flush()
+    del out
+
+
+def check_cache_dir(cache_dir: Path, paths: Sequence[str | Path]) -> None:
+    """--cache_dir may lie inside the dataset (scans skip it) but must not hold its images: it would become part of
+    a class folder."""
+    folder = os.path.realpath(cache_dir)
+    inside = next((p for p in paths if os.path.realpath(p).startswith(folder + os.sep)), None)
+    if inside is not None:
+        raise InputError(f"--cache_dir {display_path(cache_dir)} holds the dataset's image {display_path(inside)}: choose a "
+                         "folder outside the class folders (e.g. <dataset>/.cache or the default data/.cache)")
 
 
 def open_cache(paths: Sequence[str | Path], layout: CacheLayout, cache_dir: str | Path = DEFAULT_CACHE_DIR,
                show_progress: bool = True, workers: int | None = None) -> tuple[np.ndarray, CacheInfo]:
     """The cached images of `paths` (uint8 (N, C, side, side), memory-mapped, copy-on-write), building the cache file
-    first when there is none for exactly these files (same list, sizes, modification times and geometry)."""
+    first when there is none for exactly these files (same list, sizes, times, inodes and geometry). A warm cache's
+    pixels are verified against their checksums; damaged images are decoded again (CacheInfo.repaired)."""
     cache_dir = Path(cache_dir)
+    check_cache_dir(cache_dir, paths)
+    workers = workers or os.cpu_count() or 1
+    remove_stale_temps(cache_dir)  # a killed build's temporary file: removed before anything else needs the disk
     path = cache_path(paths, layout, cache_dir)
     shape = (len(paths), layout.channels, layout.side, layout.side)
     images = _open_existing(path, shape)
-    if images is not None:
-        return images, CacheInfo(layout.kind, str(path), False, 0.0, len(paths), layout.nbytes(len(paths)))
+    crcs = _stored_checksums(path, len(paths)) if images is not None else None
+    if images is not None and crcs is not None:
+        damaged = [i for i, (got, want) in enumerate(zip(checksums(images, workers), crcs)) if got != want]
+        if damaged:
+            del images
+            try:
+                _repair(path, paths, layout, damaged, workers)
+            except OSError as e:
+                raise InputError(f"cannot repair the image cache {display_path(path)}: {e.strerror or e} (delete it, or "
+                                 "train without it: --cache off)") from None
+            images = _open_existing(path, shape)
+        return images, CacheInfo(layout.kind, str(path), False, 0.0, len(paths), layout.nbytes(len(paths)), len(damaged))
     start = time.perf_counter()
+    del images
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        _build(path, paths, layout, show_progress, workers or os.cpu_count() or 1)
-        atomic_write_text(path.with_suffix(".json"), json.dumps(
-            {"files": len(paths), "first": str(paths[0]) if paths else None, **asdict(layout), "version": CACHE_VERSION,
-             "pillow": PIL.__version__, "built": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=2) + "\n")
+        crcs = _build(path, paths, layout, show_progress, workers)
+        _describe(path, paths, layout, crcs)
         remove_leftovers(cache_dir, path.name.rsplit("-", 1)[0] + "-", path)
     except OSError as e:
         raise InputError(f"cannot write the image cache in {cache_dir}: {e.strerror or e} (free some space, choose another "

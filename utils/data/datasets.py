@@ -79,9 +79,9 @@ class CheckedImageFolder(Dataset):
 
     def __init__(self, root: str | Path, transform=None, channels: int = 3, *, scan: FolderScan | None = None,
                  samples: list[tuple[str, int]] | None = None, classes: list[str] | None = None, skip_bad: bool = False,
-                 verify: bool = True):
+                 verify: bool = True, resize: int | None = None):
         if scan is None and samples is None:
-            scan = scan_folder(root, verify=verify)
+            scan = scan_folder(root, verify=verify, resize=resize)
             report_bad_images([scan], skip_bad)
         self.root, self.transform, self.channels, self.scan = str(root), transform, channels, scan
         self.classes = list(classes if classes is not None else scan.classes)
@@ -134,6 +134,9 @@ class DataSpec:
     val_fraction: float = 0.1  # a folder without val/ is split (utils.data.splits) with this fraction and seed
     seed: int = 42
     split_record: dict | None = None  # a split recorded by an earlier run (--resume, eval.py): used as it is
+    resuming: bool = False  # train.py --resume: the folder's split layout must be the one the run started with
+    run_dataset: str | None = None  # --resume: the dataset the run trained on (its saved --dataset; None: Fashion-MNIST)
+    cache_dir: str | None = None  # the run's --cache_dir: never scanned as a class, even inside the dataset
 
     @property
     def name(self) -> str:
@@ -153,11 +156,12 @@ def build_datasets(spec: DataSpec, pre: Preprocess, verify: bool = True, augment
         raise InputError(f"dataset folder not found: {spec.dataset} (give --dataset a folder of class folders, or one "
                          "holding train/ and val/)")
     source = split_source(spec.dataset)
+    check_split_layout(spec, source)
     if source is not None:
         return split_datasets(spec, source, pre, train_tf, val_tf, verify)
     train_dir, val_dir = folder_splits(spec.dataset)
-    train_scan = scan_folder(train_dir, verify=verify)
-    val_scan = scan_folder(val_dir, verify=verify)
+    train_scan = scan_folder(train_dir, verify=verify, resize=pre.resize, cache_dir=spec.cache_dir)
+    val_scan = scan_folder(val_dir, verify=verify, resize=pre.resize, cache_dir=spec.cache_dir)
     check_same_classes(train_scan.classes, val_scan.classes, str(train_dir), str(val_dir),
                        "give both splits the same class folders")
     report_bad_images([train_scan, val_scan], spec.skip_bad_images)
@@ -167,19 +171,40 @@ def build_datasets(spec: DataSpec, pre: Preprocess, verify: bool = True, augment
     return train_ds, val_ds, list(train_ds.classes)
 
 
+def check_split_layout(spec: DataSpec, source: Path | None) -> None:
+    """--resume on a folder whose split layout changed since the run started: a run that split the folder itself
+    (its checkpoint records the held-out files) now meeting a val/ (or test/) folder would drop that record and train
+    on the held-out files; a run that had val/ now meeting the same folder without one would draw a new split whose
+    held-out files it trained on. Either is one line naming the choices."""
+    if not spec.resuming:
+        return
+    if spec.split_record is not None and source is None:
+        root = spec.split_record["root"]
+        other = f"give --dataset {root}, or " if Path(root).resolve() != Path(spec.dataset).resolve() else ""
+        raise InputError(f"--resume: the run split {root} itself (its held-out files are recorded in the checkpoint), but "
+                         f"{spec.dataset} now has a val/ (or test/) folder, which would drop that split and train on "
+                         f"the held-out files; fix: keep the recorded split ({other}move the new val/ folder out of "
+                         f"{spec.dataset}), or start a new run to use it")
+    same_folder = spec.run_dataset is not None and Path(spec.run_dataset).resolve() == Path(spec.dataset).resolve()
+    if spec.split_record is None and source is not None and same_folder:
+        raise InputError(f"--resume: the run validated on the val/ (or test/) folder of {spec.dataset}, which is gone: a "
+                         "new split of the folder would hold out images the run trained on; fix: restore the val/ folder, "
+                         "or start a new run")
+
+
 def split_datasets(spec: DataSpec, source: Path, pre: Preprocess, train_tf, val_tf, verify: bool):
     """A folder without val/: split it (stratified, seeded; utils.data.splits), or reuse the split a run recorded.
     The train dataset carries the record as `.split` (saved as split.json and in checkpoints)."""
     if spec.split_record is not None:
         split = from_record(spec.split_record, source)
         classes = list(split.record["classes"])
-        scan = check_listed(split.root, classes, split.train + split.val, verify=verify)
+        scan = check_listed(split.root, classes, split.train + split.val, verify=verify, resize=pre.resize)
         report_bad_images([scan], spec.skip_bad_images)
         usable = set(scan.samples)
         split.train = [s for s in split.train if s in usable]
         split.val = [s for s in split.val if s in usable]
     else:
-        scan = scan_folder(source, verify=verify)
+        scan = scan_folder(source, verify=verify, resize=pre.resize, cache_dir=spec.cache_dir)
         report_bad_images([scan], spec.skip_bad_images)
         classes = scan.classes
         split = stratified_split(source, scan.samples, classes, spec.val_fraction, spec.seed)
@@ -198,7 +223,7 @@ def build_eval_dataset(spec: DataSpec, pre: Preprocess, split: str = "val"):
     if spec.split_record is not None and split in ("train", "val"):
         recorded = from_record(spec.split_record)
         classes = list(recorded.record["classes"])
-        scan = check_listed(recorded.root, classes, recorded.val if split == "val" else recorded.train)
+        scan = check_listed(recorded.root, classes, recorded.val if split == "val" else recorded.train, resize=pre.resize)
         report_bad_images([scan], spec.skip_bad_images)
         ds = CheckedImageFolder(recorded.root, tf, pre.channels, samples=scan.samples, classes=classes)
         return ds, classes, f"{split} (the run's recorded split)"
@@ -209,5 +234,5 @@ def build_eval_dataset(spec: DataSpec, pre: Preprocess, split: str = "val"):
     folder = {"train": train_dir, "val": val_dir}.get(split, Path(spec.dataset) / split)
     if not folder.is_dir():
         raise InputError(f"split folder not found: {folder}")
-    ds = CheckedImageFolder(folder, tf, pre.channels, skip_bad=spec.skip_bad_images)
+    ds = CheckedImageFolder(folder, tf, pre.channels, skip_bad=spec.skip_bad_images, resize=pre.resize)
     return ds, list(ds.classes), folder.name

@@ -12,11 +12,16 @@ A dataset split (train/, val/, or a folder to be split) holds one sub-folder per
   under its real path when it has one. A link whose target lies outside its class folder (another class, another
   split, elsewhere) is ignored and listed: a link can never make an image count twice or under another class. A
   class folder may itself be a link (its target is then the class folder); two class folders that are the same
-  folder, or one inside the other, are an error.
+  folder, or one inside the other, are an error;
+- hard links are the same file too (same st_dev and st_ino): one inside a class counts once, one into another class
+  or split is an error (`check_disjoint` for splits), as `cp -al`, rsync --link-dest and dedup tools make them;
+- a folder of the decode-once cache (the run's --cache_dir, or one holding cache files: formats.is_cache_dir) is never
+  a class nor part of one, so --cache_dir may lie inside the dataset.
 
 Every listed image is then checked (`check_image`: opened and decoded as training will read it, in threads with a
-progress bar); the files Pillow cannot read for any reason (not an image, truncated, empty, over Pillow's
-decompression-bomb limit, a broken link) go into one report (`report_bad_images`) before anything trains: an error
+progress bar); the files Pillow cannot read for any reason (not an image, truncated, empty, over the pixel limit of
+utils.data.preprocess.oversize_reason once decoded or resized, pixel values without a grey level, a broken link) go
+into one report (`report_bad_images`) before anything trains: an error
 (exit 2) unless the caller skips them (--skip_bad_images).
 
 Structural problems are one-line errors: no class folder, one class only, a class without a usable image, two class
@@ -26,55 +31,24 @@ names that differ only by case, and splits whose classes differ (`check_same_cla
 from __future__ import annotations
 
 import functools
-import inspect
 import os
 import sys
 import warnings
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
+from utils.data.formats import check_cache_folder, file_key, has_image_extension, image_extensions, is_cache_dir, is_ignored_name
+from utils.data.preprocess import oversize_reason, pixel_problem
 from utils.errors import InputError
+from utils.io import display_line, display_path
 
-JUNK_NAMES = frozenset({"thumbs.db", "desktop.ini", "ehthumbs.db", "__macosx", "$recycle.bin", "system volume information"})
-# Pillow identifies these but cannot decode their pixels (video, or formats that need an external handler)
-UNDECODABLE_FORMATS = frozenset({"MPEG"})
 PROGRESS_FROM = 500  # show the verification progress bar from this many files on
-
-
-@functools.cache
-def image_extensions() -> frozenset[str]:
-    """Lower-case extensions (with the dot) of every format this Pillow can open and decode. Derived from
-    Image.registered_extensions(), not a fixed list: stub formats (HDF5, GRIB, BUFR, WMF), MPEG video, and EPS without
-    Ghostscript are left out because Pillow cannot decode them."""
-    from PIL import EpsImagePlugin
-
-    Image.init()
-    out = set()
-    for ext, fmt in Image.registered_extensions().items():
-        if fmt not in Image.OPEN or fmt in UNDECODABLE_FORMATS:
-            continue
-        factory = Image.OPEN[fmt][0]
-        if inspect.isclass(factory) and issubclass(factory, ImageFile.StubImageFile):
-            continue
-        if fmt == "EPS" and not EpsImagePlugin.has_ghostscript():
-            continue
-        out.add(ext.lower())
-    return frozenset(out)
-
-
-def is_ignored_name(name: str) -> bool:
-    """Hidden files and folders (".DS_Store", "._x.jpg", ".ipynb_checkpoints") and OS junk (Thumbs.db, __MACOSX)."""
-    return name.startswith(".") or name.lower() in JUNK_NAMES
-
-
-def has_image_extension(name: str) -> bool:
-    return os.path.splitext(name)[1].lower() in image_extensions()
 
 
 @dataclass(frozen=True)
@@ -111,30 +85,33 @@ class FolderScan:
     def describe(self, name: str, skipped: bool) -> str:
         """The per-class table printed before training: used and skipped (unreadable) images, and what was ignored."""
         used, bad = self.counts()
-        width = max(len("class"), *(len(c) for c in self.classes))
-        lines = [f"{name}: {self.root} - {len(self.samples)} images in {len(self.classes)} classes"
+        names = [display_line(c) for c in self.classes]
+        width = max(len("class"), *(len(c) for c in names))
+        lines = [f"{name}: {display_path(self.root)} - {len(self.samples)} images in {len(self.classes)} classes"
                  + (f", {len(self.bad)} unreadable skipped" if skipped and self.bad else "")]
         lines.append(f"  {'class':<{width}}  {'used':>6}  {'skipped':>7}")
-        lines += [f"  {c:<{width}}  {u:>6}  {b:>7}" for c, u, b in zip(self.classes, used, bad)]
+        lines += [f"  {c:<{width}}  {u:>6}  {b:>7}" for c, u, b in zip(names, used, bad)]
         if self.ignored:
             why = Counter(reason for _, reason in self.ignored)
             lines.append(f"  ignored {len(self.ignored)} files: " + ", ".join(f"{r} ({n})" for r, n in why.most_common()))
             links = [p for p, r in self.ignored if r.startswith("links")]
             if links:
-                lines.append("  ignored links: " + ", ".join(links[:5]) + (f" (+{len(links) - 5} more)" if len(links) > 5 else ""))
+                lines.append("  ignored links: " + ", ".join(map(display_path, links[:5]))
+                             + (f" (+{len(links) - 5} more)" if len(links) > 5 else ""))
         return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- listing
 
 
-def list_classes(root: Path) -> list[str]:
-    """The class folder names under `root`, sorted; errors for none, one, case-only differences and shared folders."""
+def list_classes(root: Path, caches: Collection[str] = ()) -> list[str]:
+    """The class folder names under `root`, sorted; errors for none, one, case-only differences and shared folders.
+    Cache folders (formats.is_cache_dir; `caches`: real paths of the configured --cache_dir) are not classes."""
     try:
         entries = sorted(os.scandir(root), key=lambda e: e.name)
     except OSError as e:
         raise InputError(f"cannot list {root}: {e.strerror or e}") from None
-    classes = [e.name for e in entries if not is_ignored_name(e.name) and e.is_dir()]
+    classes = [e.name for e in entries if not is_ignored_name(e.name) and e.is_dir() and not is_cache_dir(e.path, caches)]
     if not classes:
         raise InputError(f"no class folders in {root}: expected {root}/<class_name>/<image files>")
     folded: dict[str, str] = {}
@@ -159,14 +136,32 @@ def _inside(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder + os.sep)
 
 
-def list_class_files(class_dir: Path) -> tuple[list[str], list[BadImage], list[tuple[str, str]]]:
-    """(image paths, broken links, ignored (path, why)) of one class folder, by the rules in the module docstring."""
+def list_class_files(class_dir: Path, seen: dict[tuple[int, int], tuple[str, Path]] | None = None,
+                     caches: Collection[str] = ()) -> tuple[list[str], list[BadImage], list[tuple[str, str]]]:
+    """(image paths, broken links, ignored (path, why)) of one class folder, by the rules in the module docstring.
+
+    `seen` maps the (st_dev, st_ino) of every file listed so far in this split to (its path, its class folder): a hard
+    link (`cp -al`, rsync --link-dest, dedup tools) of a file of this class counts once, like a symbolic link; one of a
+    file of another class is an error (the same image under two labels)."""
     top = os.path.realpath(class_dir)
+    seen = {} if seen is None else seen
     files: dict[str, str] = {}  # real path -> listed path
     bad: list[BadImage] = []
     ignored: list[tuple[str, str]] = []
     visited = {top}
     links: list[str] = []
+
+    def add(real: str, listed: str, key: tuple[int, int] | None, why: str) -> None:
+        first = seen.get(key) if key is not None else None
+        if real in files or (first is not None and first[1] == class_dir):
+            ignored.append((listed, why))
+        elif first is not None:
+            raise InputError(f"{listed} and {first[0]} are the same file (hard links): one image cannot belong to two "
+                             f"classes ({first[1].name} and {class_dir.name}); fix: keep it in one class folder only")
+        else:
+            files[real] = listed
+            if key is not None:
+                seen[key] = (listed, class_dir)
 
     def walk(folder: str) -> None:
         try:
@@ -179,12 +174,15 @@ def list_class_files(class_dir: Path) -> tuple[list[str], list[BadImage], list[t
             elif e.is_symlink():
                 links.append(e.path)
             elif e.is_dir(follow_symlinks=False):
+                if is_cache_dir(e.path, caches):
+                    ignored.append((e.path, "cache folders"))
+                    continue
                 visited.add(os.path.realpath(e.path))
                 walk(e.path)
             elif not has_image_extension(e.name):
                 ignored.append((e.path, "files without an image extension"))
             else:
-                files.setdefault(os.path.realpath(e.path), e.path)
+                add(os.path.realpath(e.path), e.path, file_key(e.path, e), "hard links repeating a file already listed")
 
     walk(str(class_dir))  # real files and folders first, so a file reached both ways is listed under its real path
     while links:
@@ -205,10 +203,8 @@ def list_class_files(class_dir: Path) -> tuple[list[str], list[BadImage], list[t
                 walk(link)
         elif not has_image_extension(link):
             ignored.append((link, "files without an image extension"))
-        elif target in files:
-            ignored.append((link, "links repeating a file already listed"))
         else:
-            files[target] = link
+            add(target, link, file_key(target), "links repeating a file already listed")
     return sorted(files.values()), bad, ignored
 
 
@@ -221,13 +217,14 @@ def _jpeg_eoi_missing(path: str) -> bool:
         return f.read(2) != b"\xff\xd9"
 
 
-def check_image(path: str | Path, full: bool = False) -> str | None:
+def check_image(path: str | Path, full: bool = False, resize: int | None = None) -> str | None:
     """None when Pillow reads the file as training will (open, EXIF orientation, pixels decoded); else why not.
 
     Fast path (default), chosen by benchmarks/bench_verify.py: the file is fully decoded, but a JPEG at 1/8 scale
     (libjpeg's DCT scaling, Image.draft), which still reads every byte of its data; `full` decodes at full size.
-    Images over Pillow's decompression-bomb limit (Image.MAX_IMAGE_PIXELS, the warning threshold) are refused here,
-    so training never meets one.
+    Images over the pixel limit of utils.data.preprocess.oversize_reason (decoded, or once resized to `resize` on the
+    shorter side: the same limit predict applies) are refused from the header, before decoding, so training never
+    meets one; so are 32-bit/float images whose values have no grey level (preprocess.pixel_problem).
     """
     path = str(path)
     try:
@@ -235,9 +232,9 @@ def check_image(path: str | Path, full: bool = False) -> str | None:
             return "empty file (0 bytes)"
         with Image.open(path) as img:
             w, h = img.size
-            if Image.MAX_IMAGE_PIXELS and w * h > Image.MAX_IMAGE_PIXELS:
-                return (f"{w}x{h} = {w * h} pixels, over Pillow's decompression-bomb limit of {Image.MAX_IMAGE_PIXELS} "
-                        "(PIL.Image.MAX_IMAGE_PIXELS)")
+            reason = oversize_reason(w, h, resize)
+            if reason:
+                return reason
             if img.format == "JPEG" and not full:
                 img.draft(img.mode, (max(1, w // 8), max(1, h // 8)))
             img.load()
@@ -246,6 +243,7 @@ def check_image(path: str | Path, full: bool = False) -> str | None:
                 # a JPEG cut short at a marker boundary can decode at 1/8 scale: decode it fully to be sure
                 with Image.open(path) as again:
                     again.load()
+            return pixel_problem(img)
     except UnidentifiedImageError:
         return "not an image Pillow can read"
     except Image.DecompressionBombError as e:
@@ -253,34 +251,42 @@ def check_image(path: str | Path, full: bool = False) -> str | None:
     except Exception as e:  # anything Pillow raises for a file is a reason to list it, not a traceback
         text = str(e).splitlines()[0] if str(e) else ""
         return f"{type(e).__name__}: {text}" if text else type(e).__name__
-    return None
 
 
 def check_images(paths: Sequence[str], *, show_progress: bool = True, desc: str = "checking images",
-                 workers: int | None = None, full: bool = False) -> list[str | None]:
+                 workers: int | None = None, full: bool = False, resize: int | None = None) -> list[str | None]:
     """check_image over many files in threads (Pillow releases the GIL while decoding), with a progress bar."""
     workers = workers or min(8, os.cpu_count() or 1)
     with warnings.catch_warnings():  # over-limit images are reported by check_image, not warned about per file
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            results = pool.map(functools.partial(check_image, full=full), paths)
+            results = pool.map(functools.partial(check_image, full=full, resize=resize), paths)
             return list(tqdm(results, total=len(paths), desc=desc, leave=False, dynamic_ncols=True,
                              disable=not show_progress or len(paths) < PROGRESS_FROM))
 
 
-def scan_folder(root: str | Path, *, verify: bool = True, show_progress: bool = True) -> FolderScan:
-    """List (and check) one split folder; raises InputError for the structural problems in the module docstring."""
+def scan_folder(root: str | Path, *, verify: bool = True, show_progress: bool = True, resize: int | None = None,
+                cache_dir: str | Path | None = None) -> FolderScan:
+    """List (and check) one split folder; raises InputError for the structural problems in the module docstring.
+    `resize`: the shorter side the pipeline will resize the images to (check_image refuses what that would blow up);
+    `cache_dir`: the run's --cache_dir, never scanned even before it holds a cache file."""
     root = Path(root)
     if not root.is_dir():
         raise InputError(f"folder not found: {root}")
-    classes = list_classes(root)
+    caches = {os.path.realpath(cache_dir)} if cache_dir else set()
+    for cache in caches:
+        check_cache_folder(root, cache)
+    classes = list_classes(root, caches)
     scan = FolderScan(root, classes)
     for entry in sorted(os.scandir(root), key=lambda e: e.name):
         if not entry.is_dir() and not is_ignored_name(entry.name):
             scan.ignored.append((entry.path, "files outside the class folders"))
+        elif entry.is_dir() and not is_ignored_name(entry.name) and is_cache_dir(entry.path, caches):
+            scan.ignored.append((entry.path, "cache folders"))
     paths, targets = [], []
+    seen: dict[tuple[int, int], tuple[str, Path]] = {}
     for idx, name in enumerate(classes):
-        files, broken, ignored = list_class_files(root / name)
+        files, broken, ignored = list_class_files(root / name, seen, caches)
         if not files and not broken:
             raise InputError(f"class folder {root / name} has no images (files with an image extension Pillow reads: "
                              f"{', '.join(sorted(image_extensions())[:12])}, ...); fix: add images or remove the folder")
@@ -289,7 +295,8 @@ def scan_folder(root: str | Path, *, verify: bool = True, show_progress: bool = 
         scan.bad += broken
         scan.bad_targets += [idx] * len(broken)
         scan.ignored += ignored
-    return check_into(scan, paths, targets, verify=verify, show_progress=show_progress, desc=f"checking {root.name}/ images")
+    return check_into(scan, paths, targets, verify=verify, show_progress=show_progress, desc=f"checking {root.name}/ images",
+                      resize=resize)
 
 
 # ----------------------------------------------------------------------------- reports and errors
@@ -299,7 +306,7 @@ def bad_images_report(scans: Sequence[FolderScan]) -> str:
     """The one report of every unreadable file: a header, then "path: reason" per file."""
     bad = [b for s in scans for b in s.bad]
     lines = [f"{len(bad)} image file{'s' if len(bad) != 1 else ''} Pillow cannot read:"]
-    lines += [f"  {b.path}: {b.reason}" for b in bad]
+    lines += [f"  {display_path(b.path)}: {display_line(b.reason)}" for b in bad]
     return "\n".join(lines)
 
 
@@ -327,14 +334,22 @@ def report_bad_images(scans: Sequence[FolderScan], skip: bool) -> str | None:
 
 
 def check_disjoint(first: FolderScan, second: FolderScan) -> None:
-    """InputError when one file is in both splits (a class folder of one linked into the other): validation would
-    measure images the network trained on."""
+    """InputError when one file is in both splits (a class folder of one linked into the other, or a file hard-linked
+    into both: same (st_dev, st_ino)): validation would measure images the network trained on."""
     real = {os.path.realpath(p): p for p, _ in first.samples}
-    shared = [(real[os.path.realpath(p)], p) for p, _ in second.samples if os.path.realpath(p) in real]
+    inodes = {key: p for p, _ in first.samples if (key := file_key(p)) is not None}
+    shared = []  # (file of the first split, the same file in the second, how)
+    for p, _ in second.samples:
+        other, how = real.get(os.path.realpath(p)), "symbolic links"
+        if other is None and (key := file_key(p)) is not None:
+            other, how = inodes.get(key), "hard links"
+        if other is not None:
+            shared.append((other, p, how))
     if shared:
+        first_of, second_of, how = shared[0]
         raise InputError(f"{len(shared)} image file{'s are' if len(shared) > 1 else ' is'} in both {first.root} and "
-                         f"{second.root} (through symbolic links; first: {shared[0][0]} = {shared[0][1]}): validation "
-                         "must not see training images; fix: make the two splits hold different files")
+                         f"{second.root} (through {how}; first: {first_of} = {second_of}): validation must not see "
+                         "training images; fix: make the two splits hold different files")
 
 
 def check_same_classes(first: Sequence[str], second: Sequence[str], first_name: str, second_name: str, fix: str) -> None:
@@ -351,17 +366,18 @@ def check_same_classes(first: Sequence[str], second: Sequence[str], first_name: 
 
 
 def check_listed(root: str | Path, classes: list[str], samples: Sequence[tuple[str, int]], *, verify: bool = True,
-                 show_progress: bool = True) -> FolderScan:
+                 show_progress: bool = True, resize: int | None = None) -> FolderScan:
     """A FolderScan of files listed elsewhere (a recorded split): each is checked like scan_folder's."""
     scan = FolderScan(Path(root), list(classes))
     return check_into(scan, [p for p, _ in samples], [t for _, t in samples], verify=verify, show_progress=show_progress,
-                      desc="checking images")
+                      desc="checking images", resize=resize)
 
 
 def check_into(scan: FolderScan, paths: list[str], targets: list[int], *, verify: bool, show_progress: bool,
-               desc: str) -> FolderScan:
+               desc: str, resize: int | None = None) -> FolderScan:
     """Check each file (check_images, unless not `verify`) and add it to the scan's samples or to its bad images."""
-    reasons = check_images(paths, show_progress=show_progress, desc=desc) if verify else [None] * len(paths)
+    reasons = (check_images(paths, show_progress=show_progress, desc=desc, resize=resize) if verify
+               else [None] * len(paths))
     for path, target, reason in zip(paths, targets, reasons):
         if reason is None:
             scan.samples.append((path, target))

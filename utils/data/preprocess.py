@@ -11,13 +11,14 @@ ToTensor -> Normalize(mean, std)` on PIL images bit for bit (tests check it).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from utils.data.folders import has_image_extension, is_ignored_name
+from utils.data.formats import has_image_extension, is_ignored_name
 from utils.errors import InputError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -55,29 +56,114 @@ class Preprocess:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_dict(cls, d: dict) -> Preprocess:
+    def from_dict(cls, d: dict, source: str = "") -> Preprocess:
+        """The preprocessing a checkpoint or an artifact stores, every value checked (check_preprocess_values): an
+        edited or damaged file is one line naming the key, not a traceback deep in the transform."""
+        where = f"{source}: " if source else ""
+        if not isinstance(d, dict):
+            raise InputError(f"{where}its preprocessing is {type(d).__name__}, not a mapping of keys (img_size, resize, "
+                             f"mean, std, ...){FILE_FIX}")
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        check_preprocess_values(known, where)
         known["mean"], known["std"] = tuple(known.get("mean", IMAGENET_MEAN)), tuple(known.get("std", IMAGENET_STD))
         return cls(**known)
 
     @classmethod
-    def from_json(cls, text: str) -> Preprocess:
-        return cls.from_dict(json.loads(text))
+    def from_json(cls, text: str, source: str = "") -> Preprocess:
+        try:
+            d = json.loads(text)
+        except ValueError as e:
+            where = f"{source}: " if source else ""
+            raise InputError(f"{where}its preprocessing is not valid JSON ({e}){FILE_FIX}") from None
+        return cls.from_dict(d, source)
+
+
+FILE_FIX = "; fix: use the file as train.py or export.py wrote it (it was edited or damaged)"
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_preprocess_values(d: dict, where: str = "") -> None:
+    """InputError naming the first key of a preprocessing mapping whose value has the wrong type or range."""
+    def bad(key: str, expected: str) -> InputError:
+        return InputError(f"{where}preprocess key {key!r} must be {expected}, got {d[key]!r}{FILE_FIX}")
+
+    for key in ("img_size", "resize"):
+        if key in d and not (_is_int(d[key]) and d[key] > 0):
+            raise bad(key, "a positive integer (pixels)")
+    if "channels" in d and not (_is_int(d["channels"]) and d["channels"] in (1, 3)):
+        raise bad("channels", "1 or 3")
+    channels = d.get("channels", 3)
+    for key in ("mean", "std"):
+        if key not in d:
+            continue
+        values = d[key]
+        if (not isinstance(values, (list, tuple)) or len(values) not in (1, channels)
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+                or (key == "std" and not all(v > 0 for v in values))):
+            what = "positive numbers" if key == "std" else "numbers"
+            raise bad(key, f"a list of 1 or {channels} (channels) finite {what}")
+    if "interpolation" in d and d["interpolation"] not in _PIL_INTERPOLATION:
+        raise bad("interpolation", f"one of {', '.join(_PIL_INTERPOLATION)}")
+    if "extra" in d and not isinstance(d["extra"], dict):
+        raise bad("extra", "a mapping")
 
 
 _PIL_INTERPOLATION = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
 
 
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+
+
+def value_range(img: Image.Image) -> tuple[float, float]:
+    """The pixel values that become black and white (0 and 255) for the images without a fixed 8-bit range.
+
+    16-bit modes (I;16*): 0-65535, the format's range. 32-bit integer (I) and float (F) images declare no range, so
+    it is taken from the values: within 0-255 (0-1 for floats) they are already 8-bit (or unit) levels; integers
+    within 0-65535 are 16-bit levels; anything else (a 32-bit range, negative values) is scaled from its actual
+    minimum to its maximum. An image whose values cannot be scaled (NaN or infinite floats; one single value outside
+    those ranges, so nothing tells which grey it is) raises InputError saying why."""
+    if img.mode in SIXTEEN_BIT_MODES:
+        return 0.0, 65535.0
+    arr = np.asarray(img)
+    if img.mode == "F" and not np.isfinite(arr).all():
+        raise InputError("its float pixels include NaN or infinite values, which have no grey level; fix: save the "
+                         "image with finite values (or as 8/16-bit)")
+    low, high = float(arr.min()), float(arr.max())
+    if low >= 0 and high <= 1 and img.mode == "F":
+        return 0.0, 1.0
+    if low >= 0 and high <= 255:
+        return 0.0, 255.0
+    if low >= 0 and high <= 65535 and img.mode == "I":
+        return 0.0, 65535.0
+    if high == low:
+        raise InputError(f"every pixel of this {'32-bit integer' if img.mode == 'I' else 'float'} image has the value "
+                         f"{high:g}, outside 0-255 and 0-65535, so no grey level follows from it; fix: save it as an "
+                         "8- or 16-bit image")
+    return low, high
+
+
+def pixel_problem(img: Image.Image) -> str | None:
+    """Why the pixel values of `img` cannot be scaled to 8-bit (value_range's refusal), or None: the folder check
+    (utils.data.folders.check_image) refuses such files before training like any unreadable image."""
+    if img.mode not in ("I", "F"):
+        return None
+    try:
+        value_range(img)
+    except InputError as e:
+        return str(e)
+    return None
+
+
 def to_model_mode(img: Image.Image, channels: int) -> Image.Image:
-    """Convert any Pillow image (L, LA, P, RGBA, CMYK, I;16, I, F, ...) to RGB or L."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        arr = np.asarray(img, dtype=np.float64)
-        peak = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        img = Image.fromarray(np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
-    elif img.mode == "F":
-        arr = np.asarray(img, dtype=np.float64)
-        peak = 1.0 if arr.max() <= 1.0 else 255.0
-        img = Image.fromarray(np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    """Convert any Pillow image (L, LA, P, RGBA, CMYK, I;16, I, F, ...) to RGB or L; 16-bit, 32-bit integer and float
+    images are scaled to 0-255 by value_range."""
+    if img.mode in (*SIXTEEN_BIT_MODES, "I", "F"):
+        low, high = value_range(img)
+        arr = (np.asarray(img, dtype=np.float64) - low) / (high - low) * 255.0
+        img = Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8), "L")
     if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
         img = img.convert("RGBA")
         background = Image.new("RGBA", img.size, (255, 255, 255, 255))
@@ -86,20 +172,57 @@ def to_model_mode(img: Image.Image, channels: int) -> Image.Image:
     return img.convert(target) if img.mode != target else img
 
 
-def load_image(path: str | Path, channels: int = 3) -> Image.Image:
+def resized_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """(width, height) after the shorter side is resized to `size`, as torchvision's Resize(int) computes it."""
+    short, long = (width, height) if width <= height else (height, width)
+    if short == size:
+        return width, height
+    new_short, new_long = size, int(size * long / short)
+    return (new_short, new_long) if width <= height else (new_long, new_short)
+
+
+def oversize_reason(width: int, height: int, resize: int | None = None) -> str | None:
+    """Why an image of width x height pixels would cost too much memory to use, or None: the ONE limit that the
+    training check (utils.data.folders.check_image), the loaders, the cache and predict all apply, from the header
+    before any decoding. Both the decoded image and the image the pipeline's resize (shorter side to `resize`) makes
+    of it must stay within Pillow's pixel limit (PIL.Image.MAX_IMAGE_PIXELS, 89,478,485 by default: 268 MB as RGB).
+    Why both: a few-kB PNG of 1 x 1,000,000 px decodes in 1 MB, but resized to a 32 px shorter side it would be
+    32 x 32,000,000 px (3 GB), and the process would be killed for memory with no message."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if not limit:  # the user switched Pillow's limit off: they trust their images
+        return None
+    if width * height > limit:
+        return (f"{width}x{height} = {width * height} pixels, over Pillow's decompression-bomb limit of {limit} "
+                "(PIL.Image.MAX_IMAGE_PIXELS)")
+    if resize:
+        new_w, new_h = resized_size(width, height, resize)
+        if new_w * new_h > limit:
+            return (f"{width}x{height} pixels: resized to {resize} px on the shorter side it would be {new_w}x{new_h} = "
+                    f"{new_w * new_h} pixels, over the limit of {limit} (PIL.Image.MAX_IMAGE_PIXELS; its sides are too "
+                    "unequal)")
+    return None
+
+
+def load_image(path: str | Path, channels: int = 3, resize: int | None = None) -> Image.Image:
     """Read an image with EXIF orientation applied, as RGB (channels=3) or L (channels=1).
 
     Raises InputError naming the file for every way a file can fail to decode (missing, not an image, truncated or
-    corrupt, refused by Pillow's decompression-bomb limit), so no caller needs its own list of decoder exceptions.
+    corrupt, over the pixel limit of oversize_reason for the `resize` the caller will apply, pixel values that
+    cannot be scaled), so no caller needs its own list of decoder exceptions. The size is checked from the header,
+    before the pixels are decoded.
     """
     path = Path(path)
     if not path.is_file():
         raise InputError(f"image not found: {path}")
     try:
         with Image.open(path) as img:
-            img.load()
-            img = ImageOps.exif_transpose(img)
-            return to_model_mode(img, channels)
+            reason = oversize_reason(*img.size, resize)  # from the header: nothing decoded yet
+            if reason is None:
+                img.load()
+                img = ImageOps.exif_transpose(img)
+                return to_model_mode(img, channels)
+    except InputError as e:  # value_range: pixel values without a grey level
+        raise InputError(f"cannot use image {path}: {e}") from None
     except UnidentifiedImageError:
         raise InputError(f"not an image file: {path} (use JPEG, PNG, BMP, TIFF, WebP or GIF)") from None
     except Image.DecompressionBombError as e:
@@ -107,17 +230,13 @@ def load_image(path: str | Path, channels: int = 3) -> Image.Image:
                          "PIL.Image.MAX_IMAGE_PIXELS only for images you trust)") from None
     except (OSError, SyntaxError, ValueError, MemoryError) as e:
         raise InputError(f"cannot read image {path}: {e} (the file is truncated or corrupt)") from None
+    raise InputError(f"cannot use image {path}: {reason}; fix: crop or shrink the file, or leave it out")
 
 
 def resize_shorter(img: Image.Image, size: int, interpolation: str = "bilinear") -> Image.Image:
     """Resize so the shorter side is `size`, as torchvision's Resize(int) does."""
-    w, h = img.size
-    short, long = (w, h) if w <= h else (h, w)
-    if short == size:
-        return img
-    new_short, new_long = size, int(size * long / short)
-    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
-    return img.resize((new_w, new_h), _PIL_INTERPOLATION[interpolation])
+    new_size = resized_size(*img.size, size)
+    return img if new_size == img.size else img.resize(new_size, _PIL_INTERPOLATION[interpolation])
 
 
 def center_crop(img: Image.Image, size: int) -> Image.Image:
@@ -166,8 +285,9 @@ def eval_transform(img: Image.Image, pre: Preprocess) -> np.ndarray:
 
 
 def preprocess_file(path: str | Path, pre: Preprocess) -> np.ndarray:
-    """Read one image file and return the model input as a CHW float32 array."""
-    return eval_transform(load_image(path, pre.channels), pre)
+    """Read one image file and return the model input as a CHW float32 array (refused, like in training, when its
+    size or its resize would exceed oversize_reason's limit)."""
+    return eval_transform(load_image(path, pre.channels, pre.resize), pre)
 
 
 def list_images(spec: str | Path | list) -> list[Path]:

@@ -4,7 +4,6 @@ benchmarks evaluate every format through the same eval loop."""
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -17,7 +16,7 @@ from torch import nn
 from models import count_parameters
 from models.memory import explain_out_of_memory, inference_memory, require_fits
 from utils.checkpoint import build_from_checkpoint, inference_state, load_checkpoint
-from utils.deploy.metadata import TORCHSCRIPT_METADATA_FILE, artifact_kind, decode_metadata
+from utils.deploy.metadata import TORCHSCRIPT_METADATA_FILE, artifact_kind, decode_metadata_json
 from utils.deploy.runtime import OnnxModel, pool_score_map
 from utils.errors import InputError
 from utils.evaluation.loop import EvalResult, evaluate
@@ -35,7 +34,7 @@ def load_torchscript(path: str | Path, device: str | torch.device = "cpu") -> tu
     except Exception as e:
         raise InputError(f"cannot load TorchScript file {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
     text = extra[TORCHSCRIPT_METADATA_FILE]
-    meta = decode_metadata(json.loads(text)) if text else {}
+    meta = decode_metadata_json(text, str(path)) if text else {}
     return program.eval(), meta
 
 

@@ -46,19 +46,69 @@ def read_torchscript_metadata(path: str | Path) -> dict:
     """The metadata export.py stores in a TorchScript archive's extra files, read without torch."""
     with zipfile.ZipFile(path) as zf:
         name = next((n for n in zf.namelist() if n.endswith(f"/extra/{TORCHSCRIPT_METADATA_FILE}")), None)
-        return decode_metadata(json.loads(zf.read(name))) if name else {}
+        return decode_metadata_json(zf.read(name), str(path)) if name else {}
 
 
-def decode_metadata(props: dict[str, str]) -> dict:
-    """String key/value metadata (ONNX metadata_props) -> typed values (classes list, Preprocess, ...)."""
+METADATA_FIX = "; fix: re-export the model with export.py (its metadata was edited or damaged)"
+
+
+def decode_metadata_json(text: str | bytes, source: str = "") -> dict:
+    """A TorchScript archive's metadata.json -> decode_metadata; text that is not a JSON object is one line."""
+    try:
+        props = json.loads(text)
+    except ValueError as e:
+        raise InputError(f"{source}: its {TORCHSCRIPT_METADATA_FILE} is not valid JSON ({e}){METADATA_FIX}") from None
+    if not isinstance(props, dict):
+        raise InputError(f"{source}: its {TORCHSCRIPT_METADATA_FILE} holds {type(props).__name__}, not a JSON object"
+                         f"{METADATA_FIX}")
+    return decode_metadata(props, source)
+
+
+def _json_value(meta: dict, key: str, source: str):
+    raw = meta[key]
+    if not isinstance(raw, str):
+        return raw
+    try:
+        return json.loads(raw)
+    except ValueError as e:
+        raise InputError(f"{source}: metadata key {key!r} is not valid JSON ({e}): {raw[:60]!r}{METADATA_FIX}") from None
+
+
+def _count(meta: dict, key: str, source: str, low: int) -> int:
+    raw = meta[key]
+    try:
+        value = int(raw) if isinstance(raw, (str, int)) and not isinstance(raw, bool) else None
+    except ValueError:
+        value = None
+    if value is None or value < low:
+        raise InputError(f"{source}: metadata key {key!r} must be an integer >= {low}, got {raw!r}{METADATA_FIX}")
+    return value
+
+
+def decode_metadata(props: dict[str, str], source: str = "") -> dict:
+    """String key/value metadata (ONNX metadata_props) -> typed values (classes list, Preprocess, ...). Every key
+    the toolkit reads is checked: a value that is not what export.py writes (not JSON, a wrong type, an img_size of
+    0) is an InputError naming `source` and the key, for every reader (predict.py, eval.py, quantize.py)."""
     meta = dict(props)
-    if "classes" in meta and isinstance(meta["classes"], str):
-        meta["classes"] = json.loads(meta["classes"])
+    if "classes" in meta:
+        classes = _json_value(meta, "classes", source)
+        if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
+            raise InputError(f"{source}: metadata key 'classes' must be a JSON list of class names, got "
+                             f"{str(meta['classes'])[:60]!r}{METADATA_FIX}")
+        meta["classes"] = classes
     if "preprocess" in meta:
         raw = meta["preprocess"]
-        meta["preprocess"] = Preprocess.from_json(raw) if isinstance(raw, str) else Preprocess.from_dict(raw)
-    if isinstance(meta.get("model_kwargs"), str):
-        meta["model_kwargs"] = json.loads(meta["model_kwargs"])
+        where = f"{source}: metadata key 'preprocess'"
+        meta["preprocess"] = Preprocess.from_json(raw, where) if isinstance(raw, str) else Preprocess.from_dict(raw, where)
+    if "model_kwargs" in meta:
+        kwargs = _json_value(meta, "model_kwargs", source)
+        if not isinstance(kwargs, dict):
+            raise InputError(f"{source}: metadata key 'model_kwargs' must be a JSON object, got {str(meta['model_kwargs'])[:60]!r}"
+                             f"{METADATA_FIX}")
+        meta["model_kwargs"] = kwargs
+    for key, low in (("num_classes", 1), ("params", 0)):
+        if key in meta:
+            meta[key] = _count(meta, key, source, low)
     if isinstance(meta.get("dynamic_size"), str):
         meta["dynamic_size"] = meta["dynamic_size"] == "true"
     return meta

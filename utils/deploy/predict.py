@@ -7,8 +7,9 @@ Built for folders of tens of thousands of images on a few cores:
 - decoding (Pillow releases the GIL while it decodes and resizes) runs in a thread pool a bounded number of images
   ahead of inference, so the next batch is decoded while the model runs on this one;
 - results are written as they come (`--output`), never all held in memory: memory stays flat with the folder size;
-- one bad file (missing, not an image, truncated, refused by Pillow's decompression-bomb limit) or an image whose
-  scores are NaN is reported on one line and skipped; the others are predicted and the exit code is 2 at the end.
+- one bad file (missing, not an image, truncated, over the pixel limit decoded or once resized:
+  utils.data.preprocess.oversize_reason, the limit training applies) or an image whose scores are NaN is reported on
+  one line and skipped; the others are predicted and the exit code is 2 at the end.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -25,11 +27,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from utils import cli
 from utils.data.preprocess import Preprocess, list_images, preprocess_file
 from utils.errors import InputError
-from utils.io import atomic_path
+from utils.io import atomic_path, display_line, display_path, remove_stale_temps
 
 WARMUP_RUNS = 3
 OUTPUT_FORMATS = {".csv": "csv", ".jsonl": "jsonl"}
@@ -279,9 +282,10 @@ def show_progress(quiet: bool, text_to_stdout: bool) -> bool:
 
 
 def print_text(p: Prediction, k: int) -> None:
-    print(f"\n{p.image}\nTop {min(k, len(p.top))} predictions:")
-    width = max(len(c) for c, _, _ in p.top)
-    for rank, (name, _, prob) in enumerate(p.top, 1):
+    print(f"\n{display_path(p.image)}\nTop {min(k, len(p.top))} predictions:")
+    names = [display_line(c) for c, _, _ in p.top]
+    width = max(len(c) for c in names)
+    for rank, (name, (_, _, prob)) in enumerate(zip(names, p.top), 1):
         print(f"  {rank}. {name:<{width}}  {100 * prob:6.2f}%")
     print(f"  inference {p.inference_ms:.2f} ms")
 
@@ -300,7 +304,7 @@ def run_prediction(forward: Forward, paths: Sequence[Path], pre: Preprocess, cla
     batch_ms: list[float] = []
     total = failed = 0
     if text_mode:
-        print(f"model: {header['model']} ({header['engine']}, {header['precision']}, {header['device']})  "
+        print(f"model: {display_path(header['model'])} ({header['engine']}, {header['precision']}, {header['device']})  "
               f"loaded in {header['load_ms']:.1f} ms")
     bar = tqdm(total=len(paths), unit="img", desc="predict", file=sys.stderr, dynamic_ncols=True,
                disable=not show_progress(out.quiet, text_mode))
@@ -312,7 +316,7 @@ def run_prediction(forward: Forward, paths: Sequence[Path], pre: Preprocess, cla
             bar.update(1)
             if p.error:
                 failed += 1
-                bar.write(f"error: {p.error}", file=sys.stderr)
+                bar.write(f"error: {display_line(p.error)}", file=sys.stderr)
             if sink is not None:
                 sink.write(p)
             elif collect:
@@ -321,14 +325,20 @@ def run_prediction(forward: Forward, paths: Sequence[Path], pre: Preprocess, cla
                 print_text(p, k)
 
     try:
-        if target is None:
-            consume(None)
-        else:
-            try:
-                with atomic_path(target[0]) as tmp, open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
-                    consume(RowWriter(f, target[1], k))
-            except OSError as e:
-                raise InputError(f"cannot write --output {target[0]}: {e.strerror or e}") from None
+        with warnings.catch_warnings():  # set in the main thread, so it holds for the decoding threads too
+            # Pillow warns on opening an image over its pixel limit; load_image refuses it with its own error line
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            if target is None:
+                consume(None)
+            else:
+                for stale in remove_stale_temps(target[0].parent):  # a killed run's partial output never piles up
+                    print(f"removed {display_path(stale)} (the partial output of a killed run)", file=sys.stderr)
+                try:
+                    with atomic_path(target[0]) as tmp, open(tmp, "w", newline="", encoding="utf-8",
+                                                             errors="surrogateescape") as f:
+                        consume(RowWriter(f, target[1], k))
+                except OSError as e:
+                    raise InputError(f"cannot write --output {target[0]}: {e.strerror or e}") from None
     finally:
         bar.close()
     median_ms = float(np.median(batch_ms)) if batch_ms else None
@@ -340,9 +350,9 @@ def run_prediction(forward: Forward, paths: Sequence[Path], pre: Preprocess, cla
         print(json.dumps({"summary": summary} if target else {"summary": summary, "predictions": collected}, indent=2))
     else:
         if target is not None:
-            print(f"model: {header['model']} ({header['engine']}, {header['precision']}, {header['device']})  "
+            print(f"model: {display_path(header['model'])} ({header['engine']}, {header['precision']}, {header['device']})  "
                   f"loaded in {header['load_ms']:.1f} ms")
-            print(f"wrote {total} row(s) to {target[0]} ({target[1]}"
+            print(f"wrote {total} row(s) to {display_path(target[0])} ({target[1]}"
                   + (f"; {failed} failed, their reason in the error column" if failed else "") + ")")
         if median_ms is not None:
             print(f"\n{total - failed} image(s): median inference {median_ms:.2f} ms per image (batch {opts.batch_size}, "

@@ -82,7 +82,7 @@ class OnnxModel:
             raise InputError(f"ONNX Runtime cannot load {self.path}: {first} (is it an .onnx file written by export.py?)") from None
         self.providers = self.session.get_providers()
         model_meta = self.session.get_modelmeta()
-        self.metadata = decode_metadata(dict(model_meta.custom_metadata_map))
+        self.metadata = decode_metadata(dict(model_meta.custom_metadata_map), str(self.path))
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
         self.input_dtype = np.float16 if "float16" in inp.type else np.float32
