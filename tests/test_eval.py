@@ -60,7 +60,7 @@ def test_eval_report_keys_and_values(tmp_path, trained_ckpt, fashion_root):
     assert report["latency_ms"] > 0 and report["throughput_img_s"] > 0 and report["speed_batch_size"] >= 1
     assert math.isfinite(report["loss"]) and report["loss"] > 0
     assert report["device"] == "cpu" and report["torch"] == str(torch.__version__)
-    assert_valid_png(out.with_name("confusion_matrix.png"))
+    assert_valid_png(out.with_name(f"{out.stem}_confusion_matrix.png"))
 
 
 def test_eval_save_examples_draws_the_misclassified_images(tmp_path, trained_ckpt):
@@ -76,8 +76,8 @@ def test_eval_save_examples_draws_the_misclassified_images(tmp_path, trained_ckp
     report = json.loads(out.read_text())
     assert report["num_images"] == 40 and report["acc1"] < 0.5
     assert "latency_ms" not in report  # --speed_repeats 0 skips timing
-    assert_valid_png(tmp_path / "misclassified_examples.png", min_side=200)
-    assert_valid_png(tmp_path / "confusion_matrix.png")
+    assert_valid_png(tmp_path / "shifted_misclassified_examples.png", min_side=200)
+    assert_valid_png(tmp_path / "shifted_confusion_matrix.png")
 
 
 def test_eval_with_the_wrong_model_name_fails_strictly(tmp_path, trained_ckpt, fashion_root):

@@ -68,7 +68,7 @@ def test_eval_reports_every_format_and_summary_merges_them(artifacts, trained_ck
     # the exported formats carry model name and kwargs in their metadata, so MACs are known for them too
     assert {r["macs"] for r in reports.values()} == {base["macs"]} and base["macs"] > 1e6
     assert reports["onnx-fp16"]["precision"] == "fp16" and reports["onnx-int8"]["precision"] == "int8"
-    assert (results / "confusion_matrix.png").is_file() and (results / "confusion_matrix_onnx-int8.png").is_file()
+    assert (results / "custom_confusion_matrix.png").is_file() and (results / "custom_int8.onnx_confusion_matrix.png").is_file()
     capsys.readouterr()
 
     assert summarize_results.main(["--results_dir", str(results)]) == 0

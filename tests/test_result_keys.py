@@ -68,7 +68,7 @@ def test_eval_reports_of_two_checkpoints_of_one_model_do_not_replace_each_other(
         return capsys.readouterr().out
 
     assert "report: results/custom.json" in run(a)
-    assert "report: results/custom-2.json\nconfusion matrix: results/confusion_matrix-2.png" in run(b)
+    assert "report: results/custom-2.json\nconfusion matrix: results/custom-2_confusion_matrix.png" in run(b)
     assert "report: results/custom.json" in run(a)  # the same file again: its own report
     reports = {p.name: json.loads(p.read_text()) for p in (tmp_path / "results").glob("*.json")}
     assert {name: (r["weights"], r["sha256"]) for name, r in reports.items()} == {
