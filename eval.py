@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from utils import cli
+from utils import cli, progress
 from utils.analysis.complexity_tools import registry_macs
 from utils.data.datasets import DataSpec, build_eval_dataset
 from utils.data.folders import check_same_classes
@@ -80,6 +80,7 @@ def recorded_split(args, record: dict | None) -> dict | None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    progress.set_quiet(args.quiet)
     if not args.weights:
         raise InputError("give --weights FILE to evaluate (summarize_results.py merges existing reports)")
     device = cli.resolve_device(args.device)

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from models import count_parameters
-from utils import cli
+from utils import cli, progress
 from utils.checkpoint import build_from_checkpoint, load_checkpoint, save_checkpoint
 from utils.data.loaders import calibration_batches, data_spec, eval_loader
 from utils.deploy.artifacts import evaluate_loaded, load_for_eval
@@ -86,6 +86,7 @@ def fresh_fp32_onnx(path: Path, weights: str, model, info, log) -> Path:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    progress.set_quiet(args.quiet)
     device = cli.resolve_device(args.device)
     ckpt = load_checkpoint(args.weights)
     if ckpt.get("precision", "fp32") != "fp32":

@@ -24,7 +24,7 @@ from torch import nn
 from models import MODEL_NAMES, build_model, count_parameters, min_img_size, model_kwargs, resolve_small_input
 from models.memory import explain_out_of_memory, require_fits, training_flags, training_memory
 from models.norm import NORM_TYPES
-from utils import cli
+from utils import cli, progress
 from utils.checkpoint import check_resume_fits, head_keys, inference_state, load_checkpoint, load_matching
 from utils.data.augment import AUGMENT_CHOICES, AUTO_AUGMENT_CHOICES, batch_mixing, resolve_augment
 from utils.data.datasets import DataSpec, build_datasets
@@ -154,6 +154,7 @@ def main(argv=None) -> int:
         flags.update(cli.checked_values(parser, {key: saved[key] for key in INIT_FLAGS if key in saved and key not in explicit},
                                         f"--init_from {flags['init_from']}: saved flag"))
     cfg = TrainConfig(**flags)
+    progress.set_quiet(cfg.quiet)  # every bar of the run, the data checks' and the cache's too
     small = resolve_small_input(cfg.small_input, cfg.img_size)
     if cfg.img_size < min_img_size(cfg.model, small):
         off = " with --small_input off" if min_img_size(cfg.model, not small) < min_img_size(cfg.model, small) else ""

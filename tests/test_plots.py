@@ -57,9 +57,9 @@ def test_eval_writes_confusion_matrix_and_misclassified_grid(biased_ckpt, fashio
     cm = np.array(report["confusion_matrix"])
     assert cm.sum() == report["num_images"] and cm[:, 0].sum() == report["num_images"]  # everything predicted class 0
     # Counts and normalised panels side by side: about twice as wide as tall.
-    check_png(out.with_name("confusion_matrix.png"), min_size=(800, 400), aspect=(1.5, 3.0))
+    check_png(out.with_name("custom_confusion_matrix.png"), min_size=(800, 400), aspect=(1.5, 3.0))
     # 32 wrong predictions (the grid's limit) in 4 rows of 8.
-    check_png(out.with_name("misclassified_examples.png"), min_size=(800, 400), aspect=(1.2, 2.6))
+    check_png(out.with_name("custom_misclassified_examples.png"), min_size=(800, 400), aspect=(1.2, 2.6))
 
 
 def plot_calls(tmp_path: Path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -91,3 +92,55 @@ def test_the_first_evaluation_writes_best_pth_even_at_acc1_zero(tmp_path):
     assert saver.epoch_end(0, 0.0) is True and (tmp_path / "best.pth").is_file()
     assert saver.epoch_end(1, 0.0) is False  # not better: best.pth stays the first
     assert torch.load(tmp_path / "best.pth", weights_only=True)["epoch"] == 0
+
+
+def test_quiet_hides_every_progress_bar_even_on_a_terminal(tmp_path):
+    """On a terminal train.py draws bars for the folder check, the cache build, the epochs and validation; --quiet
+    draws none of them."""
+    import fcntl
+    import pty
+    import select
+    import struct
+    import termios
+
+    import numpy as np
+    from PIL import Image
+
+    for split, n in (("train", 520), ("val", 40)):  # train: above the folder check's bar threshold (500 files)
+        for i in range(n):
+            folder = tmp_path / "many" / split / ("a" if i % 2 else "b")
+            folder.mkdir(parents=True, exist_ok=True)
+            size = (10 + i % 3, 12 + i % 2)  # sizes differ: the run builds its decode-once cache
+            Image.fromarray(np.full((*size, 3), 40 + 180 * (i % 2), np.uint8)).save(folder / f"{i}.png")
+
+    def terminal_output(*extra: str) -> str:
+        master, slave = pty.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 200, 0, 0))
+        cmd = [sys.executable, "train.py", "--dataset", str(tmp_path / "many"), "--model", "custom", "--img_size", "8",
+               "--max_epoch", "1", "--batch_size", "64", "--num_workers", "0", "--device", "cpu",
+               "--path_to_save", str(tmp_path / "runs"), "--cache_dir", str(tmp_path / "cache"), *extra]
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT), MPLBACKEND="Agg"),
+                                stdout=slave, stderr=slave)
+        os.close(slave)
+        seen = b""
+        while True:
+            if select.select([master], [], [], 0.1)[0]:
+                try:
+                    chunk = os.read(master, 65536)
+                except OSError:
+                    chunk = b""
+                if chunk:
+                    seen += chunk
+                    continue
+            if proc.poll() is not None:
+                break
+        os.close(master)
+        assert proc.wait() == 0, seen.decode(errors="replace")[-2000:]
+        return seen.decode(errors="replace")
+
+    shown = terminal_output()
+    for desc in ("checking train/ images", "caching train images", "epoch 1", "val"):
+        assert re.search(re.escape(desc) + r": +\d+%\|", shown), (desc, shown[-3000:])
+    quiet = terminal_output("--quiet")
+    assert "%|" not in quiet and "\r" not in quiet.replace("\r\n", "\n"), quiet[-3000:]
+    assert "epoch 1/1" in quiet  # the epoch line itself stays

@@ -44,12 +44,12 @@ from pathlib import Path
 import numpy as np
 import PIL
 from PIL import Image
-from tqdm import tqdm
 
 from utils.data.preprocess import Preprocess, center_crop, load_image, resize_shorter
 from utils.data.tensor_pipeline import train_tensor_bytes
 from utils.errors import InputError
 from utils.io import atomic_path, atomic_write_text, display_path, remove_stale_temps
+from utils.progress import bar as progress_bar
 
 CACHE_VERSION = 3
 CACHE_MODES = ("auto", "off")
@@ -172,13 +172,13 @@ def _build(path: Path, paths: Sequence[str | Path], layout: CacheLayout, show_pr
         # chunks keep at most a few hundred decoded images waiting in memory
         chunk = 64 * workers
         with ThreadPoolExecutor(max_workers=workers) as pool, \
-                tqdm(total=len(paths), desc=f"caching {layout.kind} images", unit="img", disable=not show_progress,
-                     dynamic_ncols=True, leave=False) as bar:
+                progress_bar(total=len(paths), desc=f"caching {layout.kind} images", unit="img", enabled=show_progress,
+                             leave=False) as shown:
             for start in range(0, len(paths), chunk):
                 for i, arr in enumerate(pool.map(lambda p: decode(p, layout), paths[start:start + chunk]), start):
                     out[i] = arr
                     crcs.append(zlib.crc32(np.ascontiguousarray(arr)))
-                    bar.update()
+                    shown.update()
         out.flush()
         del out
     return crcs

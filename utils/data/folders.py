@@ -41,14 +41,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
-from tqdm import tqdm
 
 from utils.data.formats import check_cache_folder, file_key, has_image_extension, image_extensions, is_cache_dir, is_ignored_name
 from utils.data.preprocess import oversize_reason, pixel_problem
 from utils.errors import InputError
 from utils.io import display_line, display_path
+from utils.progress import bar
 
 PROGRESS_FROM = 500  # show the verification progress bar from this many files on
+TABLE_CLASSES = 30  # the per-class table before training lists at most this many classes
 
 
 @dataclass(frozen=True)
@@ -86,11 +87,17 @@ class FolderScan:
         """The per-class table printed before training: used and skipped (unreadable) images, and what was ignored."""
         used, bad = self.counts()
         names = [display_line(c) for c in self.classes]
-        width = max(len("class"), *(len(c) for c in names))
         lines = [f"{name}: {display_path(self.root)} - {len(self.samples)} images in {len(self.classes)} classes"
                  + (f", {len(self.bad)} unreadable skipped" if skipped and self.bad else "")]
+        rows = list(range(len(names)))
+        if len(rows) > TABLE_CLASSES:  # hundreds of classes: the ones to look at, not a screenful per split
+            rows = sorted(rows, key=lambda i: (-bad[i], used[i], i))[:TABLE_CLASSES]
+        width = max(len("class"), *(len(names[i]) for i in rows))
         lines.append(f"  {'class':<{width}}  {'used':>6}  {'skipped':>7}")
-        lines += [f"  {c:<{width}}  {u:>6}  {b:>7}" for c, u, b in zip(names, used, bad)]
+        lines += [f"  {names[i]:<{width}}  {used[i]:>6}  {bad[i]:>7}" for i in rows]
+        if len(rows) < len(names):
+            lines.append(f"  ({len(names) - len(rows)} more classes with {min(used)}-{max(used)} images each; the "
+                         f"{len(rows)} with skipped files or the fewest images shown)")
         if self.ignored:
             why = Counter(reason for _, reason in self.ignored)
             lines.append(f"  ignored {len(self.ignored)} files: " + ", ".join(f"{r} ({n})" for r, n in why.most_common()))
@@ -261,8 +268,8 @@ def check_images(paths: Sequence[str], *, show_progress: bool = True, desc: str 
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         with ThreadPoolExecutor(max_workers=workers) as pool:
             results = pool.map(functools.partial(check_image, full=full, resize=resize), paths)
-            return list(tqdm(results, total=len(paths), desc=desc, leave=False, dynamic_ncols=True,
-                             disable=not show_progress or len(paths) < PROGRESS_FROM))
+            return list(bar(results, total=len(paths), desc=desc, leave=False,
+                            enabled=show_progress and len(paths) >= PROGRESS_FROM))
 
 
 def scan_folder(root: str | Path, *, verify: bool = True, show_progress: bool = True, resize: int | None = None,

@@ -18,12 +18,12 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Sampler
-from tqdm import tqdm
 
 from utils.data.augment import Augment, resolve_augment
 from utils.data.batch_augment import augment_batch, normalize_batch, sample_params
 from utils.data.preprocess import Preprocess, center_crop, load_image, resize_shorter, to_model_mode
 from utils.errors import InputError
+from utils.progress import bar
 
 PIPELINES = ("auto", "pil", "tensor")
 MEMORY_FRACTION = 0.25  # auto uses the tensor pipeline when its tensors need at most this share of free RAM
@@ -150,7 +150,7 @@ def choose_pipeline(choice: str, train_set, val_set, pre: Preprocess) -> tuple[s
 
 def _load_folder(dataset, channels: int, transform=None, desc: str = "loading images") -> np.ndarray:
     arrays = []
-    for path, _ in tqdm(dataset.samples, desc=desc, leave=False, disable=len(dataset.samples) < 2000):
+    for path, _ in bar(dataset.samples, desc=desc, leave=False, enabled=len(dataset.samples) >= 2000):
         img = load_image(path, channels)
         arrays.append(np.asarray(transform(img) if transform else img, dtype=np.uint8))
     stacked = np.stack(arrays)

@@ -294,8 +294,6 @@ def run_prediction(forward: Forward, paths: Sequence[Path], pre: Preprocess, cla
                    out: OutputOptions, opts: LoopOptions) -> int:
     """The predict scripts' main loop and output. Bad files go to stderr as they are met; the exit code is 2 if any
     image failed, else 0."""
-    from tqdm import tqdm  # torch-free; imported here so the module itself stays light
-
     target = check_output(out.output, out.exist_ok)
     k = min(out.topk, len(classes))
     text_mode = not out.json and target is None
@@ -306,8 +304,9 @@ def run_prediction(forward: Forward, paths: Sequence[Path], pre: Preprocess, cla
     if text_mode:
         print(f"model: {display_path(header['model'])} ({header['engine']}, {header['precision']}, {header['device']})  "
               f"loaded in {header['load_ms']:.1f} ms")
-    bar = tqdm(total=len(paths), unit="img", desc="predict", file=sys.stderr, dynamic_ncols=True,
-               disable=not show_progress(out.quiet, text_mode))
+    from utils.progress import bar as progress_bar  # tqdm: imported here so the module itself stays light
+
+    bar = progress_bar(total=len(paths), unit="img", desc="predict", enabled=show_progress(out.quiet, text_mode))
 
     def consume(sink: RowWriter | None) -> None:
         nonlocal total, failed

@@ -6,7 +6,6 @@ precision-recall counts (`pr_thresholds`) and the first misclassified images (`k
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -20,18 +19,17 @@ from torchmetrics.classification import (
     MulticlassPrecision,
     MulticlassRecall,
 )
-from tqdm import tqdm
 
 from utils.distributed import all_reduce_sum, all_reduce_sum_, is_main_process
 from utils.precision import autocast
+from utils.progress import bar
 
 TTA_CHOICES = ("none", "flip")
 
 
 def progress(iterable, enabled: bool, **kwargs):
-    """tqdm bar only on rank 0, on a terminal, and when not asked to be quiet."""
-    return tqdm(iterable, disable=not (enabled and is_main_process() and sys.stderr.isatty()),
-                dynamic_ncols=True, leave=False, **kwargs)
+    """A bar (utils.progress) only on rank 0."""
+    return bar(iterable, enabled=enabled and is_main_process(), leave=False, **kwargs)
 
 
 @dataclass
