@@ -4,10 +4,11 @@
 #      channels_last, accumulation, tensor pipeline, evaluation, TorchScript/torch.compile, ONNX export of a
 #      GPU-trained model, predict_ckpoint.py --device cuda, resume after SIGKILL)
 #   2. torchrun_nccl: `torchrun --nproc_per_node=1 train.py` on NCCL (the DDP code path), NCCL_DEBUG=INFO as proof
-#   3. train.py end to end on the real Fashion-MNIST (<data_root>/FashionMNIST/raw/): the README's FashionCNN and
-#      ResNet18 recipes, then the fastest recipe to 93 % test acc@1 we know (ResNet18 28 px, batch 256, bf16,
-#      channels_last, data augmented on the GPU); when the budget leaves them their whole limit (--budget 500), two
-#      optional ones: ResNet-9 (bf16, 8 epochs) and the ResNet18 speed run with torch.compile
+#   3. train.py end to end on the real Fashion-MNIST (<data_root>/FashionMNIST/raw/): the FashionCNN and
+#      ResNet18 recipes (recipes/*.yaml, docs/recipes.md), then the fastest recipe to 93 % test acc@1 we know
+#      (ResNet18 28 px, batch 256, bf16, channels_last, data augmented on the GPU); when the budget leaves them
+#      their whole limit (--budget 500), two optional ones: ResNet-9 (bf16, 8 epochs) and the ResNet18 speed run
+#      with torch.compile
 #
 #   bash scripts/gpu_check.sh [--out DIR] [--data_root DIR] [--budget SECONDS] [--wheels DIR] [--keep_weights]
 #
@@ -173,7 +174,7 @@ train_step() {  # train_step NAME KIND LIMIT TRAIN_FLAGS...
 }
 
 train_step torchrun_nccl torchrun 60 --model custom --img_size 28 --max_epoch 2 --batch_size 256
-# the README's recipes (same flags; --fp16 is float16 + GradScaler on CUDA)
+# the recipes of recipes/fashion_cnn_56px.yaml and resnet18_28px.yaml (same flags; --fp16 is float16 + GradScaler on CUDA)
 train_step e2e_fashioncnn train 100 --model custom --img_size 56 --max_epoch 15 --batch_size 128 "${amp[@]}" --channels_last \
     --label_smoothing 0.1 --random_erasing 0.2
 train_step e2e_resnet18 train 90 --model resnet18 --img_size 28 --max_epoch 6 --batch_size 128 "${amp[@]}" --channels_last \

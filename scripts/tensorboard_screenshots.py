@@ -1,4 +1,4 @@
-"""Screenshots of TensorBoard's dashboards for the README, taken by headless Chromium from Debian's packages.
+"""Screenshots of TensorBoard's dashboards for docs/tensorboard.md, taken by headless Chromium from Debian's packages.
 
 Run by hand (CI never needs Chromium):
 

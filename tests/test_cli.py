@@ -69,3 +69,4 @@ def test_train_help_is_grouped_short_and_names_the_manual():
     long = [(a.dest, len(a.help)) for a in p._actions if len(a.help) > 120]
     assert not long, f"help texts over 120 characters: {long}"
     assert "docs/training.md" in p.format_help()
+    assert (ROOT / "docs" / "training.md").is_file()
