@@ -204,3 +204,38 @@ def assert_valid_png(path, min_side: int = 50) -> None:
         img.verify()
     with Image.open(path) as img:
         assert img.format == "PNG" and min(img.size) >= min_side, (path, img.size)
+
+
+# ---- Built once per session, read-only for the tests (copy a file before changing it): the session checkpoint's
+# exports and a random resnet18 checkpoint. Used by test_export, test_eval_artifacts, test_predict, test_predict_folder
+# (exports) and test_fcn, test_complexity, test_receptive_field, test_analysis_many_images (resnet18).
+
+class Exported:
+    """What the `exported` fixture built: the trained FashionCNN (as build_from_checkpoint returned it), its ModelInfo,
+    the folder holding custom.onnx, custom_fp16.onnx and custom.pt, and each file's ExportResult."""
+
+    def __init__(self, model, info, folder: Path, results: dict):
+        self.model, self.info, self.folder, self.results = model, info, folder, results
+
+
+@pytest.fixture(scope="session")
+def exported(trained_ckpt, tmp_path_factory) -> Exported:
+    """The session checkpoint exported once by the project's exporter (utils.deploy.export.export_artifact): ONNX FP32,
+    ONNX FP16 and TorchScript, each verified by the exporter's parity check."""
+    from utils.checkpoint import build_from_checkpoint, load_checkpoint
+    from utils.deploy.export import export_artifact
+
+    out = tmp_path_factory.mktemp("exported")
+    model, info = build_from_checkpoint(load_checkpoint(trained_ckpt))
+    results = {name: export_artifact(model, info, trained_ckpt, engine, out / name, half=half, log=lambda *_: None)
+               for name, engine, half in (("custom.onnx", "onnx", False), ("custom_fp16.onnx", "onnx", True),
+                                          ("custom.pt", "torchscript", False))}
+    return Exported(model, info, out, results)
+
+
+@pytest.fixture(scope="session")
+def random_resnet18_ckpt(tmp_path_factory) -> Path:
+    """A randomly initialised resnet18 (3 classes, 64 px, large-input stem) in the project checkpoint format."""
+    from test_fcn import save_random_resnet18_checkpoint
+
+    return save_random_resnet18_checkpoint(tmp_path_factory.mktemp("resnet18") / "r18.pth", img_size=64)

@@ -7,7 +7,6 @@ import json
 import pytest
 import torch
 import torchvision
-from test_fcn import save_random_resnet18_checkpoint
 
 import complexity_compare
 import complexity_fvcore
@@ -113,8 +112,8 @@ def test_compare_table_one_unit_and_explanations(tmp_path, capsys):
     assert any("Hardswish" in w for w in tools["thop"]["warnings"])
 
 
-def test_checkpoint_and_bad_input(tmp_path, capsys):
-    ckpt = save_random_resnet18_checkpoint(tmp_path / "r18.pth", img_size=64)
+def test_checkpoint_and_bad_input(random_resnet18_ckpt, tmp_path, capsys):
+    ckpt = random_resnet18_ckpt
     assert complexity_fvcore.main(["--weights", str(ckpt), "--out_dir", str(tmp_path), "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["model"] == "resnet18" and res["input_size"] == [3, 64, 64] and res["num_classes"] == 3
