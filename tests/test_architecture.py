@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, run_script
+from conftest import ROOT, run_main
 
 LEGACY_CKPT = ROOT / "tests" / "fixtures" / "legacy_c29c9b5_custom8_ema.pth"  # written by train.py at commit c29c9b5
 # layer of each package or module (lower = more basic); an import may only point to the same or a lower layer
@@ -131,8 +131,8 @@ def test_checkpoint_of_the_previous_format_evaluates_with_its_ema_weights(tmp_pa
     ckpt = torch.load(LEGACY_CKPT, map_location="cpu", weights_only=True)
     assert "scheduler" not in ckpt and ckpt["ema"]["updates"] == 20
     out = tmp_path / "legacy.json"
-    proc = run_script("eval.py", "--weights", str(LEGACY_CKPT), "--data_root", str(fashion_root), "--output", str(out),
-                      "--speed_repeats", "0", "--num_workers", "0", "--quiet", "--device", "cpu")
+    proc = run_main("eval.py", "--weights", str(LEGACY_CKPT), "--data_root", str(fashion_root), "--output", str(out),
+                    "--speed_repeats", "0", "--num_workers", "0", "--quiet", "--device", "cpu")
     assert proc.returncode == 0, proc.stderr
     report = json.loads(out.read_text())
     assert report["num_images"] == 160
@@ -164,8 +164,8 @@ def test_resume_with_a_contradicting_network_flag_is_one_line_exit_2(tmp_path, f
     run.mkdir(parents=True)
     (run / "last.pth").write_bytes(LEGACY_CKPT.read_bytes())
     before = (run / "last.pth").read_bytes()
-    proc = run_script("train.py", "--resume", str(run / "last.pth"), "--img_size", "28", "--max_epoch", "3",
-                      "--data_root", str(fashion_root), "--path_to_save", str(tmp_path), "--quiet", "--device", "cpu")
+    proc = run_main("train.py", "--resume", str(run / "last.pth"), "--img_size", "28", "--max_epoch", "3",
+                    "--data_root", str(fashion_root), "--path_to_save", str(tmp_path), "--quiet", "--device", "cpu")
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "--img_size 28 (the checkpoint has 8)" in lines[0] and "Traceback" not in proc.stderr
