@@ -239,3 +239,18 @@ def random_resnet18_ckpt(tmp_path_factory) -> Path:
     from test_fcn import save_random_resnet18_checkpoint
 
     return save_random_resnet18_checkpoint(tmp_path_factory.mktemp("resnet18") / "r18.pth", img_size=64)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch's intra-op threads set to 1 for a test module, restored after. The modules that use it run many small
+    forward passes, exports and model builds in this process; on 2 cores shared with other work, a second intra-op
+    thread spin-waits at every op: measured on such a machine, test_complexity took 61-70 s of CPU with 2 threads and
+    9 s with 1, test_export 106-118 s and 34 s, for no gain at these input sizes (as utils/data/batch_augment.py found
+    for small images). Subprocesses and ONNX Runtime's own threads are not affected."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -16,6 +16,8 @@ import fcn_resnet18
 import receptive_field_backprop
 from utils.errors import InputError
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: in-process torch work on 1 intra-op thread
+
 
 @pytest.fixture(scope="module")
 def mixed_folder(tmp_path_factory, random_resnet18_ckpt):

@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import ROOT, run_main
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: in-process torch work on 1 intra-op thread
 LEGACY_CKPT = ROOT / "tests" / "fixtures" / "legacy_c29c9b5_custom8_ema.pth"  # written by train.py at commit c29c9b5
 # layer of each package or module (lower = more basic); an import may only point to the same or a lower layer
 LAYERS = {"utils.errors": 0, "utils.io": 0, "utils.cli": 0, "utils.timing": 0, "utils.plots": 0, "utils.distributed": 0,

@@ -13,6 +13,7 @@ import argparse
 import pytest
 from conftest import ROOT, run_main, run_script, script_module
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: in-process torch work on 1 intra-op thread
 SCRIPTS = sorted(p.relative_to(ROOT).as_posix() for p in [*ROOT.glob("*.py"), *(ROOT / "benchmarks").glob("bench_*.py"),
                                                            *(ROOT / "scripts").glob("*.py")])
 NOT_NUMERIC = {None, str}

@@ -18,6 +18,7 @@ from utils.analysis import complexity_tools
 from utils.analysis.model_loading import AnalysisModel, AnalysisSpec, load_analysis_model
 from utils.errors import InputError
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: in-process torch work on 1 intra-op thread
 SCRIPTS = {"fvcore": complexity_fvcore, "ptflops": complexity_ptflops, "thop": complexity_thop,
            "torchscan": complexity_torchscan}
 

@@ -16,6 +16,7 @@ from utils.checkpoint import load_checkpoint
 from utils.data.fashion_mnist import FASHION_MNIST_CLASSES
 from utils.errors import InputError
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: in-process torch work on 1 intra-op thread
 REPORT_KEYS = {"model", "format", "engine", "weights", "dataset", "split", "num_images", "loss", "acc1", "acc5",
                "per_class_acc", "confusion_matrix", "classes", "params", "macs", "size_mb", "img_size", "latency_ms",
                "throughput_img_s", "speed_batch_size", "device", "torch"}

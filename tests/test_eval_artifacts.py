@@ -13,6 +13,8 @@ from utils.data.loaders import calibration_batches, data_spec
 from utils.deploy.metadata import artifact_kind
 from utils.deploy.quantize import quantize_onnx_int8
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: in-process torch work on 1 intra-op thread
+
 
 @pytest.fixture(scope="module")
 def artifacts(exported, trained_ckpt, tmp_path_factory):

@@ -23,6 +23,7 @@ from utils.errors import InputError
 from utils.io import file_sha256
 from utils.model_info import ModelInfo
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: in-process torch work on 1 intra-op thread
 SIZE = 32
 
 

@@ -18,6 +18,7 @@ from utils.checkpoint import save_checkpoint
 from utils.data.preprocess import Preprocess
 from utils.errors import InputError
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: in-process torch work on 1 intra-op thread
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 

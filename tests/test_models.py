@@ -12,6 +12,8 @@ from models.fashion_cnn import FashionCNN
 from models.norm import GroupNorm2d, NoNorm
 from utils.errors import InputError
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: in-process torch work on 1 intra-op thread
+
 
 def _forward(model: nn.Module, size: int) -> torch.Tensor:
     with torch.inference_mode():

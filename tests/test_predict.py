@@ -17,6 +17,8 @@ from utils.data.fashion_mnist import FASHION_MNIST_CLASSES
 from utils.data.preprocess import load_image
 from utils.errors import InputError
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: in-process torch work on 1 intra-op thread
+
 
 @pytest.fixture(scope="module")
 def deployed(exported):

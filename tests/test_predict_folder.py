@@ -29,6 +29,8 @@ from utils.deploy.predict import softmax, topk
 from utils.deploy.runtime import OnnxModel
 from utils.errors import InputError
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: in-process torch work on 1 intra-op thread
+
 
 @pytest.fixture(scope="module")
 def onnx_model(exported):

@@ -30,6 +30,8 @@ from utils.analysis import receptive_field as rf
 from utils.analysis import rf_backprop, rf_fields, rf_trace
 from utils.errors import InputError
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: in-process torch work on 1 intra-op thread
+
 
 def on_meta(name: str, num_classes: int = 1000, **kwargs) -> nn.Module:
     """Shapes only: a model on the meta device costs neither memory nor compute."""
