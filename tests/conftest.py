@@ -215,3 +215,53 @@ def small_fashion_root(tmp_path_factory) -> Path:
     """A Fashion-MNIST root of 64 train / 32 test images (same classes and format as `fashion_root`), for trainings
     whose assertions need a run, not a learned model: an epoch is two or four batches."""
     return make_fashion_root(tmp_path_factory.mktemp("fmnist_small"), n_train=64, n_test=32)
+
+
+# ---- Built once per session, read-only for the tests (copy a file before changing it): the session checkpoint's
+# exports and a random resnet18 checkpoint. Used by test_export, test_eval_artifacts, test_predict, test_predict_folder
+# (exports) and test_fcn, test_complexity, test_receptive_field, test_analysis_many_images (resnet18).
+
+class Exported:
+    """What the `exported` fixture built: the trained FashionCNN (as build_from_checkpoint returned it), its ModelInfo,
+    the folder holding custom.onnx, custom_fp16.onnx and custom.pt, and each file's ExportResult."""
+
+    def __init__(self, model, info, folder: Path, results: dict):
+        self.model, self.info, self.folder, self.results = model, info, folder, results
+
+
+@pytest.fixture(scope="session")
+def exported(trained_ckpt, tmp_path_factory) -> Exported:
+    """The session checkpoint exported once by the project's exporter (utils.deploy.export.export_artifact): ONNX FP32,
+    ONNX FP16 and TorchScript, each verified by the exporter's parity check."""
+    from utils.checkpoint import build_from_checkpoint, load_checkpoint
+    from utils.deploy.export import export_artifact
+
+    out = tmp_path_factory.mktemp("exported")
+    model, info = build_from_checkpoint(load_checkpoint(trained_ckpt))
+    results = {name: export_artifact(model, info, trained_ckpt, engine, out / name, half=half, log=lambda *_: None)
+               for name, engine, half in (("custom.onnx", "onnx", False), ("custom_fp16.onnx", "onnx", True),
+                                          ("custom.pt", "torchscript", False))}
+    return Exported(model, info, out, results)
+
+
+@pytest.fixture(scope="session")
+def random_resnet18_ckpt(tmp_path_factory) -> Path:
+    """A randomly initialised resnet18 (3 classes, 64 px, large-input stem) in the project checkpoint format."""
+    from test_fcn import save_random_resnet18_checkpoint
+
+    return save_random_resnet18_checkpoint(tmp_path_factory.mktemp("resnet18") / "r18.pth", img_size=64)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch's intra-op threads set to 1 for a test module, restored after. The modules that use it run many small
+    forward passes, exports and model builds in this process; on 2 cores shared with other work, a second intra-op
+    thread spin-waits at every op: measured on such a machine, test_complexity took 61-70 s of CPU with 2 threads and
+    9 s with 1, test_export 106-118 s and 34 s, for no gain at these input sizes (as utils/data/batch_augment.py found
+    for small images). Subprocesses and ONNX Runtime's own threads are not affected."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -9,18 +9,20 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
-from test_fcn import assert_png, save_random_resnet18_checkpoint
+from test_fcn import assert_png
 from test_predict_folder import decompression_bomb_png
 
 import fcn_resnet18
 import receptive_field_backprop
 from utils.errors import InputError
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: in-process torch work on 1 intra-op thread
 
-@pytest.fixture()
-def mixed_folder(tmp_path):
-    folder = tmp_path / "imgs"
-    folder.mkdir()
+
+@pytest.fixture(scope="module")
+def mixed_folder(tmp_path_factory, random_resnet18_ckpt):
+    """Good and bad images (read-only for the tests), what each bad one's error must say, and a resnet18 checkpoint."""
+    folder = tmp_path_factory.mktemp("imgs")
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 255, (96, 160, 3), dtype=np.uint8)).save(folder / "first.png")
     Image.fromarray(rng.integers(0, 255, (100, 130, 3), dtype=np.uint8)).save(folder / "second.jpg", quality=90)
@@ -30,7 +32,7 @@ def mixed_folder(tmp_path):
     decompression_bomb_png(folder / "bomb.png")
     bad = {"cut.jpg": "truncated", "readme.png": "not an image", "bomb.png": "decompression bomb",
            "gone.png": "not found"}
-    return folder, bad, save_random_resnet18_checkpoint(tmp_path / "r18.pth", img_size=64)
+    return folder, bad, random_resnet18_ckpt
 
 
 @pytest.mark.parametrize("script,files", [(fcn_resnet18, ("overlay.png", "score_map.png", "result.json")),

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, run_script
+from conftest import ROOT, run_main
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: in-process torch work on 1 intra-op thread
 LEGACY_CKPT = ROOT / "tests" / "fixtures" / "legacy_c29c9b5_custom8_ema.pth"  # written by train.py at commit c29c9b5
 # last.pth written by train.py at commit 205200d (scheduler state, split and class_weights keys):
 # --model custom --img_size 8 --max_epoch 2 --ema --ema_decay 0.99 --base_lr 3e-3 --batch_size 32, same synthetic data
@@ -136,8 +137,8 @@ def test_checkpoint_of_a_previous_format_evaluates_with_its_ema_weights(tmp_path
     ckpt = torch.load(legacy, map_location="cpu", weights_only=True)
     assert ("scheduler" in ckpt) == (legacy == LEGACY_205200D_CKPT) and ckpt["ema"]["updates"] == 20
     out = tmp_path / "legacy.json"
-    proc = run_script("eval.py", "--weights", str(legacy), "--data_root", str(fashion_root), "--output", str(out),
-                      "--speed_repeats", "0", "--num_workers", "0", "--quiet", "--device", "cpu")
+    proc = run_main("eval.py", "--weights", str(legacy), "--data_root", str(fashion_root), "--output", str(out),
+                    "--speed_repeats", "0", "--num_workers", "0", "--quiet", "--device", "cpu")
     assert proc.returncode == 0, proc.stderr
     report = json.loads(out.read_text())
     assert report["num_images"] == 160
@@ -173,7 +174,7 @@ def test_checkpoint_of_a_previous_format_exports_with_parity(tmp_path, legacy):
     ckpt.parent.mkdir()
     ckpt.write_bytes(legacy.read_bytes())
     out = tmp_path / "legacy.onnx"
-    proc = run_script("export.py", "--weights", str(ckpt), "--output", str(out))
+    proc = run_main("export.py", "--weights", str(ckpt), "--output", str(out))
     assert proc.returncode == 0, proc.stderr
     assert "max |diff| vs PyTorch" in proc.stdout
     props = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
@@ -186,8 +187,8 @@ def test_resume_with_a_contradicting_network_flag_is_one_line_exit_2(tmp_path, f
     run.mkdir(parents=True)
     (run / "last.pth").write_bytes(legacy.read_bytes())
     before = (run / "last.pth").read_bytes()
-    proc = run_script("train.py", "--resume", str(run / "last.pth"), "--img_size", "28", "--max_epoch", "3",
-                      "--data_root", str(fashion_root), "--path_to_save", str(tmp_path), "--quiet", "--device", "cpu")
+    proc = run_main("train.py", "--resume", str(run / "last.pth"), "--img_size", "28", "--max_epoch", "3",
+                    "--data_root", str(fashion_root), "--path_to_save", str(tmp_path), "--quiet", "--device", "cpu")
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "--img_size 28 (the checkpoint has 8)" in lines[0] and "Traceback" not in proc.stderr

@@ -13,6 +13,8 @@ from PIL import Image
 from benchmarks import bench_infer, bench_train
 from utils.errors import InputError
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: in-process torch work on 1 intra-op thread
+
 
 def test_bench_train_tiny(fashion_root, tmp_path, capsys):
     out = tmp_path / "train.json"

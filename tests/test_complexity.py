@@ -7,7 +7,6 @@ import json
 import pytest
 import torch
 import torchvision
-from test_fcn import save_random_resnet18_checkpoint
 
 import complexity_compare
 import complexity_fvcore
@@ -19,6 +18,7 @@ from utils.analysis import complexity_tools
 from utils.analysis.model_loading import AnalysisModel, AnalysisSpec, load_analysis_model
 from utils.errors import InputError
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: in-process torch work on 1 intra-op thread
 SCRIPTS = {"fvcore": complexity_fvcore, "ptflops": complexity_ptflops, "thop": complexity_thop,
            "torchscan": complexity_torchscan}
 
@@ -113,8 +113,8 @@ def test_compare_table_one_unit_and_explanations(tmp_path, capsys):
     assert any("Hardswish" in w for w in tools["thop"]["warnings"])
 
 
-def test_checkpoint_and_bad_input(tmp_path, capsys):
-    ckpt = save_random_resnet18_checkpoint(tmp_path / "r18.pth", img_size=64)
+def test_checkpoint_and_bad_input(random_resnet18_ckpt, tmp_path, capsys):
+    ckpt = random_resnet18_ckpt
     assert complexity_fvcore.main(["--weights", str(ckpt), "--out_dir", str(tmp_path), "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["model"] == "resnet18" and res["input_size"] == [3, 64, 64] and res["num_classes"] == 3

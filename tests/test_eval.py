@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import assert_valid_png, make_fashion_root, run_script, synthetic_fashion_images, write_idx
+from conftest import assert_valid_png, make_fashion_root, run_main, synthetic_fashion_images, write_idx
 
 import eval as eval_script
 from models import build_model
@@ -16,6 +16,7 @@ from utils.checkpoint import load_checkpoint
 from utils.data.fashion_mnist import FASHION_MNIST_CLASSES
 from utils.errors import InputError
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: in-process torch work on 1 intra-op thread
 REPORT_KEYS = {"model", "format", "engine", "weights", "dataset", "split", "num_images", "loss", "acc1", "acc5",
                "per_class_recall", "confusion_matrix", "classes", "params", "macs", "size_mb", "img_size", "latency_ms",
                "throughput_img_s", "speed_batch_size", "device", "torch"}
@@ -81,8 +82,8 @@ def test_eval_save_examples_draws_the_misclassified_images(tmp_path, trained_ckp
 
 
 def test_eval_with_the_wrong_model_name_fails_strictly(tmp_path, trained_ckpt, fashion_root):
-    proc = run_script("eval.py", "--weights", str(trained_ckpt), "--model", "resnet18", "--data_root", str(fashion_root),
-                      "--output", str(tmp_path / "r.json"), "--device", "cpu", "--quiet")
+    proc = run_main("eval.py", "--weights", str(trained_ckpt), "--model", "resnet18", "--data_root", str(fashion_root),
+                    "--output", str(tmp_path / "r.json"), "--device", "cpu", "--quiet")
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
@@ -93,8 +94,8 @@ def test_eval_with_the_wrong_model_name_fails_strictly(tmp_path, trained_ckpt, f
 def test_eval_on_a_file_that_is_not_a_checkpoint(tmp_path, fashion_root):
     fake = tmp_path / "best.pth"
     fake.write_text("this is not a checkpoint\n")
-    proc = run_script("eval.py", "--weights", str(fake), "--data_root", str(fashion_root), "--device", "cpu", "--quiet",
-                      "--output", str(tmp_path / "r.json"))
+    proc = run_main("eval.py", "--weights", str(fake), "--data_root", str(fashion_root), "--device", "cpu", "--quiet",
+                    "--output", str(tmp_path / "r.json"))
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()

@@ -3,27 +3,27 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
 
-from utils.checkpoint import build_from_checkpoint, load_checkpoint
+from utils.checkpoint import load_checkpoint
 from utils.data.loaders import calibration_batches, data_spec
-from utils.deploy.export import export_artifact
 from utils.deploy.metadata import artifact_kind
 from utils.deploy.quantize import quantize_onnx_int8
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: in-process torch work on 1 intra-op thread
+
 
 @pytest.fixture(scope="module")
-def artifacts(trained_ckpt, tmp_path_factory):
+def artifacts(exported, trained_ckpt, tmp_path_factory):
+    """Every artifact kind in one folder: the session's ONNX FP32/FP16 and TorchScript exports (copied, not re-made)
+    and an INT8 ONNX quantized from the FP32 one."""
     out = tmp_path_factory.mktemp("artifacts")
-    ckpt = load_checkpoint(trained_ckpt)
-    model, info = build_from_checkpoint(ckpt)
-    quiet = lambda *_: None  # noqa: E731
-    export_artifact(model, info, trained_ckpt, "onnx", out / "custom.onnx", log=quiet)
-    export_artifact(model, info, trained_ckpt, "onnx", out / "custom_fp16.onnx", half=True, log=quiet)
-    export_artifact(model, info, trained_ckpt, "torchscript", out / "custom.pt", log=quiet)
-    batches = calibration_batches(data_spec(ckpt["args"]), info.preprocess, 4, 32)
+    for name in ("custom.onnx", "custom_fp16.onnx", "custom.pt"):
+        shutil.copy(exported.folder / name, out / name)
+    batches = calibration_batches(data_spec(load_checkpoint(trained_ckpt)["args"]), exported.info.preprocess, 4, 32)
     quantize_onnx_int8(out / "custom.onnx", out / "custom_int8.onnx", batches, {"precision": "int8"})
     return out
 

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 import sys
 
 import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import ROOT, run_script
+from conftest import run_main, run_script
 
 from models import MODEL_NAMES, build_model, model_kwargs
 from utils.data.preprocess import Preprocess
@@ -25,6 +23,7 @@ from utils.errors import InputError
 from utils.io import file_sha256
 from utils.model_info import ModelInfo
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: in-process torch work on 1 intra-op thread
 SIZE = 32
 
 
@@ -139,34 +138,29 @@ def test_parity_failure_exits_1_and_writes_nothing(trained_ckpt, tmp_path):
     assert list(tmp_path.iterdir()) == []  # neither the artifact nor a temporary file
 
 
-def test_half_exports_keep_float32_io(trained_ckpt, tmp_path):
-    from utils.checkpoint import build_from_checkpoint, load_checkpoint
-
-    model, info = build_from_checkpoint(load_checkpoint(trained_ckpt))
-    fp32 = export_artifact(model, info, trained_ckpt, "onnx", tmp_path / "m.onnx", log=lambda *_: None)
-    fp16 = export_artifact(model, info, trained_ckpt, "onnx", tmp_path / "m16.onnx", half=True, log=lambda *_: None)
+def test_half_exports_keep_float32_io(exported, trained_ckpt, tmp_path):
+    fp32, fp16 = exported.results["custom.onnx"], exported.results["custom_fp16.onnx"]  # the session's exports
+    assert fp16.path == exported.folder / "custom_fp16.onnx" and fp16.precision == "fp16"
     assert 0.4 < fp16.size_mb / fp32.size_mb < 0.6
-    proto = onnx.load(str(tmp_path / "m16.onnx"))
+    proto = onnx.load(str(fp16.path))
     assert {t.data_type for t in proto.graph.initializer if len(t.dims) > 1} == {onnx.TensorProto.FLOAT16}
     assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     assert proto.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     assert fp16.parity.passed and 0 < fp16.parity.max_abs_diff < 0.05
     assert min(agree for _, _, agree in fp16.parity.checks) >= 0.85  # FP16 may flip near-ties only
+    model, info = exported.model, exported.info
     ts16 = export_artifact(model, info, trained_ckpt, "torchscript", tmp_path / "m16.pt", half=True, log=lambda *_: None)
     program, meta = load_torchscript(tmp_path / "m16.pt")
     assert meta["precision"] == "fp16" and ts16.parity.passed
     assert {p.dtype for p in program.parameters()} == {torch.float16}
 
 
-def test_dynamo_exporter_without_onnxscript_is_one_line_exit_2(trained_ckpt, tmp_path):
+def test_dynamo_exporter_without_onnxscript_is_one_line_exit_2(trained_ckpt, tmp_path, monkeypatch):
     """Machines with only onnx (torch 2.11 images, say) export with the default exporter; --exporter dynamo names the
     missing package instead of a traceback, and writes nothing."""
     out = tmp_path / "exported" / "d.onnx"
-    code = ("import runpy, sys\nsys.modules['onnxscript'] = None  # as if it were not installed\n"
-            f"sys.argv = ['export.py', '--weights', {str(trained_ckpt)!r}, '--exporter', 'dynamo', '--output', {str(out)!r}]\n"
-            "runpy.run_path('export.py', run_name='__main__')\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
-                          capture_output=True, text=True, timeout=300)
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # as if it were not installed
+    proc = run_main("export.py", "--weights", str(trained_ckpt), "--exporter", "dynamo", "--output", str(out))
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert "--exporter dynamo needs the onnxscript package" in lines[0] and "legacy" in lines[0]

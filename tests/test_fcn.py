@@ -18,6 +18,7 @@ from utils.checkpoint import save_checkpoint
 from utils.data.preprocess import Preprocess
 from utils.errors import InputError
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: in-process torch work on 1 intra-op thread
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -98,8 +99,8 @@ def test_largest_region_box_and_flat_map():
     assert largest_region_box(np.ones((1, 1)), 0.5, centers[:1], centers[:1], 32, (32, 32))[0] is None
 
 
-def test_fcn_script_with_project_checkpoint(tmp_path, capsys):
-    ckpt = save_random_resnet18_checkpoint(tmp_path / "r18.pth")
+def test_fcn_script_with_project_checkpoint(random_resnet18_ckpt, tmp_path, capsys):
+    ckpt = random_resnet18_ckpt  # save_random_resnet18_checkpoint's, at 64 px
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 255, (200, 330, 3), dtype=np.uint8)).save(tmp_path / "scene.png")
     Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "tiny.png")

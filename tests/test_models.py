@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import run_script
+from conftest import run_main
 from torch import nn
 
 from models import MODEL_NAMES, build_model, model_kwargs
 from models.fashion_cnn import FashionCNN
 from models.norm import GroupNorm2d, NoNorm
 from utils.errors import InputError
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: in-process torch work on 1 intra-op thread
 
 
 def _forward(model: nn.Module, size: int) -> torch.Tensor:
@@ -40,9 +42,12 @@ def test_small_input_uses_stride_1_stem_for_resnet():
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_norm_type_really_swaps_the_layers(name):
-    bn = build_model(name, 10, **model_kwargs(28, "BN"))
-    gn = build_model(name, 10, **model_kwargs(28, "GN"))
-    none = build_model(name, 10, **model_kwargs(28, "none"))
+    # the layers, not their values, are checked: built on the meta device (no weight initialisation); the forward
+    # passes of GN and none models run in test_gn_and_none_models_run
+    with torch.device("meta"):
+        bn = build_model(name, 10, **model_kwargs(28, "BN"))
+        gn = build_model(name, 10, **model_kwargs(28, "GN"))
+        none = build_model(name, 10, **model_kwargs(28, "none"))
     n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in bn.modules())
     assert n_bn > 0
     assert not any(isinstance(m, nn.BatchNorm2d) for m in gn.modules())
@@ -86,14 +91,20 @@ def test_fashion_cnn_rejects_tiny_inputs():
         FashionCNN(10, img_size=4)
 
 
-def test_pretrained_offline_fails_fast_with_one_line_naming_the_cache_file(tmp_path, image_folder):
+def test_pretrained_offline_fails_fast_with_one_line_naming_the_cache_file(tmp_path, image_folder, monkeypatch):
+    import urllib.request
+
     torch_home = tmp_path / "torch_home"
     # an unreachable proxy makes the download fail at once even on a machine with internet
     offline = {"TORCH_HOME": str(torch_home), "https_proxy": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9",
                "HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9", "no_proxy": "", "NO_PROXY": ""}
-    proc = run_script("train.py", "--model", "resnet18", "--pretrained", "--dataset", str(image_folder), "--img_size", "32",
-                      "--num_workers", "0", "--max_epoch", "1", "--path_to_save", str(tmp_path / "runs"), "--quiet",
-                      "--cache_dir", str(tmp_path / "cache"), env=offline, timeout=120)
+    for key, value in offline.items():
+        monkeypatch.setenv(key, value)
+    # in this process: urlopen's shared opener reads the proxy variables when it is built, so build it afresh
+    monkeypatch.setattr(urllib.request, "_opener", None)
+    proc = run_main("train.py", "--model", "resnet18", "--pretrained", "--dataset", str(image_folder), "--img_size", "32",
+                    "--num_workers", "0", "--max_epoch", "1", "--path_to_save", str(tmp_path / "runs"), "--quiet",
+                    "--cache_dir", str(tmp_path / "cache"))
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr

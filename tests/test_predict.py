@@ -9,25 +9,21 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import run_script, synthetic_fashion_images
+from conftest import run_main, run_script, synthetic_fashion_images
 from PIL import Image
 from torchvision import transforms
 
-from utils.checkpoint import build_from_checkpoint, load_checkpoint
 from utils.data.fashion_mnist import FASHION_MNIST_CLASSES
 from utils.data.preprocess import load_image
-from utils.deploy.export import export_artifact
 from utils.errors import InputError
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: in-process torch work on 1 intra-op thread
 
 
 @pytest.fixture(scope="module")
-def deployed(trained_ckpt, tmp_path_factory):
-    """The trained FashionCNN, its info, and its ONNX + TorchScript exports."""
-    out = tmp_path_factory.mktemp("deployed")
-    model, info = build_from_checkpoint(load_checkpoint(trained_ckpt))
-    for engine, name in (("onnx", "custom.onnx"), ("torchscript", "custom.pt")):
-        export_artifact(model, info, trained_ckpt, engine, out / name, log=lambda *_: None)
-    return model, info, out
+def deployed(exported):
+    """The trained FashionCNN, its info, and the folder of its ONNX + TorchScript exports (the session's)."""
+    return exported.model, exported.info, exported.folder
 
 
 def save_exif_rotated(upright: np.ndarray, path) -> None:
@@ -142,8 +138,8 @@ def test_bad_images_reported_one_line_each_and_rest_predicted(deployed, mode_ima
     (tmp_path / "notes.png").write_text("this is not an image")
     data = (folder / "rgb.png").read_bytes()
     (tmp_path / "truncated.png").write_bytes(data[: len(data) // 2])
-    proc = run_script("predict.py", "--model", str(out / "custom.onnx"), "--image", str(folder / "gray.png"),
-                      str(tmp_path / "missing.png"), str(tmp_path / "notes.png"), str(tmp_path / "truncated.png"))
+    proc = run_main("predict.py", "--model", str(out / "custom.onnx"), "--image", str(folder / "gray.png"),
+                    str(tmp_path / "missing.png"), str(tmp_path / "notes.png"), str(tmp_path / "truncated.png"))
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 3 and "Traceback" not in proc.stderr

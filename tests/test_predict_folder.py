@@ -20,25 +20,22 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import ROOT, run_script, synthetic_fashion_images
+from conftest import ROOT, run_main, run_script, synthetic_fashion_images
 from PIL import Image
 
-from utils.checkpoint import build_from_checkpoint, load_checkpoint
 from utils.data.preprocess import Preprocess, preprocess_file
-from utils.deploy.export import export_artifact
 from utils.deploy.metadata import write_onnx_metadata
 from utils.deploy.predict import softmax, topk
 from utils.deploy.runtime import OnnxModel
 from utils.errors import InputError
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: in-process torch work on 1 intra-op thread
+
 
 @pytest.fixture(scope="module")
-def onnx_model(trained_ckpt, tmp_path_factory):
-    """The trained FashionCNN, its info and its ONNX export (written by the project's exporter)."""
-    out = tmp_path_factory.mktemp("folder_deploy")
-    model, info = build_from_checkpoint(load_checkpoint(trained_ckpt))
-    export_artifact(model, info, trained_ckpt, "onnx", out / "custom.onnx", log=lambda *_: None)
-    return model, info, out / "custom.onnx"
+def onnx_model(exported):
+    """The trained FashionCNN, its info and its ONNX export (the session's, written by the project's exporter)."""
+    return exported.model, exported.info, exported.folder / "custom.onnx"
 
 
 def make_photos(folder, n: int, seed: int = 0) -> list:
@@ -119,8 +116,8 @@ def test_csv_and_jsonl_rows_equal_single_image_predictions(onnx_model, trained_c
     model, info, onnx_path = onnx_model
     paths = make_photos(tmp_path / "photos", 37)
     out_csv = tmp_path / "pred.csv"
-    proc = run_script("predict.py", "--model", str(onnx_path), "--image", str(tmp_path / "photos"), "--topk", "3",
-                      "--batch_size", "8", "--num_workers", "2", "--output", str(out_csv))
+    proc = run_main("predict.py", "--model", str(onnx_path), "--image", str(tmp_path / "photos"), "--topk", "3",
+                    "--batch_size", "8", "--num_workers", "2", "--output", str(out_csv))
     assert proc.returncode == 0, proc.stderr
     assert f"wrote 37 row(s) to {out_csv} (csv)" in proc.stdout and "Top 3" not in proc.stdout
     assert "median inference" in proc.stdout and "(batch 8," in proc.stdout
@@ -161,8 +158,8 @@ def test_bad_files_are_reported_skipped_and_listed_in_the_output(onnx_model, tra
     cases = bad_files(tmp_path / "mixed" / "junk")
     missing = tmp_path / "missing.png"
     out = tmp_path / "rows.csv"
-    proc = run_script("predict.py", "--model", str(onnx_path), "--image", str(tmp_path / "mixed"), str(missing),
-                      "--output", str(out), "--batch_size", "4")
+    proc = run_main("predict.py", "--model", str(onnx_path), "--image", str(tmp_path / "mixed"), str(missing),
+                    "--output", str(out), "--batch_size", "4")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == len(cases) + 1, errors
@@ -179,8 +176,8 @@ def test_bad_files_are_reported_skipped_and_listed_in_the_output(onnx_model, tra
         assert reason in by_name[name]["error"] and by_name[name]["top1_class"] == "" == by_name[name]["top1_prob"]
 
     # text mode and predict_ckpoint.py: the good images are printed, the bad ones are one line each, exit 2
-    proc = run_script("predict_ckpoint.py", "--weights", str(trained_ckpt), "--image", str(tmp_path / "mixed"),
-                      "--device", "cpu", "--topk", "1")
+    proc = run_main("predict_ckpoint.py", "--weights", str(trained_ckpt), "--image", str(tmp_path / "mixed"),
+                    "--device", "cpu", "--topk", "1")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stdout.count("Top 1 predictions:") == len(good)
     assert len([line for line in proc.stderr.splitlines() if line.startswith("error:")]) == len(cases)
@@ -205,14 +202,14 @@ def test_nan_scores_are_an_error_never_nan_percent(tmp_path):
     Image.new("RGB", (10, 10), (5, 5, 5)).save(tmp_path / "dark.png")
     base = ["predict.py", "--model", str(tmp_path / "nan.onnx"), "--image", str(tmp_path / "bright.png"),
             str(tmp_path / "dark.png"), "--img_size", "8", "--classes", "light,shadow", "--topk", "2"]
-    proc = run_script(*base)
+    proc = run_main(*base)
     percents = re.findall(r"^\s+\d\. \S+\s+(\S+)%$", proc.stdout, re.M)
     assert proc.returncode == 2 and len(percents) == 2, proc.stdout  # bright.png only, never "nan%"
     assert 50 < float(percents[0]) < 100 and float(percents[0]) + float(percents[1]) == pytest.approx(100, abs=0.02)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "model produced NaN probabilities" in errors[0] and "dark.png" in errors[0]
     assert "bright.png" in proc.stdout and "dark.png" not in proc.stdout
-    proc = run_script(*base, "--output", str(tmp_path / "nan.jsonl"))
+    proc = run_main(*base, "--output", str(tmp_path / "nan.jsonl"))
     assert proc.returncode == 2
     lines = [json.loads(line) for line in (tmp_path / "nan.jsonl").read_text().splitlines()]
     assert lines[0]["error"] is None and lines[0]["top"][0]["class"] == "light"
@@ -246,8 +243,8 @@ def test_onnx_input_that_does_not_match_the_images_is_one_line(tmp_path):
     for name, words in (("gray.onnx", "expects 1-channel images but its preprocessing makes 3x16x16"),
                         ("fixed.onnx", "expects a fixed input height of 32 px but its preprocessing makes 3x16x16")):
         out = tmp_path / f"{name}.csv"
-        proc = run_script("predict.py", "--model", str(tmp_path / name), "--image", str(tmp_path / "x.png"),
-                          "--output", str(out))
+        proc = run_main("predict.py", "--model", str(tmp_path / name), "--image", str(tmp_path / "x.png"),
+                        "--output", str(out))
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
         assert proc.stderr.count("\n") == 1 and words in proc.stderr, proc.stderr
         assert not out.exists() and not list(tmp_path.glob(".*tmp*"))
@@ -255,8 +252,8 @@ def test_onnx_input_that_does_not_match_the_images_is_one_line(tmp_path):
     export_tiny(TinyNet(3), (1, 3, 16, 16), tmp_path / "batch1.onnx", dynamic_batch=False)
     with_metadata(tmp_path / "batch1.onnx", Preprocess.for_size(16, channels=3))
     Image.new("RGB", (20, 20), (10, 200, 30)).save(tmp_path / "y.png")
-    proc = run_script("predict.py", "--model", str(tmp_path / "batch1.onnx"), "--image", str(tmp_path / "x.png"),
-                      str(tmp_path / "y.png"), "--json", "--batch_size", "64")
+    proc = run_main("predict.py", "--model", str(tmp_path / "batch1.onnx"), "--image", str(tmp_path / "x.png"),
+                    str(tmp_path / "y.png"), "--json", "--batch_size", "64")
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)
     assert doc["summary"]["batch_size"] == 1 and len(doc["predictions"]) == 2

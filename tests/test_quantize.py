@@ -15,6 +15,8 @@ from utils.checkpoint import load_checkpoint
 from utils.deploy.artifacts import state_dict_mb
 from utils.deploy.quantize import linear_fraction, quantize_dynamic_int8
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: in-process torch work on 1 intra-op thread
+
 
 @pytest.fixture()
 def ckpt_copy(trained_ckpt, tmp_path):

@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from test_fcn import assert_png, save_random_resnet18_checkpoint
+from test_fcn import assert_png
 from torch import nn
 
 import receptive_field
@@ -29,6 +29,8 @@ from models import build_model
 from utils.analysis import receptive_field as rf
 from utils.analysis import rf_backprop, rf_fields, rf_trace
 from utils.errors import InputError
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: in-process torch work on 1 intra-op thread
 
 
 def on_meta(name: str, num_classes: int = 1000, **kwargs) -> nn.Module:
@@ -157,10 +159,10 @@ def test_backprop_equals_analytic_field_chain_interior():
     assert box[2] - box[0] + 1 == 195
 
 
-def test_backprop_script_fcn_interior_and_border(tmp_path, capsys):
+def test_backprop_script_fcn_interior_and_border(random_resnet18_ckpt, tmp_path, capsys):
     """FCN ResNet18 (residual) from a resnet18 checkpoint at 64 px (2x2 score pool: RF 467, stride 32, padding 217):
     on a 96x480 image unit (0, 7) sees columns 7-473 (interior) and is clipped to rows 0-95."""
-    ckpt = save_random_resnet18_checkpoint(tmp_path / "r18.pth", img_size=64)
+    ckpt = random_resnet18_ckpt
     image = tmp_path / "wide.png"
     Image.fromarray(np.random.default_rng(1).integers(0, 255, (96, 480, 3), dtype=np.uint8)).save(image)
     out = tmp_path / "rf"
