@@ -14,6 +14,8 @@ Examples:
 
 from __future__ import annotations
 
+import argparse
+
 from utils import cli
 from utils.analysis.complexity import COMPLEXITY_DIR, compare_table, explain
 from utils.analysis.complexity_tools import run_tool
@@ -23,11 +25,15 @@ from utils.io import publish_report
 TOOLS = ("fvcore", "ptflops", "thop", "torchscan", "FlopCounterMode")
 
 
-def main(argv: list[str] | None = None) -> int:
+def get_args_parser() -> argparse.ArgumentParser:
     p = cli.parser(__doc__)
     add_model_args(p)
     p.add_argument("--out_dir", default=str(COMPLEXITY_DIR), help="where <model>_<H>x<W>_compare.md/.json are written")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
     device = cli.resolve_device(args.device)
     spec = AnalysisSpec(args.model, args.weights, args.num_classes, args.input_size, args.default_model)
     am = load_analysis_model(spec, device, fast_init=args.weights is None)

@@ -11,16 +11,22 @@ Examples:
 
 from __future__ import annotations
 
+import argparse
+
 from utils import cli
 from utils.analysis import complexity as cx
 from utils.analysis.model_loading import AnalysisSpec
 
 
-def main(argv: list[str] | None = None) -> int:
+def get_args_parser() -> argparse.ArgumentParser:
     p = cx.tool_parser("ptflops", __doc__)
     p.add_argument("--backend", default="pytorch", choices=["pytorch", "aten"],
                    help="ptflops backend: pytorch = module hooks (BN, activations, pooling counted), aten = conv/matmul only")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
     spec = AnalysisSpec(args.model, args.weights, args.num_classes, args.input_size, args.default_model)
     return cx.run_tool_cli("ptflops", spec, device=args.device, max_depth=args.max_depth, out_dir=args.out_dir,
                            as_json=args.json, tool_kwargs={"backend": args.backend})

@@ -11,14 +11,19 @@ Examples:
 
 from __future__ import annotations
 
+import argparse
+
 from utils import cli
 from utils.analysis import complexity as cx
 from utils.analysis.model_loading import AnalysisSpec
 
 
+def get_args_parser() -> argparse.ArgumentParser:
+    return cx.tool_parser("thop", __doc__)
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = cx.tool_parser("thop", __doc__)
-    args = p.parse_args(argv)
+    args = get_args_parser().parse_args(argv)
     spec = AnalysisSpec(args.model, args.weights, args.num_classes, args.input_size, args.default_model)
     return cx.run_tool_cli("thop", spec, device=args.device, max_depth=args.max_depth, out_dir=args.out_dir,
                            as_json=args.json)

@@ -22,6 +22,7 @@ ONNX, TorchScript and INT8 versions compare side by side.
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 from pathlib import Path
@@ -43,7 +44,7 @@ from utils.io import atomic_write_text, file_sha256
 from utils.plots import close_figures, save_figure
 
 
-def parse_args(argv=None):
+def get_args_parser() -> argparse.ArgumentParser:
     p = cli.parser(__doc__)
     p.add_argument("--weights", metavar="FILE",
                    help="checkpoint (best.pth / last.pth / *_fp16.pth), .onnx, or TorchScript .pt to evaluate")
@@ -62,7 +63,7 @@ def parse_args(argv=None):
     cli.add_tensorboard_args(p, "the evaluation", "eval/<report name>")
     p.add_argument("--speed_repeats", type=cli.non_negative(), default=20, help="timed repeats for latency/throughput (0 = skip timing)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    return p.parse_args(argv)
+    return p
 
 
 def recorded_split(args, record: dict | None) -> dict | None:
@@ -79,7 +80,7 @@ def recorded_split(args, record: dict | None) -> dict | None:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    args = get_args_parser().parse_args(argv)
     progress.set_quiet(args.quiet)
     if not args.weights:
         raise InputError("give --weights FILE to evaluate (summarize_results.py merges existing reports)")

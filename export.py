@@ -26,6 +26,7 @@ TorchScript: scripted (keeps control flow, no baked-in shapes); traced only if s
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -35,7 +36,7 @@ from utils.deploy.export import DEFAULT_OPSET, DYNAMO_MIN_OPSET, default_output,
 from utils.deploy.parity import FP32_ATOL, FP32_RTOL, ParityError, real_images
 
 
-def parse_args(argv=None):
+def get_args_parser() -> argparse.ArgumentParser:
     p = cli.parser(__doc__)
     p.add_argument("--weights", required=True, metavar="CKPT", help="checkpoint written by train.py")
     cli.add_model_override_arg(p)
@@ -58,11 +59,11 @@ def parse_args(argv=None):
     p.add_argument("--atol", type=cli.non_negative(float), default=FP32_ATOL, help="FP32 parity: allowed max absolute logit difference")
     p.add_argument("--rtol", type=cli.non_negative(float), default=FP32_RTOL,
                    help="FP32 parity: or this fraction of the largest |logit|, when that allows more (large logits)")
-    return p.parse_args(argv)
+    return p
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    args = get_args_parser().parse_args(argv)
     ckpt = load_checkpoint(args.weights)
     model, info = build_from_checkpoint(ckpt, args.model, source=args.weights)
     engines = ["onnx", "torchscript"] if args.engine == "all" else [args.engine]

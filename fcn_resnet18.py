@@ -46,7 +46,7 @@ from utils.io import atomic_write_text, display_path
 from utils.tensorboard import add_figure, add_markdown, open_writer
 
 
-def build_parser():
+def get_args_parser():
     p = cli.parser(__doc__)
     p.add_argument("--image", nargs="+", required=True, metavar="IMG",
                    help="image file(s) (JPEG, PNG, ...), folder(s) (searched recursively) or quoted glob(s)")
@@ -154,7 +154,7 @@ def save_figures(res: dict, out_dir: Path, writer=None) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = get_args_parser().parse_args(argv)
     check_args(args)
     images = expand_images(args.image)
     device = cli.resolve_device(args.device)

@@ -22,6 +22,7 @@ code is then 2. The ONNX path imports numpy, Pillow, tqdm and onnxruntime only.
 
 from __future__ import annotations
 
+import argparse
 import time
 
 from utils import cli
@@ -42,7 +43,7 @@ from utils.deploy.runtime import OnnxModel
 from utils.errors import InputError
 
 
-def parse_args(argv=None):
+def get_args_parser() -> argparse.ArgumentParser:
     p = cli.parser(__doc__)
     p.add_argument("--model", required=True, metavar="ARTIFACT", help="an .onnx file or TorchScript .pt written by export.py")
     p.add_argument("--engine", default="auto", choices=["auto", "onnx", "torchscript"],
@@ -50,7 +51,7 @@ def parse_args(argv=None):
     p.add_argument("--img_size", type=cli.positive(), default=None,
                    help="crop size, only for artifacts without preprocessing metadata (ImageNet mean/std assumed)")
     add_predict_args(p)
-    return p.parse_args(argv)
+    return p
 
 
 def infer_engine(path: str, engine: str) -> str:
@@ -101,7 +102,7 @@ def load_torchscript(args):
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    args = get_args_parser().parse_args(argv)
     check_output(args.output, args.exist_ok)  # before any work: never replace a file by accident
     engine = infer_engine(args.model, args.engine)
     paths = expand_images(args.image)

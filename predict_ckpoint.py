@@ -12,6 +12,7 @@ Batches, decoding threads, --output files and bad-file handling are predict.py's
 
 from __future__ import annotations
 
+import argparse
 import time
 
 from utils import cli
@@ -30,16 +31,16 @@ from utils.deploy.predict import (
 )
 
 
-def parse_args(argv=None):
+def get_args_parser() -> argparse.ArgumentParser:
     p = cli.parser(__doc__)
     p.add_argument("--weights", required=True, metavar="CKPT", help="checkpoint written by train.py (or quantize.py --mode fp16)")
     cli.add_model_override_arg(p)
     add_predict_args(p)
-    return p.parse_args(argv)
+    return p
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    args = get_args_parser().parse_args(argv)
     check_output(args.output, args.exist_ok)  # before any work: never replace a file by accident
     paths = expand_images(args.image)
     device = cli.resolve_device(args.device)

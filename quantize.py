@@ -28,6 +28,7 @@ file it measured: path + sha256; re-running a checkpoint replaces its rows, anot
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -49,7 +50,7 @@ from utils.io import atomic_write_text, file_sha256, markdown_table, merge_rows
 TABLE_COLUMNS = ("format", "compute", "size (MB)", "acc@1 (%)", "acc@5 (%)", "Δacc@1 (points)", "latency (ms)", "throughput (img/s)")
 
 
-def parse_args(argv=None):
+def get_args_parser() -> argparse.ArgumentParser:
     p = cli.parser(__doc__)
     p.add_argument("--weights", required=True, metavar="CKPT", help="FP32 checkpoint written by train.py")
     cli.add_model_override_arg(p)
@@ -66,7 +67,7 @@ def parse_args(argv=None):
     p.add_argument("--results", default=None, metavar="JSON", help="results file (default results/quantization/<model>.json)")
     cli.add_device_arg(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    return p.parse_args(argv)
+    return p
 
 
 def fresh_fp32_onnx(path: Path, weights: str, model, info, log) -> Path:
@@ -85,7 +86,7 @@ def fresh_fp32_onnx(path: Path, weights: str, model, info, log) -> Path:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    args = get_args_parser().parse_args(argv)
     progress.set_quiet(args.quiet)
     device = cli.resolve_device(args.device)
     ckpt = load_checkpoint(args.weights)

@@ -15,6 +15,8 @@ Examples:
 
 from __future__ import annotations
 
+import argparse
+
 import torch
 
 from utils import cli
@@ -25,11 +27,15 @@ from utils.errors import InputError
 from utils.io import publish_report
 
 
-def main(argv: list[str] | None = None) -> int:
+def get_args_parser() -> argparse.ArgumentParser:
     p = cli.parser(__doc__)
     add_model_args(p)
     p.add_argument("--out_dir", default="results/receptive_field", help="where <model>_<H>x<W>.txt/.json are written")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
     device = cli.resolve_device(args.device)
     spec = AnalysisSpec(args.model, args.weights, args.num_classes, args.input_size, args.default_model)
     # weights do not matter: without a checkpoint the model lives on the meta device (no memory, no compute)

@@ -13,17 +13,22 @@ image in convolutions and matrix products (FlopCounterMode; FLOPs = 2 x MACs).
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from utils import cli
 from utils.evaluation.report import write_summary
 
 
-def main(argv=None) -> int:
+def get_args_parser() -> argparse.ArgumentParser:
     p = cli.parser(__doc__)
     p.add_argument("--results_dir", default="results", help="folder holding eval.py's JSON reports")
     p.add_argument("--output", default=None, help="markdown file to write (default <results_dir>/summary.md)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    args = get_args_parser().parse_args(argv)
     out = Path(args.output) if args.output else Path(args.results_dir) / "summary.md"
     print(write_summary(Path(args.results_dir), out))
     print(f"written to {out}")

@@ -70,3 +70,21 @@ def test_train_help_is_grouped_short_and_names_the_manual():
     assert not long, f"help texts over 120 characters: {long}"
     assert "docs/training.md" in p.format_help()
     assert (ROOT / "docs" / "training.md").is_file()
+
+
+def test_every_script_has_get_args_parser_and_main_argv():
+    """One shape for every script at the root (torchvision's references): get_args_parser() builds the parser without
+    parsing, main(argv=None) runs it; so a test, a notebook or another tool can call any script in-process."""
+    import argparse
+    import importlib
+    import inspect
+
+    names = sorted(p.stem for p in ROOT.glob("*.py"))
+    assert len(names) >= 15, names
+    for name in names:
+        module = importlib.import_module(name)
+        parser = module.get_args_parser()
+        assert isinstance(parser, argparse.ArgumentParser), name
+        assert parser.format_help().startswith("usage:"), name
+        assert list(inspect.signature(module.main).parameters) == ["argv"], name
+        assert inspect.signature(module.main).parameters["argv"].default is None, name

@@ -212,12 +212,17 @@ def test_dry_run_of_the_whole_script_on_the_cpu(tmp_path):
 
 
 def test_the_budget_cuts_a_step_short_and_skips_the_rest(tmp_path):
-    """--budget 20: the pytest step gets the whole 20 s and is stopped (the resume test alone starts five train.py
-    processes and trains for minutes on a CPU); nothing else starts, and the summary says why for each step."""
+    """--budget 20: the pytest step gets the whole 20 s and is stopped (a pytest plugin of this test makes the session
+    outlast any limit, whatever the machine's speed); nothing else starts, and the summary says why for each step."""
     data_root = make_fashion_root(tmp_path / "fm")
     out = tmp_path / "out"
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "outlast_the_limit.py").write_text("import time\n\n\ndef pytest_sessionstart(session):\n"
+                                                  "    time.sleep(600)\n")
     proc = run_check("--out", str(out), "--data_root", str(data_root), "--budget", "20",
-                     env={"GPU_CHECK_DEVICE": "cpu", "GPU_CHECK_PYTEST_ARGS": "-k resume"}, timeout=300)
+                     env={"GPU_CHECK_DEVICE": "cpu", "GPU_CHECK_PYTEST_ARGS": "-p outlast_the_limit",
+                          "PYTHONPATH": str(plugins)}, timeout=300)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary_script.check_summary(summary) == [] and summary["ok"] is False
