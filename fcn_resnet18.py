@@ -38,12 +38,12 @@ import torch
 
 from utils import cli
 from utils.analysis.fcn import fcn_image_tensor, largest_region_box, load_fcn, map_to_image, rank_classes, score_geometry
-from utils.analysis.many_images import OUTPUT_RULE, analyse_each, output_names
+from utils.analysis.many_images import OUTPUT_RULE, analyse_each, output_names, publish_result
 from utils.data.preprocess import eval_transform, load_image
 from utils.deploy.predict import expand_images
 from utils.errors import InputError
-from utils.io import atomic_write_text, display_path
-from utils.tensorboard import add_figure, add_markdown, open_writer
+from utils.io import display_path
+from utils.tensorboard import add_figure
 
 
 def get_args_parser():
@@ -168,20 +168,14 @@ def main(argv: list[str] | None = None) -> int:
 def report(args, image: Path, res: dict, name: str, several: bool) -> None:
     """Write one image's figures and result.json into <out_dir>/<name>/, then print the result (text, or one JSON
     line)."""
-    out_dir = Path(args.out_dir) / name
-    res["source"] = str(image.resolve())  # whose results the folder holds (many_images.output_names)
     board = Path(args.log_dir) / "fcn" / name if args.tensorboard else None
-    writer = open_writer(board, purge_step=0) if board else None  # purge: a rerun replaces the image's earlier run
-    try:
-        res["files"] = save_figures(res, out_dir, writer)
+
+    def save(out_dir: Path, writer) -> dict[str, str]:
+        files = save_figures(res, out_dir, writer)
         res.pop("_arrays")
-        res["files"]["result"] = str(out_dir / "result.json")
-        atomic_write_text(out_dir / "result.json", json.dumps(res, indent=2) + "\n")
-        if writer is not None:
-            add_markdown(writer, "fcn/result", f"```json\n{json.dumps(res, indent=2)}\n```")
-    finally:
-        if writer is not None:
-            writer.close()
+        return files
+
+    publish_result(res, image, Path(args.out_dir) / name, board, "fcn", save)
     if args.json:
         print(json.dumps(res))
         return

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import TypeVar
 
 from utils.errors import InputError
-from utils.io import display_line
+from utils.io import atomic_write_text, display_line
+from utils.tensorboard import add_markdown, open_writer
 
 OUTPUT_RULE = ("each image's results go to <out_dir>/<image stem>/, or <out_dir>/<image stem>-<8 hex digits of the "
                "sha256 of its resolved path>/ when another input of the run has the same stem or <image stem>/ already "
@@ -77,3 +78,21 @@ def analyse_each(images: Sequence[Path], analyse: Callable[[Path], Result],
         print(f"{failed} of {len(images)} image(s) could not be analysed (see the error lines above)", file=sys.stderr)
         return 2
     return 0
+
+
+def publish_result(res: dict, image: Path, out_dir: Path, board: Path | None, tag: str,
+                   save: Callable[[Path, object], dict[str, str]]) -> None:
+    """Write one image's files into out_dir: save(out_dir, writer) draws the figures (and mirrors them to TensorBoard
+    when `board` is given) and returns their paths; then result.json, also shown in TensorBoard as `<tag>/result`.
+    res gets "source" (whose results the folder holds, read back by output_names) and "files"."""
+    res["source"] = str(image.resolve())
+    writer = open_writer(board, purge_step=0) if board else None  # purge: a rerun replaces the image's earlier run
+    try:
+        res["files"] = save(out_dir, writer)
+        res["files"]["result"] = str(out_dir / "result.json")
+        atomic_write_text(out_dir / "result.json", json.dumps(res, indent=2) + "\n")
+        if writer is not None:
+            add_markdown(writer, f"{tag}/result", f"```json\n{json.dumps(res, indent=2)}\n```")
+    finally:
+        if writer is not None:
+            writer.close()
