@@ -28,6 +28,17 @@ def blend(rgb: np.ndarray, heat: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
+def wrap(line: str, font, width: float) -> str:
+    """`line` broken at spaces into lines of at most `width` pixels in `font` (a word longer than that stays whole)."""
+    out: list[str] = []
+    for word in line.split(" "):
+        if out and font.getlength(out[-1] + " " + word) <= width:
+            out[-1] += " " + word
+        else:
+            out.append(word)
+    return "\n".join(out)
+
+
 def draw_overlay(img: Image.Image, heat: np.ndarray, title: str, peak: tuple[int, int] | None = None,
                  box: tuple[int, int, int, int] | None = None,
                  field: tuple[int, int, int, int] | None = None) -> Image.Image:
@@ -39,7 +50,8 @@ def draw_overlay(img: Image.Image, heat: np.ndarray, title: str, peak: tuple[int
     if scale > 1:
         picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
     font = ImageFont.load_default(size=13)
-    band = 20 * (1 + title.count("\n"))
+    title = "\n".join(wrap(line, font, picture.width - 8) for line in title.split("\n"))
+    band = 17 * (1 + title.count("\n")) + 4
     canvas = Image.new("RGB", (picture.width, picture.height + band), (255, 255, 255))
     canvas.paste(picture, (0, band))
     draw = ImageDraw.Draw(canvas)

@@ -122,9 +122,10 @@ def _explain_one(path: Path, img: Image.Image, heat: np.ndarray, classes: Sequen
         title = f"{classes[top_i]} {top_p:.1%}"
         if target != top_i:
             title += f"  |  explaining {classes[target]} ({target_p:.1%})"
-        title += f"\n{METHOD_NAMES[opts.method]}" + ("" if hot else " (flat: nothing stands out)")
+        title += f"\n{METHOD_NAMES[opts.method]}" + (f" on {opts.layer}" if opts.layer else "")
+        title += "" if hot else " (flat: nothing stands out)"
         if field is not None:
-            title += ", cyan: receptive field of the peak"
+            title += "\ncyan: receptive field of the peak"
         picture = draw_overlay(img, crop.heat_on_original(heat), title, hot.peak if hot else None,
                                hot.box if hot else None, field)
         with atomic_path(opts.out_dir / name) as tmp:
