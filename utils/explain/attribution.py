@@ -60,7 +60,8 @@ class LayerChoice:
 def candidate_layers(model: nn.Module, channels: int, size: int) -> list[tuple[str, tuple[int, int, int]]]:
     """The stages Grad-CAM can use, in execution order: the network's children and its top-level containers'
     children (features.3, layer4, ...) whose output is a (C, h, w) map, the network's own output excepted, with that
-    map's shape at `size` px (one forward pass on the meta device: nothing is computed)."""
+    map's shape at `size` px (one forward pass on the meta device: nothing is computed). A container whose output is
+    its last child's (ResNet's layer4 = layer4.1) is listed under the container's name only."""
     named = dict(model.named_children())
     names = []
     for name, child in named.items():
