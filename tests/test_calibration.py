@@ -14,6 +14,7 @@ from torchmetrics.classification import MulticlassCalibrationError
 
 from utils.checkpoint import build_from_checkpoint, load_checkpoint
 from utils.deploy.metadata import build_metadata, decode_metadata
+from utils.errors import InputError
 from utils.evaluation.calibration import bins_ece, calibration, confused_pairs, fit_temperature, highest_loss
 from utils.model_info import ModelInfo
 
@@ -105,6 +106,12 @@ def test_eval_reports_calibration_and_calibrate_writes_a_checkpoint_every_reader
     meta = decode_metadata(build_metadata(info, tmp_path / "best_calibrated.pth", "fp32"), "m.onnx")
     assert ModelInfo.from_metadata(meta, "m").temperature == fit["temperature"]
     assert "temperature" not in build_metadata(build_from_checkpoint(load_checkpoint(ckpt))[1], ckpt, "fp32")
+    torch.save({**calibrated, "temperature": 0.0}, tmp_path / "edited.pth")
+    with pytest.raises(InputError, match="key 'temperature' must be a positive finite number, got '0.0'"):
+        load_checkpoint(tmp_path / "edited.pth")
+    for value in ("-1", "abc", "inf"):  # an edited artifact: one line naming the key, as for every other key
+        with pytest.raises(InputError, match=f"m.onnx: metadata key 'temperature' must be a positive number, got '{value}'"):
+            decode_metadata({"temperature": value}, "m.onnx")
 
     # refusals: calibrating a calibrated checkpoint, or over a file calibrated from another checkpoint
     r = run_main("eval.py", "--weights", str(tmp_path / "best_calibrated.pth"), "--calibrate", *common)
