@@ -35,9 +35,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", nargs="+", required=True, metavar="IMG",
                    help="image file(s), folder(s) (searched recursively) or quoted glob(s) such as 'imgs/*.jpg'")
     p.add_argument("--method", default="gradcam", choices=METHODS, help="how the heat map is computed (docs/explain.md)")
-    p.add_argument("--target_class", default=None, metavar="NAME", help="class to explain (default: each image's predicted class)")
+    p.add_argument("--target_class", default=None, metavar="NAME", help="class to explain; none: each image's predicted class")
     p.add_argument("--layer", default=None, metavar="NAME",
-                   help="Grad-CAM's layer, e.g. layer3 or features.6 (default: the last stage with a map of >= 7 x 7)")
+                   help="Grad-CAM's layer, e.g. layer3 or features.6; none: the last stage with a map of >= 7 x 7")
     p.add_argument("--box_quantile", type=cli.in_range(0, 1, low_open=True, high_open=True), default=0.2,
                    help="the box frames the hottest region: this share of the heat map's pixels, the hottest ones")
     p.add_argument("--receptive_field", action="store_true",

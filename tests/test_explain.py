@@ -180,6 +180,8 @@ def test_the_same_object_moved_on_a_non_square_image_moves_the_peak(shapes_ckpt,
     for row, (x, y) in zip(rows, positions):
         assert row["top1_class"] == "plus"
         assert inside(row, (x, y, x + side - 1, y + side - 1), margin=3), row
+    with Image.open(tmp_path / "overlays" / "moved0_gradcam.png") as overlay:  # the original's aspect, 4x (>= 224 px)
+        assert overlay.width == 96 * 4 and 64 * 4 < overlay.height <= 64 * 4 + 80
     dx = int(rows[1]["peak_x"]) - int(rows[0]["peak_x"])
     dy = int(rows[1]["peak_y"]) - int(rows[0]["peak_y"])
     assert abs(dx - 26) <= 6 and abs(dy - 28) <= 6, (dx, dy)
