@@ -140,13 +140,14 @@ def localisation(rows: list[dict], truth: dict) -> tuple[float, int]:
     return hits / max(1, len(right)), len(right)
 
 
-def test_gradcam_and_occlusion_peaks_fall_on_the_object_and_a_shuffled_label_network_fails(
+def test_heat_map_peaks_fall_on_the_object_and_a_shuffled_label_network_fails(
         shapes_ckpt, eval_images, tmp_path):
     images, truth = eval_images
     gradcam = explain_rows(shapes_ckpt, images, tmp_path)
     rate, right = localisation(gradcam, truth)
     occlusion = explain_rows(shapes_ckpt, images, tmp_path, "--method", "occlusion")
     occ_rate, _ = localisation(occlusion, truth)
+    ig_rate, _ = localisation(explain_rows(shapes_ckpt, images, tmp_path, "--method", "integrated_gradients"), truth)
 
     def agree(a, b):  # peaks within 6 px (about half an object)
         return np.hypot(int(a["peak_x"]) - int(b["peak_x"]), int(a["peak_y"]) - int(b["peak_y"])) <= 6
@@ -154,12 +155,12 @@ def test_gradcam_and_occlusion_peaks_fall_on_the_object_and_a_shuffled_label_net
     chance = np.mean([agree(a, b) for a, b in zip(gradcam, occlusion[1:] + occlusion[:1])])  # pairs of different images
     control = train_checkpoint(tmp_path / "shuffled.pth", shuffle_labels=True)
     shuffled_rate, shuffled_right = localisation(explain_rows(control, images, tmp_path), truth)
-    print(f"Grad-CAM {rate:.2f} of {right}, occlusion {occ_rate:.2f}, agreement {same:.2f} (chance {chance:.2f}), "
-          f"shuffled labels: Grad-CAM {shuffled_rate:.2f} of {shuffled_right}")
-    # measured 2026-12-06 (1 thread): Grad-CAM 0.85 of 41 right, occlusion 0.90, agreement 0.73 vs 0.15 by chance;
-    # shuffled labels 0.50 of 18 (the distractor is as bright as the object: only the class says which to look at)
+    print(f"Grad-CAM {rate:.2f} of {right}, occlusion {occ_rate:.2f}, integrated gradients {ig_rate:.2f}, agreement "
+          f"{same:.2f} (chance {chance:.2f}), shuffled labels: Grad-CAM {shuffled_rate:.2f} of {shuffled_right}")
+    # measured 2026-12-06 (1 thread): Grad-CAM 0.85 of 41 right, occlusion 0.90, integrated gradients 0.95, agreement
+    # 0.73 vs 0.15 by chance; shuffled labels 0.50 of 18 (the distractor is as bright as the object: only the class says which to look at)
     assert right >= 0.75 * N_EVAL and rate >= LOCALISED, (rate, right)
-    assert occ_rate >= LOCALISED, occ_rate
+    assert occ_rate >= LOCALISED and ig_rate >= LOCALISED, (occ_rate, ig_rate)
     assert same >= chance + 0.4, (same, chance)
     assert shuffled_rate < LOCALISED, shuffled_rate
     assert all(r["method"] == "gradcam" and r["target_class"] == r["top1_class"] for r in gradcam)
