@@ -14,7 +14,10 @@ or a TorchScript .pt (FP32, FP16 or PyTorch-quantized INT8). Model name, classes
 come from the checkpoint or the artifact's metadata. Writes the JSON (default results/<model>.json
 for checkpoints, results/<model>_<format>.json for other formats, with "format", "engine",
 "precision" and "compute" fields) and a confusion-matrix PNG beside it, named after the report
-(<report stem>_confusion_matrix.png). FP16 checkpoints run in FP16 on CUDA; on CPU their weights are upcast to
+(<report stem>_confusion_matrix.png), the reliability diagram (<report stem>_reliability.png: expected calibration error,
+15 bins) and the most confused class pairs. --calibrate fits one temperature on the evaluated split and writes
+<checkpoint stem>_calibrated.pth beside the checkpoint (eval.py, predict and export apply it: probabilities change,
+predictions never do; docs/explain.md). FP16 checkpoints run in FP16 on CUDA; on CPU their weights are upcast to
 FP32 (the report says which). --tensorboard logs the same evaluation (metrics, per-class accuracy and precision,
 confusion matrix, PR curves, misclassified images) as the run <log_dir>/eval/<report name>/, so a checkpoint and its
 ONNX, TorchScript and INT8 versions compare side by side.
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -37,10 +41,19 @@ from utils.data.folders import check_same_classes
 from utils.data.splits import relative, split_source
 from utils.deploy.artifacts import evaluate_loaded, load_for_eval
 from utils.errors import InputError
-from utils.evaluation.dashboard import MISTAKES_SHOWN, detail_options, evaluation_figures, log_eval_report
+from utils.evaluation.calibration import (
+    calibration,
+    confused_pairs,
+    fit_temperature,
+    highest_loss_mistakes,
+    reliability_figure,
+    write_calibrated,
+)
+from utils.evaluation.dashboard import MISTAKES_SHOWN, PR_THRESHOLDS, evaluation_figures, log_eval_report
 from utils.evaluation.loop import TTA_CHOICES, class_metrics
 from utils.evaluation.report import class_metrics_fields, class_metrics_text, default_output
 from utils.io import atomic_write_text, file_sha256
+from utils.model_info import with_temperature
 from utils.plots import close_figures, save_figure
 
 
@@ -59,7 +72,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="test-time augmentation: flip = average the logits of each image and its horizontal mirror "
                         "(twice the compute; the report's acc@1 is then the TTA accuracy)")
     p.add_argument("--save_examples", action="store_true",
-                   help="also save misclassified_examples.png (the first wrong predictions as the model saw them)")
+                   help="also save misclassified_examples.png (the highest-loss mistakes as the model saw them)")
+    p.add_argument("--calibrate", action="store_true",
+                   help="fit a temperature on this split (LBFGS on NLL) and write <checkpoint>_calibrated.pth beside it")
     cli.add_tensorboard_args(p, "the evaluation", "eval/<report name>")
     p.add_argument("--speed_repeats", type=cli.non_negative(), default=20, help="timed repeats for latency/throughput (0 = skip timing)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -87,6 +102,13 @@ def main(argv=None) -> int:
     device = cli.resolve_device(args.device)
     loaded = load_for_eval(args.weights, device, args.model, args.device)
     info = loaded.info
+    temperature = info.temperature
+    if args.calibrate and (loaded.format != "pytorch" or temperature != 1.0):
+        raise InputError(f"--calibrate {args.weights}: " + ("give the FP32 checkpoint it came from (export it after "
+                         "calibrating)" if loaded.format != "pytorch" else f"already calibrated (temperature "
+                         f"{temperature:.4g}); calibrate the checkpoint it was made from"))
+    if temperature != 1.0:  # a calibrated model: every probability of this evaluation is softmax(logits / T)
+        loaded = replace(loaded, forward=with_temperature(loaded.forward, temperature))
     pre = info.preprocess
     if pre is None:
         raise InputError(f"{args.weights} stores no preprocessing metadata: re-export it with export.py")
@@ -102,8 +124,17 @@ def main(argv=None) -> int:
                        "evaluate on the dataset the model was trained on (--dataset)")
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
                         pin_memory=loaded.device.type == "cuda")
-    details = detail_options() if args.tensorboard else {"keep_mistakes": MISTAKES_SHOWN} if args.save_examples else {}
-    stats = evaluate_loaded(loaded, loader, len(classes), args.speed_repeats, not args.quiet, tta=args.tta, **details)
+    details = {"pr_thresholds": PR_THRESHOLDS} if args.tensorboard else {}
+    stats = evaluate_loaded(loaded, loader, len(classes), args.speed_repeats, not args.quiet, tta=args.tta, keep_logits=True,
+                            **details)
+    if args.tensorboard or args.save_examples:
+        stats = replace(stats, mistakes=highest_loss_mistakes(stats.logits, stats.targets, dataset, MISTAKES_SHOWN))
+    cal = calibration(stats.logits * temperature, stats.targets, temperature)
+    fitted = raw = None
+    if args.calibrate:
+        raw = calibration(stats.logits, stats.targets)
+        fitted = calibration(stats.logits, stats.targets, fit_temperature(stats.logits, stats.targets))
+        cal = fitted
     name = info.model_name
     report = {
         "model": name, "format": loaded.format, "engine": loaded.engine, "precision": loaded.precision,
@@ -113,6 +144,10 @@ def main(argv=None) -> int:
         # per_class_precision/recall/f1, support, their _macro and _weighted averages, balanced_accuracy
         **class_metrics_fields(class_metrics(stats, classes)),
         "confusion_matrix": stats.confusion_matrix.tolist(), "classes": classes,
+        # calibration (utils.evaluation.calibration): ECE and NLL of the probabilities as served (divided by the
+        # model's temperature, or by the one fitted here with --calibrate), 15 bins, and the most confused pairs
+        "ece": cal.ece, "nll": cal.nll, "calibration": cal.to_dict(),
+        "most_confused": confused_pairs(stats.confusion_matrix.numpy(), classes),
         **({"files": [relative(p, Path(record["root"])) for p, _ in dataset.samples]} if record is not None else {}),
         "params": loaded.params, "size_mb": loaded.size_mb, "img_size": pre.img_size, **loaded.extra,
         # MACs per image of the convolutions and matrix products (FlopCounterMode FLOPs / 2; FLOPs = 2 x MACs)
@@ -131,19 +166,34 @@ def main(argv=None) -> int:
           + (f"  latency {report['latency_ms']:.2f} ms (batch 1)  throughput {report['throughput_img_s']:.0f} img/s "
              f"(batch {report['speed_batch_size']}) on {loaded.device}" if "latency_ms" in report else ""))
     print(class_metrics_text(report, classes))
+    if fitted is None:  # else the fit's line below says before and after
+        print(f"calibration: ECE {cal.ece:.4f} (15 bins), NLL {cal.nll:.4f}"
+              + (f", temperature {temperature:.4g} (the checkpoint's)" if temperature != 1.0 else ""))
+    if report["most_confused"]:
+        print("most confused (true -> predicted): " + ", ".join(
+            f"{c['true']} -> {c['predicted']} {c['count']} ({c['rate']:.1%})" for c in report["most_confused"][:5]))
+    if fitted is not None:
+        saved = write_calibrated(Path(args.weights), report["sha256"], fitted, raw, spec.name, split, stats.num_images)
+        report["temperature_fit"] = {"temperature": fitted.temperature, "ece_before": raw.ece, "ece_after": fitted.ece,
+                                     "nll_before": raw.nll, "nll_after": fitted.nll, "checkpoint": str(saved)}
+        print(f"temperature {fitted.temperature:.4f} fitted on {spec.name}/{split} ({stats.num_images} images): ECE "
+              f"{raw.ece:.4f} -> {fitted.ece:.4f}, NLL {raw.nll:.4f} -> {fitted.nll:.4f}, acc@1 unchanged ({stats.acc1:.4f})"
+              f"\ncalibrated checkpoint: {saved} (eval.py, predict_ckpoint.py, explain.py and export.py apply it)")
     out = Path(args.output) if args.output else default_output(name, loaded.format, report["weights"], report["sha256"])[0]
     atomic_write_text(out, json.dumps(report, indent=2) + "\n")
     figures = evaluation_figures(stats, classes, pre, title=f"{name} ({loaded.format})")
+    figures["reliability"] = reliability_figure(cal, name, before=raw if fitted else None)
     board = log_eval_report(Path(args.log_dir) / "eval" / out.stem, report, stats, figures) if args.tensorboard else None
     # figures named after their report: several reports in one folder never overwrite each other's
     cm_png = save_figure(figures.pop("confusion_matrix"), out.with_name(f"{out.stem}_confusion_matrix.png"))
+    reliability_png = save_figure(figures.pop("reliability"), out.with_name(f"{out.stem}_reliability.png"))
     grid = None
     if args.save_examples and "misclassified" in figures:
         grid = save_figure(figures.pop("misclassified"), out.with_name(f"{out.stem}_misclassified_examples.png"))
     close_figures(*figures.values())
     if grid:
         print(f"misclassified examples: {grid}")
-    print(f"report: {out}\nconfusion matrix: {cm_png}")
+    print(f"report: {out}\nconfusion matrix: {cm_png}\nreliability diagram: {reliability_png}")
     if board:
         print(f"TensorBoard: {board}  (tensorboard --logdir {args.log_dir} --port 6006)")
     return 0

@@ -41,6 +41,7 @@ from utils.deploy.predict import (
 )
 from utils.deploy.runtime import OnnxModel
 from utils.errors import InputError
+from utils.model_info import with_temperature
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -116,6 +117,10 @@ def main(argv=None) -> int:
               "precision": meta.get("precision", "fp32"), "device": device, "load_ms": load_ms, "warmup": WARMUP_RUNS}
     opts = LoopOptions(args.batch_size, args.num_workers, WARMUP_RUNS, args.repeats)
     out = OutputOptions(args.topk, args.json, args.output, args.exist_ok, args.quiet)
+    temperature = meta.get("temperature", 1.0)  # eval.py --calibrate, exported: calibrated probabilities, same ranking
+    if temperature != 1.0:
+        header["temperature"] = temperature
+        forward = with_temperature(forward, temperature)
     return run_prediction(forward, paths, pre, classes, header, out, opts)
 
 

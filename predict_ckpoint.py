@@ -29,6 +29,7 @@ from utils.deploy.predict import (
     resolve_classes,
     run_prediction,
 )
+from utils.model_info import with_temperature
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -57,7 +58,10 @@ def main(argv=None) -> int:
               "device": str(device), "load_ms": load_ms, "warmup": WARMUP_RUNS}
     opts = LoopOptions(args.batch_size, args.num_workers, WARMUP_RUNS, args.repeats)
     out = OutputOptions(args.topk, args.json, args.output, args.exist_ok, args.quiet)
-    return run_prediction(numpy_forward(model, device), paths, info.preprocess, classes, header, out, opts)
+    if info.temperature != 1.0:  # eval.py --calibrate: calibrated probabilities, the same ranking
+        header["temperature"] = info.temperature
+    forward = with_temperature(numpy_forward(model, device), info.temperature)
+    return run_prediction(forward, paths, info.preprocess, classes, header, out, opts)
 
 
 if __name__ == "__main__":

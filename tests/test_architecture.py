@@ -22,9 +22,10 @@ LEGACY_CKPTS = pytest.mark.parametrize("legacy", [LEGACY_CKPT, LEGACY_205200D_CK
 # layer of each package or module (lower = more basic); an import may only point to the same or a lower layer
 LAYERS = {"utils.errors": 0, "utils.io": 0, "utils.cli": 0, "utils.timing": 0, "utils.plots": 0, "utils.distributed": 0,
           "utils.precision": 0, "utils.tensorboard": 0, "utils.progress": 0, "utils.data": 1, "utils.model_info": 1,
-          "models": 1, "utils.checkpoint": 2, "utils.evaluation": 2, "utils.training": 3, "utils.deploy": 3, "utils.analysis": 3}
+          "models": 1, "utils.checkpoint": 2, "utils.evaluation": 2, "utils.training": 3, "utils.deploy": 3, "utils.analysis": 3,
+          "utils.explain": 3}
 TORCH_FREE = ("utils.errors", "utils.io", "utils.cli", "utils.progress", "utils.data.preprocess", "utils.model_info",
-              "utils.deploy.metadata", "utils.deploy.runtime", "utils.deploy.predict")
+              "utils.deploy.metadata", "utils.deploy.runtime", "utils.deploy.predict", "utils.explain.geometry")
 
 
 def package_modules() -> dict[str, Path]:
@@ -61,7 +62,7 @@ def test_no_import_cycle_and_dependencies_point_down():
     assert not unplaced, f"modules outside the layers of LAYERS: {unplaced}"
     upward = [(m, d) for m, deps in graph.items() for d in deps if layer(d) > layer(m)]
     assert not upward, f"imports pointing up the layers: {upward}"
-    jobs = ("utils.training", "utils.deploy", "utils.analysis")
+    jobs = ("utils.training", "utils.deploy", "utils.analysis", "utils.explain")
     sideways = [(m, d) for m, deps in graph.items() for d in deps
                 for a in jobs for b in jobs if a != b and m.startswith(a) and d.startswith(b)]
     assert not sideways, f"job packages importing each other: {sideways}"

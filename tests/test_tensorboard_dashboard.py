@@ -237,12 +237,13 @@ def test_pr_curves_per_class_each_evaluation(server, logged):
 
 def test_eval_logs_metrics_per_class_pictures_and_pr_curves_of_the_report(server, logged):
     report, run = logged["report"], "eval/custom"
-    for key in ("acc1", "acc5", "loss"):
+    for key in ("acc1", "acc5", "loss", "ece", "nll"):
         assert scalars(server, run, f"eval/{key}") == [(0, pytest.approx(report[key], rel=1e-6))], key  # one point: replaced
     for metric, key in (("accuracy", "per_class_recall"), ("precision", "per_class_precision")):
         for name, value in report[key].items():
             assert scalars(server, run, f"eval_per_class_{metric}/{tag_name(name)}") == [(0, pytest.approx(value, abs=1e-6))]
     assert image_size(server, run, "eval/confusion_matrix", 0) == (1400, 650)
+    assert image_size(server, run, "eval/reliability", 0) == (500, 600)  # eval.py's reliability diagram, 5 x 6 in
     wrong = report["num_images"] - int(np.trace(np.array(report["confusion_matrix"])))
     assert image_size(server, run, "eval/misclassified", 0) == grid_size(min(wrong, 32))
     # PR curves equal TensorBoard's own computation from the checkpoint's probabilities

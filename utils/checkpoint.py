@@ -52,6 +52,9 @@ class Checkpoint(TypedDict, total=False):
     precision: str
     source_checkpoint: str
     source_sha256: str
+    # eval.py --calibrate (written to <name>_calibrated.pth, never over the checkpoint it read)
+    temperature: float  # logits / temperature before the softmax: calibrated probabilities, the same top-1
+    calibration: dict  # how it was fitted: split, images, ECE and NLL before and after, the source file's sha256
 
 
 def save_checkpoint(ckpt: Checkpoint, path: str | Path) -> Path:
@@ -136,6 +139,9 @@ def check_identity(ckpt: Checkpoint, path: str | Path) -> None:
     size = kwargs.get("img_size", 1)
     if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
         raise bad("model_kwargs.img_size", "a positive integer (pixels)", size)
+    temperature = ckpt.get("temperature", 1.0)
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not 0 < temperature < float("inf"):
+        raise bad("temperature", "a positive finite number", temperature)
     if not isinstance(ckpt["model"], dict) or not all(torch.is_tensor(v) for v in ckpt["model"].values()):
         raise bad("model", "a state dict of tensors", type(ckpt["model"]).__name__)
 
@@ -189,7 +195,7 @@ def inference_state(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
 
 def model_info(ckpt: Checkpoint, model_name: str | None = None, source: str = "") -> ModelInfo:
     return ModelInfo(model_name or ckpt["model_name"], list(ckpt["classes"]), Preprocess.from_dict(ckpt["preprocess"]),
-                     dict(ckpt.get("model_kwargs", {})), ckpt["num_classes"], source)
+                     dict(ckpt.get("model_kwargs", {})), ckpt["num_classes"], source, float(ckpt.get("temperature", 1.0)))
 
 
 def build_from_checkpoint(ckpt: Checkpoint, model_name: str | None = None, use_ema: bool = True,

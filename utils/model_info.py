@@ -22,6 +22,7 @@ class ModelInfo:
     model_kwargs: dict = field(default_factory=dict)  # models.model_kwargs(): rebuilds the same network
     num_classes: int | None = None
     source: str = ""  # where it came from, for messages
+    temperature: float = 1.0  # eval.py --calibrate: logits are divided by it before the softmax (probabilities only)
 
     def __post_init__(self):
         if self.num_classes is None and self.classes is not None:
@@ -32,4 +33,17 @@ class ModelInfo:
         """From decoded artifact metadata (utils.deploy.metadata.decode_metadata); missing entries stay None."""
         num = meta.get("num_classes")
         return cls(meta.get("model_name", default_name), meta.get("classes"), meta.get("preprocess"),
-                   dict(meta.get("model_kwargs") or {}), int(num) if num is not None else None, source)
+                   dict(meta.get("model_kwargs") or {}), int(num) if num is not None else None, source,
+                   float(meta.get("temperature", 1.0)))
+
+
+def with_temperature(forward, temperature: float):
+    """`forward` (images -> logits, numpy or torch) with its logits divided by a calibrated model's temperature
+    (eval.py --calibrate): the probabilities readers compute become calibrated, the ranking of classes stays."""
+    if temperature == 1.0:
+        return forward
+
+    def scaled(x):
+        return forward(x) / temperature
+
+    return scaled

@@ -109,9 +109,22 @@ def decode_metadata(props: dict[str, str], source: str = "") -> dict:
     for key, low in (("num_classes", 1), ("params", 0)):
         if key in meta:
             meta[key] = _count(meta, key, source, low)
+    if "temperature" in meta:  # eval.py --calibrate's temperature scaling
+        meta["temperature"] = _temperature(meta, source)
     if isinstance(meta.get("dynamic_size"), str):
         meta["dynamic_size"] = meta["dynamic_size"] == "true"
     return meta
+
+
+def _temperature(meta: dict, source: str) -> float:
+    try:
+        value = float(meta["temperature"])
+    except (TypeError, ValueError):
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise InputError(f"{source}: metadata key 'temperature' must be a positive number, got "
+                         f"{str(meta['temperature'])[:60]!r}{METADATA_FIX}")
+    return value
 
 
 def describe_preprocess(pre: Preprocess) -> str:
@@ -134,6 +147,8 @@ def build_metadata(info: ModelInfo, checkpoint: str | Path, precision: str, **ex
         "source_checkpoint": Path(checkpoint).name, "source_sha256": file_sha256(checkpoint),
         "torch_version": str(torch.__version__), "input": "input: float32 NCHW", "output": "logits: float32 (N, num_classes)",
     }
+    if info.temperature != 1.0:  # a calibrated checkpoint: readers divide the logits by it before the softmax
+        meta["temperature"] = repr(float(info.temperature))
     meta.update({k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in extra.items()})
     return meta
 

@@ -95,7 +95,7 @@ def log_per_class(writer, stats: EvalResult, classes: list[str], step: int, pref
                  note + markdown_table(("class", "accuracy (= recall)", "precision", "F1"), rows), step)
 
 
-REPORT_SCALARS = ("acc1", "acc5", "loss", "latency_ms", "throughput_img_s", "size_mb")
+REPORT_SCALARS = ("acc1", "acc5", "loss", "ece", "nll", "latency_ms", "throughput_img_s", "size_mb")
 
 
 def log_eval_report(log_dir: Path, report: dict, stats: EvalResult, figures: dict) -> Path:

@@ -132,6 +132,8 @@ class EvalResult:
     predictions: torch.Tensor | None = None  # argmax per image in loader order (return_predictions)
     pr_curves: PRCurves | None = None  # pr_thresholds > 0
     mistakes: Mistakes | None = None  # keep_mistakes > 0
+    logits: torch.Tensor | None = None  # (images, classes) float32 on the CPU, in loader order (keep_logits)
+    targets: torch.Tensor | None = None  # (images,) with keep_logits
     latency_ms: float | None = None  # batch 1
     throughput_img_s: float | None = None
     speed_batch_size: int | None = None
@@ -146,14 +148,17 @@ class EvalResult:
 def evaluate(model: nn.Module | None, loader, device: torch.device, num_classes: int, *, criterion: nn.Module | None = None,
              amp: bool = False, amp_dtype: str = "auto", channels_last: bool = False, show_progress: bool = True,
              forward: Callable[[torch.Tensor], torch.Tensor] | None = None, desc: str = "val",
-             return_predictions: bool = False, tta: str = "none", pr_thresholds: int = 0, keep_mistakes: int = 0) -> EvalResult:
+             return_predictions: bool = False, tta: str = "none", pr_thresholds: int = 0, keep_mistakes: int = 0,
+             keep_logits: bool = False) -> EvalResult:
     """Mean loss over the whole set, acc@1, acc@5 (capped at num_classes), the confusion matrix and the number of
     images whose outputs were not finite (`nonfinite`: a NaN model otherwise scores the share of class 0 as acc@1).
 
     Metrics are summed over processes under torchrun. `forward` replaces `model(images)` for
     engines that are not nn.Modules (ONNX Runtime, TorchScript on another device, ...).
     tta="flip": the logits are the mean of the image's and its horizontal mirror's (test-time augmentation).
-    pr_thresholds > 0 fills pr_curves (PRCurves); keep_mistakes > 0 fills mistakes (Mistakes, at most that many).
+    pr_thresholds > 0 fills pr_curves (PRCurves); keep_mistakes > 0 fills mistakes (Mistakes, at most that many);
+    keep_logits fills logits and targets (this process's images; (images x classes) floats in memory: eval.py's
+    calibration and highest-loss images need them).
     """
     if tta not in TTA_CHOICES:
         raise ValueError(f"unknown tta {tta!r}: choose from {', '.join(TTA_CHOICES)}")
@@ -170,7 +175,7 @@ def evaluate(model: nn.Module | None, loader, device: torch.device, num_classes:
     amp_context = autocast(device, amp, amp_dtype)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: no host sync per batch
     nonfinite = torch.zeros((), dtype=torch.long, device=device)
-    seen, predictions = 0, []
+    seen, predictions, kept = 0, [], []
     pr = PRCounter(num_classes, pr_thresholds, device) if pr_thresholds > 0 else None
     mistakes = MistakeBuffer(keep_mistakes) if keep_mistakes > 0 else None
     for images, targets in progress(loader, show_progress, desc=desc):
@@ -194,6 +199,8 @@ def evaluate(model: nn.Module | None, loader, device: torch.device, num_classes:
             metric.update(logits, targets)
         if return_predictions:
             predictions.append(logits.argmax(1).cpu())
+        if keep_logits:
+            kept.append((logits.cpu(), targets.cpu()))
         if pr is not None or mistakes is not None:
             probs = logits.softmax(1)
             if pr is not None:
@@ -207,7 +214,9 @@ def evaluate(model: nn.Module | None, loader, device: torch.device, num_classes:
         nonfinite=int(nonfinite),
         confusion_matrix=cm, **{name: metric.compute().cpu() for name, metric in per_class.items()},
         predictions=(torch.cat(predictions) if predictions else torch.zeros(0, dtype=torch.long)) if return_predictions else None,
-        pr_curves=pr.compute() if pr is not None else None, mistakes=mistakes.compute() if mistakes is not None else None)
+        pr_curves=pr.compute() if pr is not None else None, mistakes=mistakes.compute() if mistakes is not None else None,
+        **({"logits": torch.cat([lg for lg, _ in kept]) if kept else torch.zeros(0, num_classes),
+            "targets": torch.cat([t for _, t in kept]) if kept else torch.zeros(0, dtype=torch.long)} if keep_logits else {}))
 
 
 def per_class_accuracy(confusion: torch.Tensor, classes: list[str]) -> dict[str, float]:
