@@ -1,34 +1,23 @@
-"""Classify images straight from a training checkpoint (PyTorch), with the same output as predict.py.
+"""Classify images straight from a training checkpoint: the seed's name for `predict.py --model CKPT.pth`.
 
 Examples:
   python predict_ckpoint.py --weights weights/FashionMNIST/custom/best.pth --image shoe.png
   python predict_ckpoint.py --weights best.pth --image photos/ --topk 3 --json --device cuda
   python predict_ckpoint.py --weights best.pth --image big_folder/ --output predictions.jsonl
 
-Model, class names and preprocessing come from the checkpoint (EMA weights when it has them). Use
-this to check a checkpoint before exporting it; deploy with export.py + predict.py, which start faster.
-Batches, decoding threads, --output files and bad-file handling are predict.py's (the same loop).
+A thin alias: it runs predict.py's main with `--model CKPT --engine pytorch` (and -m/--model as `--model_name`), so
+the output, batches, decoding threads, --output files and bad-file handling are predict.py's. Model, class names and
+preprocessing come from the checkpoint (EMA weights when it has them). Use it to check a checkpoint before exporting
+it; deploy with export.py + predict.py on the .onnx, which starts faster.
 """
 
 from __future__ import annotations
 
 import argparse
-import time
 
+import predict
 from utils import cli
-from utils.checkpoint import build_from_checkpoint, load_checkpoint
-from utils.deploy.artifacts import numpy_forward
-from utils.deploy.predict import (
-    WARMUP_RUNS,
-    LoopOptions,
-    OutputOptions,
-    add_predict_args,
-    check_output,
-    expand_images,
-    load_class_names,
-    resolve_classes,
-    run_prediction,
-)
+from utils.deploy.predict import add_predict_args
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -39,25 +28,21 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> int:
+def predict_argv(argv: list[str] | None) -> list[str]:
+    """predict_ckpoint.py's flags as predict.py's: --weights -> --model (engine pytorch), -m/--model -> --model_name."""
     args = get_args_parser().parse_args(argv)
-    check_output(args.output, args.exist_ok)  # before any work: never replace a file by accident
-    paths = expand_images(args.image)
-    device = cli.resolve_device(args.device)
-    start = time.perf_counter()
-    ckpt = load_checkpoint(args.weights)
-    model, info = build_from_checkpoint(ckpt, args.model, source=args.weights)
-    model = model.to(device)
-    load_ms = (time.perf_counter() - start) * 1000.0
-    classes = resolve_classes(info.classes, load_class_names(args.classes), info.num_classes)
-    precision = ckpt.get("precision", "fp32")
-    if precision == "fp16":
-        precision = "fp16 weights, computed in fp32"
-    header = {"model": args.weights, "engine": "pytorch", "precision": precision,
-              "device": str(device), "load_ms": load_ms, "warmup": WARMUP_RUNS}
-    opts = LoopOptions(args.batch_size, args.num_workers, WARMUP_RUNS, args.repeats)
-    out = OutputOptions(args.topk, args.json, args.output, args.exist_ok, args.quiet)
-    return run_prediction(numpy_forward(model, device), paths, info.preprocess, classes, header, out, opts)
+    out = ["--model", args.weights, "--engine", "pytorch", "--topk", str(args.topk), "--batch_size", str(args.batch_size),
+           "--num_workers", str(args.num_workers), "--repeats", str(args.repeats), "--device", args.device, "--image",
+           *args.image]
+    for flag, value in (("--model_name", args.model), ("--classes", args.classes), ("--output", args.output)):
+        if value is not None:
+            out += [flag, value]
+    out += [flag for flag, on in (("--exist_ok", args.exist_ok), ("--json", args.json), ("--quiet", args.quiet)) if on]
+    return out
+
+
+def main(argv=None) -> int:
+    return predict.main(predict_argv(argv))
 
 
 if __name__ == "__main__":

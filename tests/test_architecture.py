@@ -24,7 +24,7 @@ LAYERS = {"utils.errors": 0, "utils.io": 0, "utils.cli": 0, "utils.timing": 0, "
           "utils.precision": 0, "utils.tensorboard": 0, "utils.progress": 0, "utils.data": 1, "utils.model_info": 1,
           "models": 1, "utils.checkpoint": 2, "utils.evaluation": 2, "utils.training": 3, "utils.deploy": 3, "utils.analysis": 3}
 TORCH_FREE = ("utils.errors", "utils.io", "utils.cli", "utils.progress", "utils.data.preprocess", "utils.model_info",
-              "utils.deploy.metadata", "utils.deploy.runtime", "utils.deploy.predict")
+              "utils.deploy.metadata", "utils.deploy.runtime", "utils.deploy.predict", "utils.deploy.open_model")
 
 
 def package_modules() -> dict[str, Path]:
