@@ -19,8 +19,8 @@ from utils.data.preprocess import Preprocess
 from utils.deploy.artifacts import TORCHSCRIPT_NOTE, load_torchscript
 from utils.deploy.export import LEGACY_ONNX_NOTE, export_artifact
 from utils.deploy.metadata import artifact_kind, read_torchscript_metadata
-from utils.deploy.pt2 import check_archive, load_program
 from utils.deploy.parity import FP32_ATOL, FP32_RTOL
+from utils.deploy.pt2 import check_archive, load_program
 from utils.deploy.runtime import OnnxModel
 from utils.errors import InputError
 from utils.io import file_sha256
