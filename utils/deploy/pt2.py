@@ -36,6 +36,7 @@ ALLOWED_ENTRIES = re.compile(r"(archive_format|archive_version|byteorder|\.data/
                              r"|extra/[\w.-]+|models/model\.json|data/sample_inputs/model\.pt"
                              r"|data/weights/(model_weights_config\.json|weight_\d+)"
                              r"|data/constants/(model_constants_config\.json|tensor_\w+))")
+ATEN_TARGET = re.compile(r"torch\.ops\.aten\.(?!__)\w+\.(?!__)\w+")  # op.overload; no dunder attribute walks
 SAFE_OPERATOR_TARGETS = {f"_operator.{n}" for n in ("getitem", "add", "sub", "mul", "floordiv", "truediv", "mod", "neg",
                                                      "eq", "ne", "lt", "le", "gt", "ge", "and_", "or_")}
 SYMBOL = re.compile(r"[su]\d+")  # shape symbols (s0, s1, ...; u0 for unbacked ones)
@@ -110,13 +111,13 @@ def check_archive(path: str | Path) -> None:
         raise _refuse(path, f"its sample inputs do not load with weights_only=True ({type(e).__name__})") from None
     graph = program.get("graph_module", {}).get("graph", {}) if isinstance(program, dict) else {}
     targets = {n.get("target") for n in graph.get("nodes", []) if isinstance(n, dict)}
-    bad = sorted(str(t) for t in targets if not (isinstance(t, str) and (t.startswith("torch.ops.aten.")
-                                                                        or t in SAFE_OPERATOR_TARGETS)))
+    bad = sorted(str(t) for t in targets if not (isinstance(t, str) and (ATEN_TARGET.fullmatch(t) or t in SAFE_OPERATOR_TARGETS)))
     if bad:
         raise _refuse(path, f"its graph calls {bad[0]!r}, not an ATen operator")
     expressions: list[str] = []
     _expressions(program, expressions)
-    expressions += [k for k in program.get("range_constraints", {})] if isinstance(program.get("range_constraints"), dict) else []
+    ranges = program.get("range_constraints")
+    expressions += list(ranges) if isinstance(ranges, dict) else []  # their keys are parsed by sympify too
     unsafe = next((e for e in expressions if not _safe_expression(e)), None)
     if unsafe is not None:
         raise _refuse(path, f"a shape expression is not plain arithmetic on shape symbols: {unsafe[:60]!r}")
