@@ -21,11 +21,14 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: in-process
 
 
 @pytest.fixture()
-def ckpt_copy(trained_ckpt, tmp_path):
-    """The trained checkpoint in its own folder, so converted_models/ lands in tmp_path."""
+def ckpt_copy(trained_ckpt, exported, tmp_path):
+    """The trained checkpoint in its own folder, so converted_models/ lands in tmp_path, with the session's FP32 ONNX
+    export of it beside it: quantize.py reuses an ONNX file whose metadata names this checkpoint's sha256 (the copy's
+    bytes are the same), which saves a torch.export-based export (seconds) per test."""
     path = tmp_path / "run" / "best.pth"
-    path.parent.mkdir()
+    (path.parent / "converted_models").mkdir(parents=True)
     shutil.copy(trained_ckpt, path)
+    shutil.copy(exported.folder / "custom.onnx", path.parent / "converted_models" / "custom.onnx")
     return path
 
 
@@ -36,6 +39,7 @@ def test_int8_onnx_keeps_accuracy(ckpt_copy, tmp_path, capsys):
     assert quantize.main(["--weights", str(ckpt_copy), "--mode", "int8", "--calib_batches", "4", "--results", str(results),
                           "--speed_repeats", "2", "--device", "cpu", "--quiet"]) == 0
     out = capsys.readouterr().out
+    assert "reusing" in out  # the session's export (see ckpt_copy)
     rows = {r["format"]: r for r in json.loads(results.read_text())["rows"]}
     assert set(rows) == {"pytorch", "onnx", "onnx-int8"}
     fp32 = rows["pytorch"]["acc1"]
