@@ -194,7 +194,7 @@ class NaNForDarkImages(torch.nn.Module):
 def export_tiny(module: torch.nn.Module, shape: tuple, path, dynamic_batch: bool = True) -> None:
     """The torch.export-based exporter (the project's default), batch axis dynamic through dynamic_shapes."""
     dims = ({0: torch.export.Dim("batch", min=1)},) if dynamic_batch else None
-    program = torch.onnx.export(module, (torch.randn(*shape),), None, dynamo=True, opset_version=18, input_names=["input"],
+    program = torch.onnx.export(module.eval(), (torch.randn(*shape),), None, dynamo=True, opset_version=18, input_names=["input"],
                                 output_names=["logits"], dynamic_shapes=dims, verbose=False)
     program.save(str(path))
 
