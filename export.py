@@ -23,7 +23,8 @@ is written and the exit code is 1.
 
 ONNX: the batch axis is always dynamic (torch.export dynamic_shapes). Exporter: the torch.export-based one
 (dynamo, opset 18+) by default; --exporter legacy is PyTorch's deprecated TorchScript-based exporter (opset 17, for
-runtimes older than opset 18), about 10x faster to run but no longer maintained upstream (docs/deploy.md).
+runtimes older than opset 18), 4-50x faster to run (0.1-7 s against 4-32 s per registry model on one core)
+but no longer maintained upstream (docs/deploy.md).
 TorchScript (legacy, deprecated by PyTorch): scripted (keeps control flow, no baked-in shapes); traced only if
 scripting fails. .pt2: torch.export.export + torch.export.save.
 """

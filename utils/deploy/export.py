@@ -9,7 +9,7 @@ removes the temporary file and raises ParityError.
 Choices, and why:
 - ONNX exporter: the torch.export-based exporter (`dynamo=True`, opset 18) is the default: it is what PyTorch 2.x
   maintains, and the batch axis (H/W too with dynamic_size) is made dynamic through `dynamic_shapes`
-  (torch.export.Dim). It is slower to run (2-13 s per registry model on one core here, against 0.1-0.6 s) but
+  (torch.export.Dim). It is slower to run (4-32 s per registry model on one core here, against 0.1-7 s; docs/deploy.md) but
   that is paid once per export. The TorchScript-based exporter (`exporter="legacy"`, opset 17, `dynamic_axes`) is
   kept for runtimes older than opset 18; PyTorch deprecates it, so choosing it prints one line of ours instead of
   the library's DeprecationWarning.
