@@ -6,11 +6,12 @@ Examples:
   python eval.py --weights best.pth --dataset path/to/folder --save_examples
   python eval.py --weights weights/FashionMNIST/custom/best.pth --tensorboard                # also logs/eval/custom/
   python eval.py --weights weights/FashionMNIST/custom/converted_models/custom.onnx     # ONNX Runtime
-  python eval.py --weights weights/FashionMNIST/custom/converted_models/custom.pt       # TorchScript
+  python eval.py --weights weights/FashionMNIST/custom/converted_models/custom.pt2      # torch.export
+  python eval.py --weights weights/FashionMNIST/custom/converted_models/custom.pt       # TorchScript (legacy)
   python eval.py --weights weights/FashionMNIST/custom/best_fp16.pth                   # FP16 checkpoint
 
---weights takes a checkpoint (FP32, or FP16 from quantize.py), an .onnx file (FP32, FP16 or INT8)
-or a TorchScript .pt (FP32, FP16 or PyTorch-quantized INT8). Model name, classes and preprocessing
+--weights takes a checkpoint (FP32, or FP16 from quantize.py), an .onnx file (FP32, FP16 or INT8), a .pt2
+(FP32 or FP16) or a TorchScript .pt (FP32, FP16 or an older PyTorch-quantized INT8). Model name, classes and preprocessing
 come from the checkpoint or the artifact's metadata. Writes the JSON (default results/<model>.json
 for checkpoints, results/<model>_<format>.json for other formats, with "format", "engine",
 "precision" and "compute" fields) and a confusion-matrix PNG beside it, named after the report
@@ -60,7 +61,7 @@ from utils.plots import close_figures, save_figure
 def get_args_parser() -> argparse.ArgumentParser:
     p = cli.parser(__doc__)
     p.add_argument("--weights", metavar="FILE",
-                   help="checkpoint (best.pth / last.pth / *_fp16.pth), .onnx, or TorchScript .pt to evaluate")
+                   help="checkpoint (best.pth / last.pth / *_fp16.pth), .onnx, .pt2 or TorchScript .pt to evaluate")
     cli.add_model_override_arg(p)
     cli.add_data_args(p)
     p.add_argument("--split", default="val",

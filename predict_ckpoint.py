@@ -1,35 +1,23 @@
-"""Classify images straight from a training checkpoint (PyTorch), with the same output as predict.py.
+"""Classify images straight from a training checkpoint: the seed's name for `predict.py --model CKPT.pth`.
 
 Examples:
   python predict_ckpoint.py --weights weights/FashionMNIST/custom/best.pth --image shoe.png
   python predict_ckpoint.py --weights best.pth --image photos/ --topk 3 --json --device cuda
   python predict_ckpoint.py --weights best.pth --image big_folder/ --output predictions.jsonl
 
-Model, class names and preprocessing come from the checkpoint (EMA weights when it has them). Use
-this to check a checkpoint before exporting it; deploy with export.py + predict.py, which start faster.
-Batches, decoding threads, --output files and bad-file handling are predict.py's (the same loop).
+A thin alias: it runs predict.py's work with `--model CKPT --engine pytorch` (and -m/--model as `--model_name`), so
+the output, batches, decoding threads, --output files and bad-file handling are predict.py's. Model, class names and
+preprocessing come from the checkpoint (EMA weights when it has them). Use it to check a checkpoint before exporting
+it; deploy with export.py + predict.py on the .onnx, which starts faster.
 """
 
 from __future__ import annotations
 
 import argparse
-import time
 
 from utils import cli
-from utils.checkpoint import build_from_checkpoint, load_checkpoint
-from utils.deploy.artifacts import numpy_forward
-from utils.deploy.predict import (
-    WARMUP_RUNS,
-    LoopOptions,
-    OutputOptions,
-    add_predict_args,
-    check_output,
-    expand_images,
-    load_class_names,
-    resolve_classes,
-    run_prediction,
-)
-from utils.model_info import with_temperature
+from utils.deploy.open_model import predict_files, request_from_flags
+from utils.deploy.predict import add_predict_args
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -42,26 +30,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
-    check_output(args.output, args.exist_ok)  # before any work: never replace a file by accident
-    paths = expand_images(args.image)
-    device = cli.resolve_device(args.device)
-    start = time.perf_counter()
-    ckpt = load_checkpoint(args.weights)
-    model, info = build_from_checkpoint(ckpt, args.model, source=args.weights)
-    model = model.to(device)
-    load_ms = (time.perf_counter() - start) * 1000.0
-    classes = resolve_classes(info.classes, load_class_names(args.classes), info.num_classes)
-    precision = ckpt.get("precision", "fp32")
-    if precision == "fp16":
-        precision = "fp16 weights, computed in fp32"
-    header = {"model": args.weights, "engine": "pytorch", "precision": precision,
-              "device": str(device), "load_ms": load_ms, "warmup": WARMUP_RUNS}
-    opts = LoopOptions(args.batch_size, args.num_workers, WARMUP_RUNS, args.repeats)
-    out = OutputOptions(args.topk, args.json, args.output, args.exist_ok, args.quiet)
-    if info.temperature != 1.0:  # eval.py --calibrate: calibrated probabilities, the same ranking
-        header["temperature"] = info.temperature
-    forward = with_temperature(numpy_forward(model, device), info.temperature)
-    return run_prediction(forward, paths, info.preprocess, classes, header, out, opts)
+    args.model_name = args.model  # -m/--model here overrides the checkpoint's network, as predict.py's --model_name
+    return predict_files(request_from_flags(args.weights, "pytorch", args))
 
 
 if __name__ == "__main__":

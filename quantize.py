@@ -1,24 +1,27 @@
 """Quantize a trained checkpoint (FP16, static INT8, dynamic INT8) and compare it with FP32: size, accuracy, speed.
 
 Examples:
-  python quantize.py --weights weights/FashionMNIST/custom/best.pth --mode int8                 # ORT QDQ + PyTorch FX
-  python quantize.py --weights best.pth --mode int8 --backend onnx --calib_batches 20
-  python quantize.py --weights best.pth --mode fp16                                            # FP16 .pth + FP16 ONNX
-  python quantize.py --weights best.pth --mode dynamic                                         # INT8 nn.Linear only
+  python quantize.py --weights weights/FashionMNIST/custom/best.pth --mode int8                 # ONNX Runtime QDQ
+  python quantize.py --weights best.pth --mode int8 --calib_batches 20
+  python quantize.py --weights best.pth --mode fp16                                            # .pth, .onnx and .pt2
+  python quantize.py --weights best.pth --mode dynamic                                         # INT8 Linear weights
 
-Modes (--backend picks onnx, pytorch or both):
+Modes (--backend picks pytorch, onnx, pt2 or all):
   fp16     pytorch: <ckpt dir>/<ckpt name>_fp16.pth, a real half-precision checkpoint (about half the FP32
-           weights; eval.py, predict_ckpoint.py and export.py load it). onnx: converted_models/<model>_fp16.onnx
-           (float32 inputs/outputs). Accuracy is measured in FP16 on CUDA; on a CPU the checkpoint's weights
-           are upcast to FP32 and ONNX Runtime's CPU provider runs FP16 nodes through inserted casts, so a CPU
-           run measures the effect of FP16 rounding of the weights, not FP16 arithmetic (the table says which).
-  int8     static post-training quantization calibrated on --calib_batches batches of training images.
-           onnx: onnxruntime quantize_static, QDQ format, per-channel int8 weights, uint8 activations, on the
-           exported FP32 ONNX -> converted_models/<model>_int8.onnx. pytorch: torch.ao FX graph mode, x86
-           (fbgemm) backend -> converted_models/<model>_int8_fx.pt (TorchScript, CPU only); works for all
-           registry models (custom, resnet*, mobilenet_v2/v3, efficientnet_b0), others are skipped with the reason.
-  dynamic  torch.ao quantize_dynamic on nn.Linear layers -> converted_models/<model>_int8_dynamic.pt, with a
-           warning when the model has nothing (or little) to quantize: CNN weights live in convolutions.
+           weights; eval.py, predict.py and export.py load it). onnx: converted_models/<model>_fp16.onnx
+           (float32 inputs/outputs). pt2: converted_models/<model>_fp16.pt2 (float16 network behind float32
+           casts). Accuracy is measured in FP16 on CUDA; on a CPU the checkpoint's weights are upcast to FP32 and
+           ONNX Runtime's CPU provider runs FP16 nodes through inserted casts, so a CPU run measures the effect of
+           FP16 rounding of the weights, not FP16 arithmetic (the table says which).
+  int8     ONNX Runtime static post-training quantization calibrated on --calib_batches batches of training
+           images: quantize_static, QDQ format, per-channel int8 weights, uint8 activations, on the exported
+           FP32 ONNX -> converted_models/<model>_int8.onnx.
+  dynamic  ONNX Runtime quantize_dynamic of the MatMul/Gemm (nn.Linear) weights -> converted_models/<model>_int8_dynamic.onnx,
+           with a warning when the model has nothing (or little) to quantize: CNN weights live in convolutions.
+
+PyTorch INT8 (torch.ao FX and quantize_dynamic) is gone: torch.ao.quantization is deprecated, and torchao's CPU INT8
+for convolutions needs torch.compile to be faster than FP32 (docs/deploy.md); --backend pytorch with int8/dynamic
+says so in one line.
 
 Every format is evaluated on the validation split the checkpoint was trained on (or --dataset/--data_root)
 against the FP32 PyTorch model. Results: a table on stdout (format, size MB, acc@1, acc@5, latency ms at
@@ -36,13 +39,12 @@ from pathlib import Path
 
 import torch
 
-from models import count_parameters
 from utils import cli, progress
 from utils.checkpoint import build_from_checkpoint, load_checkpoint, save_checkpoint
 from utils.data.loaders import calibration_batches, data_spec, eval_loader
 from utils.deploy.artifacts import evaluate_loaded, load_for_eval
 from utils.deploy.export import export_artifact
-from utils.deploy.quantize import fp16_checkpoint, quantize_dynamic_int8, quantize_fx_int8, quantize_onnx_int8, save_quantized_torchscript
+from utils.deploy.quantize import dynamic_warning, fp16_checkpoint, quantize_onnx_dynamic, quantize_onnx_int8
 from utils.deploy.runtime import OnnxModel
 from utils.errors import InputError
 from utils.io import atomic_write_text, file_sha256, markdown_table, merge_rows
@@ -55,12 +57,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", required=True, metavar="CKPT", help="FP32 checkpoint written by train.py")
     cli.add_model_override_arg(p)
     p.add_argument("--mode", required=True, choices=["fp16", "int8", "dynamic"], help="what to produce (see above)")
-    p.add_argument("--backend", default="all", choices=["all", "onnx", "pytorch"],
-                   help="fp16/int8: ONNX artifact, PyTorch artifact or both (dynamic is PyTorch only)")
+    p.add_argument("--backend", default="all", choices=["all", "onnx", "pt2", "pytorch"],
+                   help="fp16: the .pth (pytorch), .onnx or .pt2, or all three; int8/dynamic: ONNX Runtime only")
     p.add_argument("--calib_batches", type=cli.positive(), default=10, help="int8: training batches used for calibration")
     p.add_argument("--output", default=None, metavar="PATH",
-                   help="path of the main artifact (fp16: the .pth, or the .onnx with --backend onnx; int8: the ONNX "
-                        "file, or the FX .pt with --backend pytorch; dynamic: the .pt)")
+                   help="path of the main artifact (fp16: the .pth, or the .onnx/.pt2 with --backend onnx/pt2; int8 and "
+                        "dynamic: the .onnx)")
     cli.add_data_args(p, batch_size=32, num_workers=0, from_checkpoint=True)
     p.add_argument("--max_images", type=cli.positive(), default=None, help="evaluate on the first N validation images only")
     p.add_argument("--speed_repeats", type=cli.non_negative(), default=20, help="timed repeats for latency/throughput (0 = skip)")
@@ -87,6 +89,10 @@ def fresh_fp32_onnx(path: Path, weights: str, model, info, log) -> Path:
 
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
+    if args.mode in ("int8", "dynamic") and args.backend in ("pytorch", "pt2"):
+        raise InputError(f"--mode {args.mode} --backend {args.backend}: PyTorch INT8 was removed (torch.ao.quantization is "
+                         "deprecated; torchao's CPU INT8 needs torch.compile, see docs/deploy.md): use --backend onnx, "
+                         "ONNX Runtime's INT8")
     progress.set_quiet(args.quiet)
     device = cli.resolve_device(args.device)
     ckpt = load_checkpoint(args.weights)
@@ -101,7 +107,7 @@ def main(argv=None) -> int:
                          "pass the --dataset/--data_root the model was trained on")
     weights = Path(args.weights)
     out_dir = weights.parent / "converted_models"
-    onnx_on, torch_on = args.backend in ("all", "onnx"), args.backend in ("all", "pytorch")
+    onnx_on, torch_on, pt2_on = (args.backend in ("all", b) for b in ("onnx", "pytorch", "pt2"))
     rows: list[dict] = []
     weights_sha256 = file_sha256(weights)
 
@@ -133,39 +139,29 @@ def main(argv=None) -> int:
             path = Path(args.output) if args.output and args.backend == "onnx" else out_dir / f"{name}_fp16.onnx"
             result = export_artifact(model, info, weights, "onnx", path, half=True, log=lambda *_: None)
             measure(path, f"FP16 ONNX (float32 I/O), parity max |diff| {result.parity.max_abs_diff:.3g} vs FP32 PyTorch")
+        if pt2_on:
+            path = Path(args.output) if args.output and args.backend == "pt2" else out_dir / f"{name}_fp16.pt2"
+            result = export_artifact(model, info, weights, "pt2", path, half=True, log=lambda *_: None)
+            measure(path, f"FP16 .pt2 (float32 I/O), parity max |diff| {result.parity.max_abs_diff:.3g} vs FP32 PyTorch")
     elif args.mode == "int8":
         print(f"calibrating on {args.calib_batches} batches of {args.batch_size} training images", flush=True)
         batches = calibration_batches(spec, pre, args.calib_batches, args.batch_size)
-        if onnx_on:
-            fp32 = fresh_fp32_onnx(out_dir / f"{name}.onnx", args.weights, model, info, print)
-            measure(fp32, "FP32 ONNX")
-            path = Path(args.output) if args.output else out_dir / f"{name}_int8.onnx"
-            note = f"onnxruntime quantize_static QDQ, per-channel int8 weights, uint8 activations, MinMax on {len(batches)} batches"
-            quantize_onnx_int8(fp32, path, batches, {"precision": "int8", "quantization": note})
-            measure(path, note)
-        if torch_on:
-            try:
-                qmodel = quantize_fx_int8(model, batches)
-            except InputError as e:
-                print(f"note: skipping PyTorch INT8: {e}", file=sys.stderr)
-            else:
-                path = Path(args.output) if args.output and args.backend == "pytorch" else out_dir / f"{name}_int8_fx.pt"
-                note = f"torch.ao FX static, {torch.backends.quantized.engine} backend, {len(batches)} calibration batches"
-                params = count_parameters(model)
-                save_quantized_torchscript(qmodel, path, info, weights, "int8-fx", batches[0][:1], note, params)
-                measure(path, note, torch.device("cpu"))
+        fp32 = fresh_fp32_onnx(out_dir / f"{name}.onnx", args.weights, model, info, print)
+        measure(fp32, "FP32 ONNX")
+        path = Path(args.output) if args.output else out_dir / f"{name}_int8.onnx"
+        note = f"onnxruntime quantize_static QDQ, per-channel int8 weights, uint8 activations, MinMax on {len(batches)} batches"
+        quantize_onnx_int8(fp32, path, batches, {"precision": "int8", "quantization": note})
+        measure(path, note)
     else:
-        if args.backend == "onnx":
-            raise InputError("--mode dynamic is PyTorch only: drop --backend onnx (or use --mode int8 --backend onnx)")
-        qmodel, warning = quantize_dynamic_int8(model)
+        warning = dynamic_warning(model)
         if warning:
             print(f"warning: {warning}", file=sys.stderr)
-        path = Path(args.output) if args.output else out_dir / f"{name}_int8_dynamic.pt"
-        example = torch.zeros(1, pre.channels, pre.img_size, pre.img_size)
-        note = "torch.ao quantize_dynamic on nn.Linear (int8 weights, activations quantized per batch)"
-        save_quantized_torchscript(qmodel, path, info, weights, "int8-dynamic", example, note,
-                                   count_parameters(model))
-        measure(path, note, torch.device("cpu"))
+        fp32 = fresh_fp32_onnx(out_dir / f"{name}.onnx", args.weights, model, info, print)
+        measure(fp32, "FP32 ONNX")
+        path = Path(args.output) if args.output else out_dir / f"{name}_int8_dynamic.onnx"
+        note = "onnxruntime quantize_dynamic of MatMul/Gemm (nn.Linear): int8 weights, activations quantized per batch"
+        quantize_onnx_dynamic(fp32, path, {"precision": "int8-dynamic", "quantization": note})
+        measure(path, note)
 
     base = rows[0]["acc1"]
     for row in rows:

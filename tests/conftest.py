@@ -239,15 +239,16 @@ class Exported:
 @pytest.fixture(scope="session")
 def exported(trained_ckpt, tmp_path_factory) -> Exported:
     """The session checkpoint exported once by the project's exporter (utils.deploy.export.export_artifact): ONNX FP32,
-    ONNX FP16 and TorchScript, each verified by the exporter's parity check."""
+    ONNX FP16, .pt2 and TorchScript, each verified by the exporter's parity check."""
     from utils.checkpoint import build_from_checkpoint, load_checkpoint
     from utils.deploy.export import export_artifact
 
     out = tmp_path_factory.mktemp("exported")
     model, info = build_from_checkpoint(load_checkpoint(trained_ckpt))
-    results = {name: export_artifact(model, info, trained_ckpt, engine, out / name, half=half, log=lambda *_: None)
+    results = {name: export_artifact(model, info, trained_ckpt, engine, out / name, half=half, log=lambda *_: None,
+                                     note=lambda *_: None)
                for name, engine, half in (("custom.onnx", "onnx", False), ("custom_fp16.onnx", "onnx", True),
-                                          ("custom.pt", "torchscript", False))}
+                                          ("custom.pt2", "pt2", False), ("custom.pt", "torchscript", False))}
     return Exported(model, info, out, results)
 
 

@@ -25,7 +25,8 @@ LAYERS = {"utils.errors": 0, "utils.io": 0, "utils.cli": 0, "utils.timing": 0, "
           "models": 1, "utils.checkpoint": 2, "utils.evaluation": 2, "utils.training": 3, "utils.deploy": 3, "utils.analysis": 3,
           "utils.explain": 3}
 TORCH_FREE = ("utils.errors", "utils.io", "utils.cli", "utils.progress", "utils.data.preprocess", "utils.model_info",
-              "utils.deploy.metadata", "utils.deploy.runtime", "utils.deploy.predict", "utils.explain.geometry")
+              "utils.deploy.metadata", "utils.deploy.runtime", "utils.deploy.predict", "utils.deploy.open_model",
+              "utils.explain.geometry")
 
 
 def package_modules() -> dict[str, Path]:
@@ -81,6 +82,15 @@ def test_no_import_cycle_and_dependencies_point_down():
     for m in graph:
         visit(m, [])
     assert len(graph) >= 35  # the whole package was read
+
+
+def test_no_script_imports_a_script():
+    """Scripts parse flags and call the package: shared work lives in utils/, never in another script."""
+    scripts = {p.stem: p for p in ROOT.glob("*.py")}
+    offenders = [(name, other) for name, path in scripts.items()
+                 for other in imports_of(path, {s: ROOT / f"{s}.py" for s in scripts}) if other != name]
+    assert not offenders, f"scripts importing scripts: {offenders}"
+    assert len(scripts) >= 15
 
 
 def test_every_module_imports_first_in_a_fresh_interpreter():

@@ -1,4 +1,4 @@
-"""eval.py on every artifact kind (checkpoint, ONNX FP32/FP16/INT8, TorchScript) and the summary table."""
+"""eval.py on every artifact kind (checkpoint, ONNX FP32/FP16/INT8, .pt2, TorchScript) and the summary table."""
 
 from __future__ import annotations
 
@@ -18,10 +18,10 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: in-process
 
 @pytest.fixture(scope="module")
 def artifacts(exported, trained_ckpt, tmp_path_factory):
-    """Every artifact kind in one folder: the session's ONNX FP32/FP16 and TorchScript exports (copied, not re-made)
-    and an INT8 ONNX quantized from the FP32 one."""
+    """Every artifact kind in one folder: the session's ONNX FP32/FP16, .pt2 and TorchScript exports (copied, not
+    re-made) and an INT8 ONNX quantized from the FP32 one."""
     out = tmp_path_factory.mktemp("artifacts")
-    for name in ("custom.onnx", "custom_fp16.onnx", "custom.pt"):
+    for name in ("custom.onnx", "custom_fp16.onnx", "custom.pt2", "custom.pt"):
         shutil.copy(exported.folder / name, out / name)
     batches = calibration_batches(data_spec(load_checkpoint(trained_ckpt)["args"]), exported.info.preprocess, 4, 32)
     quantize_onnx_int8(out / "custom.onnx", out / "custom_int8.onnx", batches, {"precision": "int8"})
@@ -40,6 +40,7 @@ def test_artifact_kinds_are_detected(artifacts, trained_ckpt):
     assert artifact_kind(trained_ckpt) == "checkpoint"
     assert artifact_kind(artifacts / "custom.onnx") == "onnx"
     assert artifact_kind(artifacts / "custom.pt") == "torchscript"
+    assert artifact_kind(artifacts / "custom.pt2") == "pt2"
 
 
 def test_eval_reports_every_format_and_summary_merges_them(artifacts, trained_ckpt, fashion_root, tmp_path, capsys):
@@ -47,13 +48,13 @@ def test_eval_reports_every_format_and_summary_merges_them(artifacts, trained_ck
 
     results = tmp_path / "results"
     reports = {"pytorch": run_eval(trained_ckpt, fashion_root, results / "custom.json")}
-    for name in ("custom.onnx", "custom_fp16.onnx", "custom_int8.onnx", "custom.pt"):
+    for name in ("custom.onnx", "custom_fp16.onnx", "custom_int8.onnx", "custom.pt2", "custom.pt"):
         doc = run_eval(artifacts / name, fashion_root, results / f"{name}.json")
         reports[doc["format"]] = doc
-    assert set(reports) == {"pytorch", "onnx", "onnx-fp16", "onnx-int8", "torchscript"}
+    assert set(reports) == {"pytorch", "onnx", "onnx-fp16", "onnx-int8", "pt2", "torchscript"}
     engines = {fmt: r["engine"] for fmt, r in reports.items()}
     assert engines == {"pytorch": "pytorch", "onnx": "onnxruntime", "onnx-fp16": "onnxruntime", "onnx-int8": "onnxruntime",
-                       "torchscript": "torchscript"}
+                       "pt2": "torch.export", "torchscript": "torchscript"}
     base = reports["pytorch"]
     n = base["num_images"]
     for r in reports.values():
@@ -62,6 +63,9 @@ def test_eval_reports_every_format_and_summary_merges_them(artifacts, trained_ck
     # Same network, same pixels: FP32 ONNX and TorchScript classify exactly like PyTorch; FP16/INT8 nearly.
     assert reports["onnx"]["confusion_matrix"] == base["confusion_matrix"]
     assert reports["torchscript"]["confusion_matrix"] == base["confusion_matrix"]
+    assert reports["pt2"]["confusion_matrix"] == base["confusion_matrix"]
+    assert reports["pt2"]["acc1"] == pytest.approx(base["acc1"], abs=1e-9)
+    assert reports["pt2"]["loss"] == pytest.approx(base["loss"], rel=1e-5)
     assert abs(reports["onnx-fp16"]["acc1"] - base["acc1"]) <= 1 / n + 1e-9
     assert abs(reports["onnx-int8"]["acc1"] - base["acc1"]) <= 0.02
     assert reports["onnx-int8"]["size_mb"] < 0.4 * reports["onnx"]["size_mb"]
@@ -75,7 +79,7 @@ def test_eval_reports_every_format_and_summary_merges_them(artifacts, trained_ck
     table, written = capsys.readouterr().out.rstrip("\n").rsplit("\n", 1)
     rows = [line for line in table.splitlines() if line.startswith("| custom |")]
     assert written == f"written to {results / 'summary.md'}"
-    assert len(rows) == 5 and (results / "summary.md").read_text() == table.rstrip("\n") + "\n"
+    assert len(rows) == 6 and (results / "summary.md").read_text() == table.rstrip("\n") + "\n"
     onnx_row = next(r for r in rows if r.startswith("| custom | onnx |"))
     assert f"{100 * reports['onnx']['acc1']:.2f}" in onnx_row
 

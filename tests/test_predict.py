@@ -113,18 +113,26 @@ def test_onnx_predict_is_torch_free_and_matches_pytorch(deployed, mode_images):
         assert all(t["class"] in FASHION_MNIST_CLASSES for t in p["top"])
 
 
-def test_torchscript_and_checkpoint_predict_agree_with_onnx(deployed, mode_images, trained_ckpt, capsys):
+def test_every_model_file_predicts_the_same(deployed, mode_images, trained_ckpt, capsys):
+    """predict.py on the .onnx, .pt2, TorchScript .pt and the .pth checkpoint, and predict_ckpoint.py (its alias for
+    checkpoints): the same top-1 for every image, the same output shape, the engine named from the file."""
     import predict
     import predict_ckpoint
 
     model, info, out = deployed
     folder, expected = mode_images
-    answers = []
-    for script, args in ((predict, ["--model", str(out / "custom.pt")]), (predict, ["--model", str(out / "custom.onnx")]),
+    answers, engines = [], []
+    for script, args in ((predict, ["--model", str(out / "custom.onnx")]), (predict, ["--model", str(out / "custom.pt2")]),
+                         (predict, ["--model", str(out / "custom.pt")]), (predict, ["--model", str(trained_ckpt)]),
                          (predict_ckpoint, ["--weights", str(trained_ckpt)])):
-        assert script.main([*args, "--image", str(folder), "--json", "--device", "cpu"]) == 0
-        answers.append(top1_by_image(json.loads(capsys.readouterr().out), folder))
-    assert answers[0] == answers[1] == answers[2] and len(answers[0]) == len(expected)
+        assert script.main([*args, "--image", str(folder), "--json", "--device", "cpu", "--topk", "3"]) == 0
+        doc = json.loads(capsys.readouterr().out)
+        answers.append(top1_by_image(doc, folder))
+        engines.append(doc["summary"]["engine"])
+        assert set(doc["summary"]) == {"model", "engine", "precision", "device", "load_ms", "warmup", "num_images",
+                                       "num_failed", "median_inference_ms", "batch_size"}
+    assert all(a == answers[0] for a in answers) and len(answers[0]) == len(expected)
+    assert engines == ["onnxruntime", "torch.export", "torchscript", "pytorch", "pytorch"]
     # Text output: the "Top 5 predictions" list and the timing lines.
     assert predict.main(["--model", str(out / "custom.onnx"), "--image", str(folder / "rgb.png")]) == 0
     text = capsys.readouterr().out
@@ -154,8 +162,6 @@ def test_bad_model_paths_are_input_errors(deployed, trained_ckpt, mode_images, t
     folder, _ = mode_images
     with pytest.raises(InputError, match="not found"):
         predict.main(["--model", str(tmp_path / "nope.onnx"), "--image", str(folder)])
-    with pytest.raises(InputError, match="predict_ckpoint.py"):
-        predict.main(["--model", str(trained_ckpt), "--image", str(folder)])
     with pytest.raises(InputError, match="no images found"):
         predict.main(["--model", str(deployed[2] / "custom.onnx"), "--image", str(tmp_path / "*.png")])
 

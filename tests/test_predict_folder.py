@@ -192,8 +192,11 @@ class NaNForDarkImages(torch.nn.Module):
 
 
 def export_tiny(module: torch.nn.Module, shape: tuple, path, dynamic_batch: bool = True) -> None:
-    torch.onnx.export(module, (torch.randn(*shape),), str(path), dynamo=False, opset_version=17, input_names=["input"],
-                      output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None)
+    """The torch.export-based exporter (the project's default), batch axis dynamic through dynamic_shapes."""
+    dims = ({0: torch.export.Dim("batch", min=1)},) if dynamic_batch else None
+    program = torch.onnx.export(module.eval(), (torch.randn(*shape),), None, dynamo=True, opset_version=18, input_names=["input"],
+                                output_names=["logits"], dynamic_shapes=dims, verbose=False)
+    program.save(str(path))
 
 
 def test_nan_scores_are_an_error_never_nan_percent(tmp_path):

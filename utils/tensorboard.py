@@ -91,9 +91,12 @@ def add_graph(writer, model: torch.nn.Module, example: torch.Tensor) -> str | No
     was_training = model.training
     rng = torch.random.get_rng_state()
     model.eval()
-    try:  # quietly: tracing warns (TracerWarning, deprecation) and torch prints its own error before raising
+    try:  # quietly: torch prints its own error before raising, and tracing warns
         with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
+            # TensorBoard's graph writer is built on torch.jit.trace (deprecated, no torch.export-based writer exists):
+            # its FutureWarning and the tracer's notices about Python values frozen into the trace are not actionable
+            warnings.filterwarnings("ignore", category=FutureWarning, message=r"`torch\.jit\.\w+` is deprecated")
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
             writer.add_graph(model, example, use_strict_trace=False)
         return None
     except Exception as e:  # tracing fails on data-dependent control flow and on some compiled or exotic modules

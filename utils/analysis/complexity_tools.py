@@ -44,9 +44,12 @@ def _leaf_types(model: nn.Module) -> dict[str, str]:
 
 @contextlib.contextmanager
 def _quiet():
-    """Silence the tools' own prints and warnings (their findings are returned, not printed)."""
+    """Silence the tools' own prints (their findings are returned, not printed) and the two deprecation notices they
+    trigger, which are theirs to fix, not ours or the user's: fvcore scripts helpers with torch.jit when it is
+    imported, and thop compares versions with distutils' LooseVersion. Any other warning still shows."""
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        warnings.simplefilter("ignore")
+        warnings.filterwarnings("ignore", category=FutureWarning, message=r"`torch\.jit\.script` is deprecated")
+        warnings.filterwarnings("ignore", category=DeprecationWarning, message=r"distutils Version classes are deprecated")
         yield
 
 

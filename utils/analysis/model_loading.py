@@ -67,7 +67,8 @@ def build_analysis_network(name: str, num_classes: int, img_size: int, in_channe
     """A registry (or torchvision) network; fast_init=True skips weight initialisation (built on the meta device, then
     left there when `meta`, else given uninitialised CPU memory), falling back to a normal build."""
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # torchvision's googlenet/inception init notices
+        # torchvision's own notices on building googlenet/inception (their init will change): not the user's to act on
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"torchvision\.models")
         if fast_init:
             try:
                 with torch.device("meta"):

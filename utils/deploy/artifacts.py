@@ -1,11 +1,15 @@
-"""Opening any artifact for evaluation: a checkpoint (FP32 or FP16), an ONNX file (FP32, FP16, INT8) or a TorchScript
-program, each wrapped as a LoadedModel with one forward on torch batches, so eval.py, quantize.py and the
-benchmarks evaluate every format through the same eval loop."""
+"""Opening any artifact for evaluation: a checkpoint (FP32 or FP16), an ONNX file (FP32, FP16, INT8), a torch.export
+archive (.pt2, FP32 or FP16) or a TorchScript program, each wrapped as a LoadedModel with one forward on torch
+batches, so eval.py, quantize.py and the benchmarks evaluate every format through the same eval loop. Also the one
+line that replaces a deprecated API's warning when the user chose that API (TorchScript, the legacy ONNX exporter)."""
 
 from __future__ import annotations
 
+import contextlib
+import re
+import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -24,12 +28,45 @@ from utils.model_info import ModelInfo
 from utils.timing import latency_and_throughput
 
 
-def load_torchscript(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.jit.ScriptModule, dict]:
+def warn_stderr(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
+TORCHSCRIPT_DEPRECATED = r"`torch\.jit\.\w+` is deprecated"  # torch.jit.script/trace/save/load's FutureWarning (torch 2.10+)
+TORCHSCRIPT_NOTE = ("note: TorchScript (.pt) is deprecated in PyTorch 2.x (torch.jit) and kept here for existing .pt files "
+                    "and libtorch runtimes; export.py --engine pt2 or onnx is the maintained path")
+
+
+@contextlib.contextmanager
+def deprecation_note(rules: list[tuple[type[Warning], str]], note: str, log: Callable[[str], None] = warn_stderr) -> Iterator[None]:
+    """Run a deprecated API the user chose explicitly (TorchScript, the legacy ONNX exporter): the warnings matching
+    `rules` ((category, message regex)) become the one line `note`, printed once; every other warning passes through
+    as Python would show it (or raises, under an "error" filter such as the tests')."""
+    with warnings.catch_warnings(record=True) as caught:
+        for category, message in rules:
+            warnings.filterwarnings("always", category=category, message=message)
+        yield
+    ours = False
+    for w in caught:
+        if any(issubclass(w.category, c) and re.match(m, str(w.message)) for c, m in rules):
+            ours = True
+        else:  # not ours to summarise
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if ours:
+        log(note)
+
+
+def legacy_torchscript(log: Callable[[str], None] = warn_stderr):
+    """torch.jit.* chosen by the user (a .pt file, --engine torchscript): its FutureWarning as our one line."""
+    return deprecation_note([(FutureWarning, TORCHSCRIPT_DEPRECATED)], TORCHSCRIPT_NOTE, log)
+
+
+def load_torchscript(path: str | Path, device: str | torch.device = "cpu", log: Callable[[str], None] = warn_stderr
+                     ) -> tuple[torch.jit.ScriptModule, dict]:
     """torch.jit.load plus the metadata export.py stored beside the program."""
     extra = {TORCHSCRIPT_METADATA_FILE: ""}
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # "torch.jit.load is deprecated": nothing the user can act on
+        with legacy_torchscript(log):
             program = torch.jit.load(str(path), map_location=device, _extra_files=extra)
     except Exception as e:
         raise InputError(f"cannot load TorchScript file {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
@@ -66,8 +103,8 @@ class LoadedModel:
 
     forward: Callable[[torch.Tensor], torch.Tensor]
     info: ModelInfo
-    format: str  # pytorch, pytorch-fp16, onnx, onnx-fp16, onnx-int8, torchscript, torchscript-int8-fx, ...
-    engine: str  # pytorch, onnxruntime, torchscript
+    format: str  # pytorch, pytorch-fp16, onnx, onnx-fp16, onnx-int8, pt2, pt2-fp16, torchscript, torchscript-fp16, ...
+    engine: str  # pytorch, onnxruntime, torch.export, torchscript
     precision: str
     compute: str  # what actually ran, e.g. "fp32 (fp16 weights upcast on CPU)"
     device: torch.device  # where the evaluation batches go
@@ -84,7 +121,7 @@ def state_dict_mb(state: dict) -> float:
 
 def load_for_eval(path: str | Path, device: torch.device, model_name: str | None = None, ort_device: str = "auto",
                   ort_threads: int = 0) -> LoadedModel:
-    """Open a checkpoint (FP32 or FP16), an .onnx (FP32/FP16/INT8) or a TorchScript .pt for evaluation."""
+    """Open a checkpoint (FP32 or FP16), an .onnx (FP32/FP16/INT8), a .pt2 or a TorchScript .pt for evaluation."""
     path = Path(path)
     kind = artifact_kind(path)
     file_mb = path.stat().st_size / 1e6
@@ -119,6 +156,19 @@ def load_for_eval(path: str | Path, device: torch.device, model_name: str | None
         return LoadedModel(forward, info, "onnx" if precision == "fp32" else f"onnx-{precision}", "onnxruntime", precision,
                            compute, torch.device("cpu"), file_mb, int(meta["params"]) if "params" in meta else None,
                            {"file_mb": file_mb, "provider": provider, "onnxruntime": onnxruntime.__version__})
+    if kind == "pt2":
+        from utils.deploy.pt2 import load_program
+
+        program, meta = load_program(path, device)
+        precision = meta.get("precision", "fp32")
+        info = ModelInfo.from_metadata(meta, path.stem, str(path))
+
+        def pt2_forward(x: torch.Tensor) -> torch.Tensor:
+            return pool_score_map(program(x).float())
+
+        return LoadedModel(pt2_forward, info, "pt2" if precision == "fp32" else f"pt2-{precision}", "torch.export", precision,
+                           f"{precision} torch.export program on {device.type}", device, file_mb,
+                           int(meta["params"]) if "params" in meta else None, {"file_mb": file_mb})
     meta_device = device
     program, meta = load_torchscript(path, "cpu")
     precision = meta.get("precision", "fp32")

@@ -1,6 +1,6 @@
-"""Artifact metadata: what export.py stores inside every ONNX file (metadata_props) and TorchScript archive (extra
-file metadata.json), so an artifact alone says what it is, which classes it predicts and how to preprocess images.
-Reading it needs no torch (predict.py's ONNX path); telling artifacts from checkpoints is done here too.
+"""Artifact metadata: what export.py stores inside every ONNX file (metadata_props), torch.export archive (.pt2)
+and TorchScript archive (extra file metadata.json), so an artifact alone says what it is, which classes it predicts
+and how to preprocess images. Reading it needs no torch (predict.py's ONNX path); telling artifacts from checkpoints is done here too.
 """
 
 from __future__ import annotations
@@ -17,12 +17,16 @@ from utils.model_info import ModelInfo
 TORCHSCRIPT_METADATA_FILE = "metadata.json"
 ONNX_SUFFIXES = (".onnx",)
 TORCHSCRIPT_SUFFIXES = (".pt", ".ts", ".torchscript", ".jit")
+PT2_SUFFIXES = (".pt2",)
+CHECKPOINT_SUFFIXES = (".pth",)
+PT2_FORMAT_FILE = "archive_format"  # <root>/archive_format holds "pt2" in every torch.export.save archive
 
 
 def artifact_kind(path: str | Path) -> str:
-    """'onnx', 'torchscript' or 'checkpoint', from the extension and (for zip archives) the contents.
+    """'onnx', 'pt2', 'torchscript' or 'checkpoint', from the extension and (for zip archives) the contents.
 
-    TorchScript archives and torch.save checkpoints are both zip files; only TorchScript holds `code/`.
+    torch.export archives, TorchScript archives and torch.save checkpoints are all zip files: a torch.export archive
+    holds <root>/archive_format = "pt2", only TorchScript holds `code/`.
     """
     path = Path(path)
     if not path.is_file():
@@ -32,6 +36,9 @@ def artifact_kind(path: str | Path) -> str:
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as zf:
             names = zf.namelist()
+            fmt = next((n for n in names if n.count("/") == 1 and n.endswith(f"/{PT2_FORMAT_FILE}")), None)
+            if fmt is not None and zf.read(fmt).strip() == b"pt2":
+                return "pt2"
         if any("/code/" in n for n in names) and any(n.endswith("constants.pkl") for n in names):
             return "torchscript"
         return "checkpoint"
@@ -39,11 +46,13 @@ def artifact_kind(path: str | Path) -> str:
         head = f.read(64)
     if head[:1] == b"\x08" and b"pytorch" in head.lower():  # an ONNX protobuf (ir_version, producer) without .onnx
         return "onnx"
-    raise InputError(f"{path} is neither an ONNX file, a TorchScript archive nor a checkpoint written by train.py")
+    raise InputError(f"{path} is neither an ONNX file, a torch.export (.pt2) or TorchScript archive nor a checkpoint "
+                     "written by train.py")
 
 
 def read_torchscript_metadata(path: str | Path) -> dict:
-    """The metadata export.py stores in a TorchScript archive's extra files, read without torch."""
+    """The metadata export.py stores in a TorchScript or .pt2 archive's extra files (<root>/extra/metadata.json; the
+    same name in both formats), read without torch."""
     with zipfile.ZipFile(path) as zf:
         name = next((n for n in zf.namelist() if n.endswith(f"/extra/{TORCHSCRIPT_METADATA_FILE}")), None)
         return decode_metadata_json(zf.read(name), str(path)) if name else {}
