@@ -27,10 +27,10 @@ from models.norm import NORM_TYPES
 from utils import cli, progress
 from utils.checkpoint import check_resume_fits, head_keys, inference_state, load_checkpoint, load_matching
 from utils.data.augment import AUGMENT_CHOICES, AUTO_AUGMENT_CHOICES, batch_mixing, resolve_augment
-from utils.data.datasets import DataSpec, build_datasets
+from utils.data.datasets import DataSpec, build_datasets, native_image_size, resolve_crop_pct
 from utils.data.folders import bad_images_report, check_same_classes
 from utils.data.loaders import build_train_loaders
-from utils.data.preprocess import Preprocess
+from utils.data.preprocess import Preprocess, check_preprocess_values
 from utils.data.samplers import CLASS_WEIGHTS, SAMPLERS, balanced_class_weights, class_counts, targets_of
 from utils.data.splits import split_json
 from utils.distributed import barrier, cleanup, init_distributed, is_distributed, is_main_process
@@ -52,7 +52,8 @@ from utils.training.run_dir import RunDir, check_run_name, choose_run_dir
 from utils.training.schedule import SCHEDULES, WarmupSchedule
 
 # --resume takes these from the checkpoint: they define the network, its input and the augmentation it was trained with
-NETWORK_FLAGS = ("model", "img_size", "norm_type", "small_input", "augment", "random_erasing", "random_crop_padding", "auto_augment")
+NETWORK_FLAGS = ("model", "img_size", "crop_pct", "norm_type", "small_input", "augment", "random_erasing", "random_crop_padding",
+                 "auto_augment")
 INIT_FLAGS = ("model", "img_size", "norm_type", "small_input")  # --init_from's defaults (explicit flags win)
 
 
@@ -66,6 +67,8 @@ def get_args_parser():
     g.add_argument("--freeze_backbone", action="store_true", help="train only the classification head")
     g.add_argument("--norm_type", default="BN", choices=NORM_TYPES, help="normalisation layers: BatchNorm, GroupNorm or none")
     g.add_argument("--img_size", type=cli.positive(), default=224, help="crop size fed to the network, in pixels")
+    g.add_argument("--crop_pct", type=cli.in_range(0, 1, low_open=True), default=None,
+                   help="eval resize = img_size / crop_pct, then centre crop; default 1.0 at the images' own size, else 0.875")
     g.add_argument("--small_input", default="auto", choices=["auto", "on", "off"],
                    help="stride-1 stem for small images; auto = on when img_size <= 64")
     g = p.add_argument_group("augmentation and regularisation")
@@ -147,6 +150,8 @@ def main(argv=None) -> int:
         check_resumable(ckpt, flags["resume"])
         saved = checkpoint_flags(ckpt, NETWORK_FLAGS, flags, explicit)
         flags.update(cli.checked_values(parser, saved, f"--resume {flags['resume']}: saved flag"))
+        if "crop_pct" not in saved:  # a checkpoint from before --crop_pct: its recorded resize is the geometry
+            flags["crop_pct"] = legacy_crop_pct(ckpt)
         flags.update(fixed_by_resume(ckpt, flags, explicit))
     init = load_checkpoint(flags["init_from"]) if flags["init_from"] else None
     if init is not None:
@@ -183,7 +188,8 @@ def train(cfg: TrainConfig, ckpt: dict | None, init: dict | None, spec: DataSpec
           world: int) -> int:
     main_proc = is_main_process()
     seed_everything(cfg.seed + rank)
-    pre = Preprocess.for_size(cfg.img_size)
+    cfg = replace(cfg, crop_pct=resolve_crop_pct(cfg.crop_pct, cfg.img_size, native_image_size(spec)))
+    pre = Preprocess.for_size(cfg.img_size, crop_pct=cfg.crop_pct)
     augment = resolve_augment(cfg.augment, cfg.img_size, cfg.random_erasing, cfg.random_crop_padding, cfg.auto_augment)
     train_set, val_set, classes = build_datasets(spec, pre, augment=augment)
     if ckpt is not None:
@@ -314,6 +320,13 @@ def initialise_from(model: nn.Module, init: dict, cfg: TrainConfig, classes: lis
               + (f" ({', '.join(skipped[:6])}{', ...' if len(skipped) > 6 else ''})" if skipped else "") + head)
 
 
+def legacy_crop_pct(ckpt: dict) -> float:
+    """The crop_pct of a checkpoint saved before the flag existed: its preprocessing's img_size / resize (28 / 32)."""
+    pre = ckpt["preprocess"]
+    check_preprocess_values(pre, "--resume: the checkpoint's ")
+    return pre.get("img_size", 224) / pre.get("resize", 256)
+
+
 def check_finite(row: dict, cfg: TrainConfig) -> None:
     """A NaN/inf training or validation loss means the weights diverged: stop with one line (exit 2)."""
     bad = [f"{key} {row[key]}" for key in ("train_loss", "val_loss") if key in row and not math.isfinite(row[key])]
@@ -374,6 +387,8 @@ def describe_run(cfg: TrainConfig, model, num_train: int, num_val: int, classes:
           f"{len(classes)} classes, device {device}" + (f", {world} processes" if world > 1 else "")
           + f"\ndata pipeline: {loaders.pipeline} ({loaders.reason})"
           + "".join(f"\n{cache.describe()}" for cache in loaders.caches)
+          + f"\ninput: {cfg.img_size} px; eval resize {round(cfg.img_size / cfg.crop_pct)} -> centre crop {cfg.img_size} "
+            f"(crop_pct {cfg.crop_pct})"
           + f"\naugmentation: {augment.describe()}"
           + (f", then {'Mixup' if cfg.mixup_alpha else ''}{'/' if cfg.mixup_alpha and cfg.cutmix_alpha else ''}"
              f"{'CutMix' if cfg.cutmix_alpha else ''} on batches (train acc@1 = predictions of the dominant label)"

@@ -26,6 +26,7 @@ class TrainConfig:
     freeze_backbone: bool
     norm_type: str
     img_size: int
+    crop_pct: float | None  # None (auto) until the run resolves it (utils.data.datasets.resolve_crop_pct)
     small_input: str
     # augmentation and regularisation
     augment: str
