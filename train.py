@@ -52,9 +52,9 @@ from utils.training.run_dir import RunDir, check_run_name, choose_run_dir
 from utils.training.schedule import SCHEDULES, WarmupSchedule
 
 # --resume takes these from the checkpoint: they define the network, its input and the augmentation it was trained with
-NETWORK_FLAGS = ("model", "img_size", "crop_pct", "norm_type", "small_input", "augment", "random_erasing", "random_crop_padding",
-                 "auto_augment")
-INIT_FLAGS = ("model", "img_size", "norm_type", "small_input")  # --init_from's defaults (explicit flags win)
+NETWORK_FLAGS = ("model", "img_size", "crop_pct", "in_channels", "norm_type", "small_input", "augment", "random_erasing",
+                 "random_crop_padding", "auto_augment")
+INIT_FLAGS = ("model", "img_size", "in_channels", "norm_type", "small_input")  # --init_from's defaults (explicit flags win)
 
 
 def get_args_parser():
@@ -62,13 +62,15 @@ def get_args_parser():
     cli.add_config_arg(p)
     g = p.add_argument_group("model")
     g.add_argument("-m", "--model", default="custom", choices=MODEL_NAMES, metavar="NAME",
-                   help="network: custom (FashionCNN), resnet9, resnet18-152, mobilenet_v2/v3_small/v3_large, efficientnet_b0")
+                   help="network: custom (FashionCNN), resnet9, speednet, resnet18-152, mobilenet_v2/v3_small/v3_large, efficientnet_b0")
     g.add_argument("-p", "--pretrained", action="store_true", help="start from torchvision's ImageNet weights (new head)")
     g.add_argument("--freeze_backbone", action="store_true", help="train only the classification head")
     g.add_argument("--norm_type", default="BN", choices=NORM_TYPES, help="normalisation layers: BatchNorm, GroupNorm or none")
     g.add_argument("--img_size", type=cli.positive(), default=224, help="crop size fed to the network, in pixels")
     g.add_argument("--crop_pct", type=cli.in_range(0, 1, low_open=True), default=None,
                    help="eval resize = img_size / crop_pct, then centre crop; default 1.0 at the images' own size, else 0.875")
+    g.add_argument("--in_channels", type=int, default=3, choices=(1, 3),
+                   help="1: grayscale network (Fashion-MNIST, grey folders; colour images are converted); 3: RGB")
     g.add_argument("--small_input", default="auto", choices=["auto", "on", "off"],
                    help="stride-1 stem for small images; auto = on when img_size <= 64")
     g = p.add_argument_group("augmentation and regularisation")
@@ -189,7 +191,7 @@ def train(cfg: TrainConfig, ckpt: dict | None, init: dict | None, spec: DataSpec
     main_proc = is_main_process()
     seed_everything(cfg.seed + rank)
     cfg = replace(cfg, crop_pct=resolve_crop_pct(cfg.crop_pct, cfg.img_size, native_image_size(spec)))
-    pre = Preprocess.for_size(cfg.img_size, crop_pct=cfg.crop_pct)
+    pre = Preprocess.for_size(cfg.img_size, channels=cfg.in_channels, crop_pct=cfg.crop_pct)
     augment = resolve_augment(cfg.augment, cfg.img_size, cfg.random_erasing, cfg.random_crop_padding, cfg.auto_augment)
     train_set, val_set, classes = build_datasets(spec, pre, augment=augment)
     if ckpt is not None:
@@ -387,8 +389,8 @@ def describe_run(cfg: TrainConfig, model, num_train: int, num_val: int, classes:
           f"{len(classes)} classes, device {device}" + (f", {world} processes" if world > 1 else "")
           + f"\ndata pipeline: {loaders.pipeline} ({loaders.reason})"
           + "".join(f"\n{cache.describe()}" for cache in loaders.caches)
-          + f"\ninput: {cfg.img_size} px; eval resize {round(cfg.img_size / cfg.crop_pct)} -> centre crop {cfg.img_size} "
-            f"(crop_pct {cfg.crop_pct})"
+          + f"\ninput: {cfg.img_size} px, {'grayscale (1 channel)' if cfg.in_channels == 1 else 'RGB'}; "
+            f"eval resize {round(cfg.img_size / cfg.crop_pct)} -> centre crop {cfg.img_size} (crop_pct {cfg.crop_pct})"
           + f"\naugmentation: {augment.describe()}"
           + (f", then {'Mixup' if cfg.mixup_alpha else ''}{'/' if cfg.mixup_alpha and cfg.cutmix_alpha else ''}"
              f"{'CutMix' if cfg.cutmix_alpha else ''} on batches (train acc@1 = predictions of the dominant label)"

@@ -67,3 +67,74 @@ def test_resuming_a_checkpoint_from_before_crop_pct_keeps_its_resize(trained_run
     assert "eval resize 32 -> centre crop 28 (crop_pct 0.875)" in proc.stdout
     resumed = torch.load(run / "last.pth", weights_only=True)
     assert resumed["epoch"] == 2 and resumed["preprocess"]["resize"] == 32 and resumed["args"]["crop_pct"] == 0.875
+
+
+# ----------------------------------------------------------------------------- --in_channels 1 and speednet
+
+
+def test_every_registry_model_builds_for_grayscale_input():
+    from models import MODEL_NAMES, build_model, model_kwargs
+
+    # every builder of the registry with its small-input stem (28 px); the large-input stems (96 px) of the torchvision
+    # networks share one code path. resnet34/101/152 and mobilenet_v3_large share resnet18/50's and
+    # mobilenet_v3_small's stem code (their meta passes would cost 5 s)
+    same_stem = {"resnet34", "resnet101", "resnet152", "mobilenet_v3_large"}
+    for name, size in [(n, 28) for n in MODEL_NAMES if n not in same_stem] + [("resnet18", 96), ("mobilenet_v2", 96),
+                                                                             ("resnet9", 96)]:
+        with torch.device("meta"):  # shapes only
+            model = build_model(name, 10, **model_kwargs(size, "BN", 1, "auto"))
+            out = model(torch.empty(2, 1, size, size))
+        first = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+        assert first.in_channels == 1 and out.shape == (2, 10), name
+    # a torchvision stem made grayscale keeps its init distribution: the RGB filters summed / sqrt(3)
+    torch.manual_seed(0)
+    rgb = build_model("mobilenet_v3_small", 10, img_size=96, in_channels=3).features[0][0].weight
+    torch.manual_seed(0)
+    grey = build_model("mobilenet_v3_small", 10, img_size=96, in_channels=1).features[0][0].weight
+    assert grey.shape == (16, 1, 3, 3) and torch.allclose(grey, rgb.sum(1, keepdim=True) / 3 ** 0.5)
+
+
+def test_speednet_size_receptive_field_and_whitened_stem():
+    from models import build_model, count_parameters
+    from models.speednet import whiten_stem
+    from utils.analysis.rf_trace import receptive_fields
+
+    model = build_model("speednet", 10, img_size=28, in_channels=1)
+    assert 1.0e6 < count_parameters(model) < 2.0e6
+    report = receptive_fields(model, (1, 28, 28))
+    f = report.final
+    assert (f.layer, f.rf, f.stride, f.padding) == ("layers.2.4", (51, 51), (8, 8), (21, 21))
+    assert report.covers_whole_image and not report.warnings
+    # whitening: the stem's + filters map 2x2 patches of the images to decorrelated unit-variance features
+    images = torch.randn(64, 1, 28, 28).cumsum(-1) * 0.3  # correlated neighbouring pixels, like real images
+    whiten_stem(model, images)
+    feats = torch.nn.functional.conv2d(images, model.stem[0].weight[:4]).permute(0, 2, 3, 1).reshape(-1, 4).double()
+    cov = feats.T @ feats / len(feats)
+    assert torch.allclose(cov, torch.eye(4, dtype=torch.float64), atol=0.02), cov
+
+
+def test_grayscale_speednet_trains_exports_and_predicts_a_colour_image(tmp_path, small_fashion_root):
+    import onnx
+
+    from utils.data.preprocess import Preprocess
+
+    out = tmp_path / "runs"
+    proc = run_main("train.py", "--model", "speednet", "--in_channels", "1", "--img_size", "28", "--max_epoch", "1",
+                    "--batch_size", "32", "--num_workers", "0", "--data_root", str(small_fashion_root), "--quiet",
+                    "--device", "cpu", "--path_to_save", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "input: 28 px, grayscale (1 channel); eval resize 28 -> centre crop 28 (crop_pct 1.0)" in proc.stdout
+    ckpt_path = out / "FashionMNIST" / "speednet" / "best.pth"
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    assert ckpt["model_kwargs"]["in_channels"] == ckpt["preprocess"]["channels"] == ckpt["args"]["in_channels"] == 1
+    assert ckpt["model"]["stem.0.weight"].shape == (8, 1, 2, 2)
+    onnx_path = tmp_path / "speednet.onnx"
+    proc = run_main("export.py", "--weights", str(ckpt_path), "--output", str(onnx_path))
+    assert proc.returncode == 0 and "-> passed" in proc.stdout, proc.stdout + proc.stderr
+    props = {p.key: p.value for p in onnx.load(str(onnx_path)).metadata_props}
+    pre = Preprocess.from_json(props["preprocess"])
+    assert (pre.channels, pre.resize, pre.crop_pct) == (1, 28, 1.0) and "grayscale (L)" in props["preprocessing"]
+    colour = tmp_path / "red.png"
+    Image.fromarray(np.full((30, 40, 3), (200, 20, 20), np.uint8)).save(colour)
+    proc = run_main("predict.py", "--model", str(onnx_path), "--image", str(colour), "--quiet")
+    assert proc.returncode == 0 and "Top 5 predictions:" in proc.stdout, proc.stdout + proc.stderr

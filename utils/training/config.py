@@ -27,6 +27,7 @@ class TrainConfig:
     norm_type: str
     img_size: int
     crop_pct: float | None  # None (auto) until the run resolves it (utils.data.datasets.resolve_crop_pct)
+    in_channels: int
     small_input: str
     # augmentation and regularisation
     augment: str
