@@ -36,7 +36,7 @@ from utils.data.splits import split_json
 from utils.distributed import barrier, cleanup, init_distributed, is_distributed, is_main_process
 from utils.errors import InputError
 from utils.evaluation.loop import TTA_CHOICES, evaluate
-from utils.precision import AMP_DTYPES, Precision, needs_grad_scaler, resolve_precision
+from utils.precision import AMP_DTYPES, Precision, needs_grad_scaler
 from utils.training.checkpointer import CheckpointSaver, ResumePoint, restore
 from utils.training.config import RUN_FIELDS, TrainConfig
 from utils.training.dashboard import TrainingDashboard, evaluation_details
@@ -45,6 +45,7 @@ from utils.training.engine import TrainState, train_one_epoch
 from utils.training.interrupt import GracefulStop
 from utils.training.length import TrainingLength
 from utils.training.optim import OPTIMIZERS, build_optimizer
+from utils.training.precision_choice import MEMORY_FORMATS, PRECISIONS, candidates, choose_precision, describe_choice
 from utils.training.recorder import RunRecorder
 from utils.training.resume import check_resumable, checkpoint_flags, fixed_by_resume
 from utils.training.rng import seed_everything
@@ -114,9 +115,13 @@ def get_args_parser():
     g.add_argument("--eval_epoch", type=cli.positive(), default=1, help="validate every N epochs (and after the last)")
     g.add_argument("--tta", default="none", choices=TTA_CHOICES, help="flip: validate the final weights once more with flip TTA")
     g = p.add_argument_group("precision and speed")
+    g.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="auto: time a few training steps of fp32 and bf16 (CPUs with native bf16) and train with the faster")
+    g.add_argument("--memory_format", default="auto", choices=MEMORY_FORMATS,
+                   help="auto: time NCHW and channels_last with --precision's candidates (CUDA: channels_last)")
     g.add_argument("--fp16", action="store_true", help="mixed precision: fp16 on CUDA, bf16 on CPUs with native bf16")
     g.add_argument("--amp_dtype", default="auto", choices=AMP_DTYPES, help="autocast dtype with --fp16")
-    g.add_argument("--channels_last", action="store_true", help="NHWC memory format")
+    g.add_argument("--channels_last", action="store_true", help="NHWC memory format (= --memory_format channels_last)")
     g.add_argument("--data_pipeline", default="auto", choices=["auto", "pil", "tensor"],
                    help="tensor: augment whole batches from memory; pil: per-image PIL workers; auto: tensor when it fits")
     cli.add_cache_args(g)
@@ -212,7 +217,11 @@ def train(cfg: TrainConfig, ckpt: dict | None, init: dict | None, spec: DataSpec
     if init is not None:
         initialise_from(model, init, cfg, classes, kwargs, main_proc)
         del init
-    precision = resolve_precision(device, cfg.fp16, cfg.amp_dtype, cfg.channels_last)
+    cands, note = candidates(device, cfg.precision, cfg.memory_format, cfg.fp16, cfg.amp_dtype, cfg.channels_last)
+    precision, used = choose_precision(model, cands, note, batch_shape=(cfg.batch_size, pre.channels, cfg.img_size, cfg.img_size),
+                                       num_classes=len(classes), device=device, planned_steps=len(loaders.train) * cfg.max_epoch,
+                                       recorded=(ckpt.get("args") or {}).get("precision_used") if ckpt is not None else None)
+    cfg = replace(cfg, precision_used=used)  # in args.json, the checkpoints and TensorBoard's run/args
     if precision.channels_last:
         model = model.to(memory_format=torch.channels_last)
     state = build_train_state(cfg, model, device, precision, len(classes), steps_per_epoch=-(-len(loaders.train) // cfg.accumulation))
@@ -395,7 +404,8 @@ def describe_run(cfg: TrainConfig, model, num_train: int, num_val: int, classes:
           + (f", then {'Mixup' if cfg.mixup_alpha else ''}{'/' if cfg.mixup_alpha and cfg.cutmix_alpha else ''}"
              f"{'CutMix' if cfg.cutmix_alpha else ''} on batches (train acc@1 = predictions of the dominant label)"
              if cfg.mixup_alpha or cfg.cutmix_alpha else "")
-          + f"\nprecision: {precision.describe()}; LR schedule: {cfg.sched}, {cfg.optimizer}")
+          + f"\nprecision: {precision.describe()}, chosen: {describe_choice(cfg.precision_used)}"
+          + f"\nLR schedule: {cfg.sched}, {cfg.optimizer}")
     if resume.start_epoch >= cfg.max_epoch:
         print(f"nothing to train: the run already finished epoch {resume.start_epoch} of --max_epoch {cfg.max_epoch}; "
               "raise --max_epoch to train longer")

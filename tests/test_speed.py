@@ -138,3 +138,74 @@ def test_grayscale_speednet_trains_exports_and_predicts_a_colour_image(tmp_path,
     Image.fromarray(np.full((30, 40, 3), (200, 20, 20), np.uint8)).save(colour)
     proc = run_main("predict.py", "--model", str(onnx_path), "--image", str(colour), "--quiet")
     assert proc.returncode == 0 and "Top 5 predictions:" in proc.stdout, proc.stdout + proc.stderr
+
+
+# ----------------------------------------------------------------------------- --precision / --memory_format auto
+
+
+def test_precision_candidates_follow_the_cpu_and_the_flags():
+    from utils.precision import cpu_bf16_native
+    from utils.training.precision_choice import candidates
+
+    cpu = torch.device("cpu")
+    names = [c.name for c in candidates(cpu)[0]]
+    assert names == ["fp32/nchw", "fp32/channels_last"] + (["bf16/nchw", "bf16/channels_last"] if cpu_bf16_native() else [])
+    assert [c.name for c in candidates(cpu, "fp32", "nchw")[0]] == ["fp32/nchw"]
+    assert [c.name for c in candidates(cpu, memory_format="nchw")[0]][0] == "fp32/nchw"
+    assert [c.name for c in candidates(cpu, "fp32", channels_last=True)[0]] == ["fp32/channels_last"]  # the old switch
+    old = candidates(cpu, fp16=True)  # the old --fp16: bf16 where native, else float32 with a warning
+    assert [c.name for c in old[0]] == (["bf16/nchw", "bf16/channels_last"] if cpu_bf16_native() else
+                                        ["fp32/nchw", "fp32/channels_last"])
+    with pytest.raises(InputError, match="--fp16 means"):
+        candidates(cpu, "fp32", fp16=True, amp_dtype="bfloat16")
+    with pytest.raises(InputError, match="contradict"):
+        candidates(cpu, memory_format="nchw", channels_last=True)
+
+
+def test_the_probe_times_each_candidate_on_a_copy_and_leaves_the_run_untouched():
+    from models import build_model
+    from utils.training.precision_choice import PROBE_PAYBACK, candidates, choose_precision
+
+    cpu = torch.device("cpu")
+    model = build_model("speednet", 10, img_size=16, in_channels=1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cands, note = candidates(cpu)
+    torch.manual_seed(5)
+    rng = torch.get_rng_state()
+    shape = (8, 1, 16, 16)
+    chosen, record = choose_precision(model, cands, note, batch_shape=shape, num_classes=10, device=cpu, planned_steps=10 ** 6)
+    assert torch.equal(torch.get_rng_state(), rng)  # the run's random stream is the one it would have had
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # weights and BatchNorm statistics
+    assert record["chosen_by"] == "probe" and list(record["step_ms"]) == [c.name for c in cands]
+    fastest = min(record["step_ms"], key=record["step_ms"].get)
+    assert f"{record['precision']}/{record['memory_format']}" == fastest
+    assert (chosen.amp, chosen.channels_last) == (record["precision"] != "fp32", record["memory_format"] == "channels_last")
+    short = PROBE_PAYBACK * len(cands) * 4 - 1
+    _, record = choose_precision(model, cands, note, batch_shape=shape, num_classes=10, device=cpu, planned_steps=short)
+    assert record == {"precision": "fp32", "memory_format": "nchw",
+                      "chosen_by": f"short run ({short} steps): the reference, no probe"}
+    resumed = {"precision": cands[-1].precision, "memory_format": "channels_last", "chosen_by": "probe"}
+    _, record = choose_precision(model, cands, note, batch_shape=shape, num_classes=10, device=cpu, planned_steps=10 ** 6,
+                                 recorded=resumed)
+    assert record == {**resumed, "chosen_by": "resume"}
+
+
+def test_train_probes_records_the_choice_and_resume_keeps_it(tmp_path, small_fashion_root):
+    """64 images at batch 2 for up to 20 epochs: 640 planned steps, enough for the probe; a budget of 0.06 s then
+    stops the run after its first epoch."""
+    import json
+
+    out = tmp_path / "runs"
+    common = ["--model", "custom", "--img_size", "28", "--batch_size", "2", "--num_workers", "0", "--quiet",
+              "--device", "cpu", "--data_root", str(small_fashion_root), "--path_to_save", str(out)]
+    proc = run_main("train.py", *common, "--max_epoch", "20", "--time_budget", "0.001")
+    assert proc.returncode == 0, proc.stderr
+    run = out / "FashionMNIST" / "custom"
+    used = json.loads((run / "args.json").read_text())["precision_used"]
+    assert used["chosen_by"] == "probe" and len(used["step_ms"]) >= 2
+    assert f"chosen: {used['precision']} {used['memory_format']} (fastest of " in proc.stdout
+    last = torch.load(run / "last.pth", weights_only=True)
+    assert last["args"]["precision_used"] == used and last["epoch"] == 0
+    proc = run_main("train.py", *common, "--max_epoch", "2", "--resume", str(run / "last.pth"))
+    assert proc.returncode == 0, proc.stderr
+    assert f"chosen: {used['precision']} {used['memory_format']} (resume)" in proc.stdout
