@@ -51,6 +51,7 @@ from utils.training.resume import check_resumable, checkpoint_flags, fixed_by_re
 from utils.training.rng import seed_everything
 from utils.training.run_dir import RunDir, check_run_name, choose_run_dir
 from utils.training.schedule import SCHEDULES, WarmupSchedule
+from utils.training.whitening import whiten_from_dataset
 
 # --resume takes these from the checkpoint: they define the network, its input and the augmentation it was trained with
 NETWORK_FLAGS = ("model", "img_size", "crop_pct", "in_channels", "norm_type", "small_input", "augment", "random_erasing",
@@ -74,6 +75,8 @@ def get_args_parser():
                    help="1: grayscale network (Fashion-MNIST, grey folders; colour images are converted); 3: RGB")
     g.add_argument("--small_input", default="auto", choices=["auto", "on", "off"],
                    help="stride-1 stem for small images; auto = on when img_size <= 64")
+    g.add_argument("--whiten_stem", action="store_true",
+                   help="speednet: initialise its 2x2 stem as a whitening filter bank of 512 training images")
     g = p.add_argument_group("augmentation and regularisation")
     g.add_argument("--augment", default="auto", choices=AUGMENT_CHOICES,
                    help="policy: seed = crop + rotate + flip, light = flip, none; auto = seed above 64 px, else light")
@@ -166,6 +169,8 @@ def main(argv=None) -> int:
         flags.update(cli.checked_values(parser, {key: saved[key] for key in INIT_FLAGS if key in saved and key not in explicit},
                                         f"--init_from {flags['init_from']}: saved flag"))
     cfg = TrainConfig(**flags)
+    if cfg.whiten_stem and cfg.model != "speednet":
+        raise InputError(f"--whiten_stem initialises speednet's 2x2 stem; --model {cfg.model} has none: drop the flag")
     progress.set_quiet(cfg.quiet)  # every bar of the run, the data checks' and the cache's too
     small = resolve_small_input(cfg.small_input, cfg.img_size)
     if cfg.img_size < min_img_size(cfg.model, small):
@@ -182,9 +187,10 @@ def main(argv=None) -> int:
     run = choose_run_dir(cfg.path_to_save, spec.name, cfg.name or cfg.model, exist_ok=cfg.exist_ok, resume=cfg.resume)
     if is_main_process():
         run.announce()
+    replay = recorded_precision(args.config)
     try:
         with explain_out_of_memory(training_flags(cfg.batch_size, cfg.img_size), "lower --batch_size or --img_size"):
-            return train(cfg, ckpt, init, spec, run, device, rank, world)
+            return train(cfg, ckpt, init, spec, run, device, rank, world, replay)
     finally:
         if is_main_process():
             run.release()
@@ -192,7 +198,7 @@ def main(argv=None) -> int:
 
 
 def train(cfg: TrainConfig, ckpt: dict | None, init: dict | None, spec: DataSpec, run: RunDir, device: torch.device, rank: int,
-          world: int) -> int:
+          world: int, replay: dict | None = None) -> int:
     main_proc = is_main_process()
     seed_everything(cfg.seed + rank)
     cfg = replace(cfg, crop_pct=resolve_crop_pct(cfg.crop_pct, cfg.img_size, native_image_size(spec)))
@@ -217,10 +223,15 @@ def train(cfg: TrainConfig, ckpt: dict | None, init: dict | None, spec: DataSpec
     if init is not None:
         initialise_from(model, init, cfg, classes, kwargs, main_proc)
         del init
+    elif cfg.whiten_stem and ckpt is None:
+        used = whiten_from_dataset(model, train_set, device)
+        if main_proc:
+            print(f"stem whitened from the 2x2 patches of {used} training images")
     cands, note = candidates(device, cfg.precision, cfg.memory_format, cfg.fp16, cfg.amp_dtype, cfg.channels_last)
     precision, used = choose_precision(model, cands, note, batch_shape=(cfg.batch_size, pre.channels, cfg.img_size, cfg.img_size),
                                        num_classes=len(classes), device=device, planned_steps=len(loaders.train) * cfg.max_epoch,
-                                       recorded=(ckpt.get("args") or {}).get("precision_used") if ckpt is not None else None)
+                                       recorded=(ckpt.get("args") or {}).get("precision_used") if ckpt is not None else replay,
+                                       recorded_by="resume" if ckpt is not None else "replay")
     cfg = replace(cfg, precision_used=used)  # in args.json, the checkpoints and TensorBoard's run/args
     if precision.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -329,6 +340,17 @@ def initialise_from(model: nn.Module, init: dict, cfg: TrainConfig, classes: lis
                                 f"differ: only here {sorted(set(classes) - set(init['classes']))[:5]})")
         print(f"initialised from {cfg.init_from}: loaded {len(loaded)} tensors, skipped {len(skipped)}"
               + (f" ({', '.join(skipped[:6])}{', ...' if len(skipped) > 6 else ''})" if skipped else "") + head)
+
+
+def recorded_precision(config: str | None) -> dict | None:
+    """--config with a run's args.json: the precision that run chose (its `precision_used`), so a replay repeats it."""
+    if not config or not config.endswith(".json"):
+        return None
+    import json
+
+    with open(config, encoding="utf-8") as f:  # config_values has read and checked it already
+        used = json.load(f).get("precision_used")
+    return used if isinstance(used, dict) else None
 
 
 def legacy_crop_pct(ckpt: dict) -> float:

@@ -190,7 +190,7 @@ def test_the_probe_times_each_candidate_on_a_copy_and_leaves_the_run_untouched()
     assert record == {**resumed, "chosen_by": "resume"}
 
 
-def test_train_probes_records_the_choice_and_resume_keeps_it(tmp_path, small_fashion_root):
+def test_train_probes_records_the_choice_and_resume_and_replay_keep_it(tmp_path, small_fashion_root):
     """64 images at batch 2 for up to 20 epochs: 640 planned steps, enough for the probe; a budget of 0.06 s then
     stops the run after its first epoch."""
     import json
@@ -206,6 +206,26 @@ def test_train_probes_records_the_choice_and_resume_keeps_it(tmp_path, small_fas
     assert f"chosen: {used['precision']} {used['memory_format']} (fastest of " in proc.stdout
     last = torch.load(run / "last.pth", weights_only=True)
     assert last["args"]["precision_used"] == used and last["epoch"] == 0
+    proc = run_main("train.py", "--config", str(run / "args.json"), "--path_to_save", str(tmp_path / "replay"))
+    assert proc.returncode == 0, proc.stderr
+    assert f"chosen: {used['precision']} {used['memory_format']} (replay)" in proc.stdout  # a replay repeats the choice
     proc = run_main("train.py", *common, "--max_epoch", "2", "--resume", str(run / "last.pth"))
     assert proc.returncode == 0, proc.stderr
     assert f"chosen: {used['precision']} {used['memory_format']} (resume)" in proc.stdout
+
+
+def test_whiten_stem_initialises_speednet_from_training_images_and_is_refused_elsewhere(tmp_path, small_fashion_root):
+    from models import build_model
+    from utils.data.datasets import build_datasets
+    from utils.training.whitening import whiten_from_dataset
+
+    train_set, _, _ = build_datasets(DataSpec(None, str(small_fashion_root)), Preprocess.for_size(28, 1, 1.0))
+    model = build_model("speednet", 10, img_size=28, in_channels=1)
+    assert whiten_from_dataset(model, train_set, torch.device("cpu")) == 64  # all 64 images (fewer than 512)
+    images = torch.stack([train_set[i][0] for i in range(64)])
+    feats = torch.nn.functional.conv2d(images, model.stem[0].weight[:4]).permute(0, 2, 3, 1).reshape(-1, 4).double()
+    assert torch.allclose(feats.T @ feats / len(feats), torch.eye(4, dtype=torch.float64), atol=0.1)
+    proc = run_main("train.py", "--model", "custom", "--whiten_stem", "--data_root", str(small_fashion_root),
+                    "--path_to_save", str(tmp_path))
+    assert proc.returncode == 2 and proc.stderr.strip() == ("error: --whiten_stem initialises speednet's 2x2 stem; "
+                                                            "--model custom has none: drop the flag")

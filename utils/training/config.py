@@ -29,6 +29,7 @@ class TrainConfig:
     crop_pct: float | None  # None (auto) until the run resolves it (utils.data.datasets.resolve_crop_pct)
     in_channels: int
     small_input: str
+    whiten_stem: bool
     # augmentation and regularisation
     augment: str
     random_erasing: float

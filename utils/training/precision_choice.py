@@ -10,7 +10,8 @@ Candidates: on a CPU, float32 and (only where oneDNN has native bf16: AVX-512 BF
 several times slower) bfloat16 autocast, each in NCHW and channels_last; on CUDA, fp16 and (where supported) bf16
 autocast in channels_last. Explicit flags narrow the set (--precision fp32, --memory_format nchw; the older --fp16,
 --amp_dtype and --channels_last mean what they meant). A run too short to repay the probe takes the reference
-(float32 NCHW on a CPU: exact float32 maths). --resume keeps the choice the run made, so it repeats exactly.
+(float32 NCHW on a CPU: exact float32 maths). --resume, and --config with a run's args.json, keep the choice the run
+made, so it repeats exactly.
 """
 
 from __future__ import annotations
@@ -117,17 +118,19 @@ def step_seconds(model: nn.Module, cands: list[Candidate], batch_shape: tuple[in
 
 
 def choose_precision(model: nn.Module, cands: list[Candidate], note: str | None, *, batch_shape: tuple[int, ...],
-                     num_classes: int, device: torch.device, planned_steps: int,
-                     recorded: dict | None = None) -> tuple[Precision, dict]:
+                     num_classes: int, device: torch.device, planned_steps: int, recorded: dict | None = None,
+                     recorded_by: str = "resume") -> tuple[Precision, dict]:
     """The Precision the run trains with and its record (args.json's `precision_used`): what was chosen and how
-    ("flags", "resume", "short run", "probe"), with the probe's step times in ms."""
+    ("flags"; `recorded_by` for a `recorded` choice: "resume", or "replay" of a run's args.json; "short run";
+    "probe"), with the probe's step times in ms."""
     record: dict = {}
     names = [c.name for c in cands]
-    recorded_name = f"{recorded['precision']}/{recorded['memory_format']}" if recorded else None
+    recorded_name = (f"{recorded.get('precision')}/{recorded.get('memory_format')}" if isinstance(recorded, dict)
+                     else None)
     if len(cands) == 1:
         chosen, record["chosen_by"] = cands[0], "flags"
-    elif recorded_name in names:  # --resume: the run's own choice, so it repeats exactly
-        chosen, record["chosen_by"] = cands[names.index(recorded_name)], "resume"
+    elif recorded_name in names:  # --resume or a replayed args.json: the run's own choice, so it repeats exactly
+        chosen, record["chosen_by"] = cands[names.index(recorded_name)], recorded_by
     elif planned_steps < PROBE_PAYBACK * len(cands) * (PROBE_WARMUP + PROBE_STEPS):
         chosen, record["chosen_by"] = cands[0], f"short run ({planned_steps} steps): the reference, no probe"
     else:
