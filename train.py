@@ -71,7 +71,7 @@ def get_args_parser():
     g.add_argument("--img_size", type=cli.positive(), default=224, help="crop size fed to the network, in pixels")
     g.add_argument("--crop_pct", type=cli.in_range(0, 1, low_open=True), default=None,
                    help="eval resize = img_size / crop_pct, then centre crop; default 1.0 at the images' own size, else 0.875")
-    g.add_argument("--in_channels", type=int, default=3, choices=(1, 3),
+    g.add_argument("--in_channels", type=cli.positive(), default=3, choices=(1, 3),
                    help="1: grayscale network (Fashion-MNIST, grey folders; colour images are converted); 3: RGB")
     g.add_argument("--small_input", default="auto", choices=["auto", "on", "off"],
                    help="stride-1 stem for small images; auto = on when img_size <= 64")
