@@ -201,7 +201,8 @@ def train(cfg: TrainConfig, ckpt: dict | None, init: dict | None, spec: DataSpec
           world: int, replay: dict | None = None) -> int:
     main_proc = is_main_process()
     seed_everything(cfg.seed + rank)
-    cfg = replace(cfg, crop_pct=resolve_crop_pct(cfg.crop_pct, cfg.img_size, native_image_size(spec)))
+    if cfg.crop_pct is None:  # auto: from the images' own size (a folder's file headers are read)
+        cfg = replace(cfg, crop_pct=resolve_crop_pct(None, cfg.img_size, native_image_size(spec)))
     pre = Preprocess.for_size(cfg.img_size, channels=cfg.in_channels, crop_pct=cfg.crop_pct)
     augment = resolve_augment(cfg.augment, cfg.img_size, cfg.random_erasing, cfg.random_crop_padding, cfg.auto_augment)
     train_set, val_set, classes = build_datasets(spec, pre, augment=augment)
@@ -224,9 +225,9 @@ def train(cfg: TrainConfig, ckpt: dict | None, init: dict | None, spec: DataSpec
         initialise_from(model, init, cfg, classes, kwargs, main_proc)
         del init
     elif cfg.whiten_stem and ckpt is None:
-        used = whiten_from_dataset(model, train_set, device)
+        count = whiten_from_dataset(model, train_set, device)
         if main_proc:
-            print(f"stem whitened from the 2x2 patches of {used} training images")
+            print(f"stem whitened from the 2x2 patches of {count} training images")
     cands, note = candidates(device, cfg.precision, cfg.memory_format, cfg.fp16, cfg.amp_dtype, cfg.channels_last)
     precision, used = choose_precision(model, cands, note, batch_shape=(cfg.batch_size, pre.channels, cfg.img_size, cfg.img_size),
                                        num_classes=len(classes), device=device, planned_steps=len(loaders.train) * cfg.max_epoch,
