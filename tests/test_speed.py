@@ -229,3 +229,25 @@ def test_whiten_stem_initialises_speednet_from_training_images_and_is_refused_el
                     "--path_to_save", str(tmp_path))
     assert proc.returncode == 2 and proc.stderr.strip() == ("error: --whiten_stem initialises speednet's 2x2 stem; "
                                                             "--model custom has none: drop the flag")
+
+
+class NoBf16Kernel(torch.nn.Module):
+    """A real network with an operation that has no bfloat16 CPU kernel (torch.special.zeta): its bf16 steps fail."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.head = torch.nn.Conv2d(1, 4, 3), torch.nn.Linear(4, 10)
+
+    def forward(self, x):
+        h = self.conv(x).mean((2, 3))
+        return self.head(h) + 0 * torch.special.zeta(h.detach().abs() + 2, torch.ones_like(h.detach())).mean()
+
+
+def test_a_candidate_whose_step_fails_is_left_out_and_recorded():
+    from utils.training.precision_choice import Candidate, choose_precision, describe_choice
+
+    cands = [Candidate("bf16", False), Candidate("fp32", False)]
+    chosen, record = choose_precision(NoBf16Kernel(), cands, None, batch_shape=(4, 1, 8, 8), num_classes=10,
+                                      device=torch.device("cpu"), planned_steps=10 ** 6)
+    assert record["precision"] == "fp32" and not chosen.amp and record["step_ms"]["bf16/nchw"] is None
+    assert record["step_ms"]["fp32/nchw"] > 0 and "bf16/nchw failed" in describe_choice(record)

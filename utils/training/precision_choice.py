@@ -17,6 +17,7 @@ made, so it repeats exactly.
 from __future__ import annotations
 
 import copy
+import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -82,7 +83,8 @@ def candidates(device: torch.device, precision: str = "auto", memory_format: str
 def step_seconds(model: nn.Module, cands: list[Candidate], batch_shape: tuple[int, ...], num_classes: int,
                  device: torch.device) -> dict[str, float]:
     """Median seconds of one training step (forward, backward, SGD step) of each candidate, on a copy of `model` with
-    a random batch of `batch_shape`; the caller's model, its BatchNorm statistics and the random state are untouched."""
+    a random batch of `batch_shape`; the caller's model, its BatchNorm statistics and the random state are untouched.
+    A candidate whose step fails (an operation without a kernel for that dtype or layout) gets math.inf."""
     probe = copy.deepcopy(model).train()
     optimizer = torch.optim.SGD([p for p in probe.parameters() if p.requires_grad], lr=0.0)
     loss_fn = nn.CrossEntropyLoss()
@@ -98,20 +100,23 @@ def step_seconds(model: nn.Module, cands: list[Candidate], batch_shape: tuple[in
             xc = x.contiguous(memory_format=fmt)
             times: list[float] = []
             spent, n = 0.0, 0
-            while n < PROBE_WARMUP + PROBE_STEPS and (n <= PROBE_WARMUP or spent < PROBE_SECONDS):
-                start = time.perf_counter()
-                with autocast(device, cand.precision != "fp32", AMP_NAMES[cand.precision]):
-                    loss = loss_fn(probe(xc).float(), y)
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                seconds = time.perf_counter() - start
-                spent += seconds
-                if n >= PROBE_WARMUP:
-                    times.append(seconds)
-                n += 1
+            try:
+                while n < PROBE_WARMUP + PROBE_STEPS and (n <= PROBE_WARMUP or spent < PROBE_SECONDS):
+                    start = time.perf_counter()
+                    with autocast(device, cand.precision != "fp32", AMP_NAMES[cand.precision]):
+                        loss = loss_fn(probe(xc).float(), y)
+                    loss.backward()
+                    optimizer.step()
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    seconds = time.perf_counter() - start
+                    spent += seconds
+                    if n >= PROBE_WARMUP:
+                        times.append(seconds)
+                    n += 1
+            except (RuntimeError, NotImplementedError):  # not a candidate on this machine; the others still are
+                times = [math.inf]
+            optimizer.zero_grad(set_to_none=True)
             out[cand.name] = statistics.median(times)
     del probe, optimizer
     return out
@@ -139,7 +144,8 @@ def choose_precision(model: nn.Module, cands: list[Candidate], note: str | None,
         if is_distributed():  # every process trains with rank 0's choice
             fastest = int(all_reduce_sum([float(fastest) if is_main_process() else 0.0], device)[0])
         chosen, record["chosen_by"] = cands[fastest], "probe"
-        record["step_ms"] = {name: round(seconds * 1000, 2) for name, seconds in times.items()}
+        record["step_ms"] = {name: round(seconds * 1000, 2) if math.isfinite(seconds) else None  # None: its step failed
+                             for name, seconds in times.items()}
     record = {"precision": chosen.precision, "memory_format": "channels_last" if chosen.channels_last else "nchw", **record}
     return chosen.to_precision(note), record
 
@@ -148,5 +154,6 @@ def describe_choice(record: dict) -> str:
     """One line for the start of the run."""
     how = record["chosen_by"]
     if "step_ms" in record:
-        how = "fastest of " + ", ".join(f"{name} {ms:.1f} ms" for name, ms in record["step_ms"].items()) + " per step"
+        how = "fastest of " + ", ".join(f"{name} {ms:.1f} ms" if ms is not None else f"{name} failed"
+                                        for name, ms in record["step_ms"].items()) + " per step"
     return f"{record['precision']} {record['memory_format']} ({how})"
