@@ -27,16 +27,16 @@ from models.norm import NORM_TYPES
 from utils import cli, progress
 from utils.checkpoint import check_resume_fits, head_keys, inference_state, load_checkpoint, load_matching
 from utils.data.augment import AUGMENT_CHOICES, AUTO_AUGMENT_CHOICES, batch_mixing, resolve_augment
-from utils.data.datasets import DataSpec, build_datasets
+from utils.data.datasets import DataSpec, build_datasets, native_image_size, resolve_crop_pct
 from utils.data.folders import bad_images_report, check_same_classes
 from utils.data.loaders import build_train_loaders
-from utils.data.preprocess import Preprocess
+from utils.data.preprocess import Preprocess, check_preprocess_values
 from utils.data.samplers import CLASS_WEIGHTS, SAMPLERS, balanced_class_weights, class_counts, targets_of
 from utils.data.splits import split_json
 from utils.distributed import barrier, cleanup, init_distributed, is_distributed, is_main_process
 from utils.errors import InputError
 from utils.evaluation.loop import TTA_CHOICES, evaluate
-from utils.precision import AMP_DTYPES, Precision, needs_grad_scaler, resolve_precision
+from utils.precision import AMP_DTYPES, Precision, needs_grad_scaler
 from utils.training.checkpointer import CheckpointSaver, ResumePoint, restore
 from utils.training.config import RUN_FIELDS, TrainConfig
 from utils.training.dashboard import TrainingDashboard, evaluation_details
@@ -45,15 +45,18 @@ from utils.training.engine import TrainState, train_one_epoch
 from utils.training.interrupt import GracefulStop
 from utils.training.length import TrainingLength
 from utils.training.optim import OPTIMIZERS, build_optimizer
+from utils.training.precision_choice import MEMORY_FORMATS, PRECISIONS, candidates, choose_precision, describe_choice
 from utils.training.recorder import RunRecorder
 from utils.training.resume import check_resumable, checkpoint_flags, fixed_by_resume
 from utils.training.rng import seed_everything
 from utils.training.run_dir import RunDir, check_run_name, choose_run_dir
 from utils.training.schedule import SCHEDULES, WarmupSchedule
+from utils.training.whitening import whiten_from_dataset
 
 # --resume takes these from the checkpoint: they define the network, its input and the augmentation it was trained with
-NETWORK_FLAGS = ("model", "img_size", "norm_type", "small_input", "augment", "random_erasing", "random_crop_padding", "auto_augment")
-INIT_FLAGS = ("model", "img_size", "norm_type", "small_input")  # --init_from's defaults (explicit flags win)
+NETWORK_FLAGS = ("model", "img_size", "crop_pct", "in_channels", "norm_type", "small_input", "augment", "random_erasing",
+                 "random_crop_padding", "auto_augment")
+INIT_FLAGS = ("model", "img_size", "in_channels", "norm_type", "small_input")  # --init_from's defaults (explicit flags win)
 
 
 def get_args_parser():
@@ -61,13 +64,19 @@ def get_args_parser():
     cli.add_config_arg(p)
     g = p.add_argument_group("model")
     g.add_argument("-m", "--model", default="custom", choices=MODEL_NAMES, metavar="NAME",
-                   help="network: custom (FashionCNN), resnet9, resnet18-152, mobilenet_v2/v3_small/v3_large, efficientnet_b0")
+                   help="network: custom (FashionCNN), resnet9, speednet, resnet18-152, mobilenet_v2/v3_small/v3_large, efficientnet_b0")
     g.add_argument("-p", "--pretrained", action="store_true", help="start from torchvision's ImageNet weights (new head)")
     g.add_argument("--freeze_backbone", action="store_true", help="train only the classification head")
     g.add_argument("--norm_type", default="BN", choices=NORM_TYPES, help="normalisation layers: BatchNorm, GroupNorm or none")
     g.add_argument("--img_size", type=cli.positive(), default=224, help="crop size fed to the network, in pixels")
+    g.add_argument("--crop_pct", type=cli.in_range(0, 1, low_open=True), default=None,
+                   help="eval resize = img_size / crop_pct, then centre crop; default 1.0 at the images' own size, else 0.875")
+    g.add_argument("--in_channels", type=cli.positive(), default=3, choices=(1, 3),
+                   help="1: grayscale network (Fashion-MNIST, grey folders; colour images are converted); 3: RGB")
     g.add_argument("--small_input", default="auto", choices=["auto", "on", "off"],
                    help="stride-1 stem for small images; auto = on when img_size <= 64")
+    g.add_argument("--whiten_stem", action="store_true",
+                   help="speednet: initialise its 2x2 stem as a whitening filter bank of 512 training images")
     g = p.add_argument_group("augmentation and regularisation")
     g.add_argument("--augment", default="auto", choices=AUGMENT_CHOICES,
                    help="policy: seed = crop + rotate + flip, light = flip, none; auto = seed above 64 px, else light")
@@ -109,9 +118,13 @@ def get_args_parser():
     g.add_argument("--eval_epoch", type=cli.positive(), default=1, help="validate every N epochs (and after the last)")
     g.add_argument("--tta", default="none", choices=TTA_CHOICES, help="flip: validate the final weights once more with flip TTA")
     g = p.add_argument_group("precision and speed")
+    g.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="auto: time a few training steps of fp32 and bf16 (CPUs with native bf16) and train with the faster")
+    g.add_argument("--memory_format", default="auto", choices=MEMORY_FORMATS,
+                   help="auto: time NCHW and channels_last with --precision's candidates (CUDA: channels_last)")
     g.add_argument("--fp16", action="store_true", help="mixed precision: fp16 on CUDA, bf16 on CPUs with native bf16")
     g.add_argument("--amp_dtype", default="auto", choices=AMP_DTYPES, help="autocast dtype with --fp16")
-    g.add_argument("--channels_last", action="store_true", help="NHWC memory format")
+    g.add_argument("--channels_last", action="store_true", help="NHWC memory format (= --memory_format channels_last)")
     g.add_argument("--data_pipeline", default="auto", choices=["auto", "pil", "tensor"],
                    help="tensor: augment whole batches from memory; pil: per-image PIL workers; auto: tensor when it fits")
     cli.add_cache_args(g)
@@ -147,6 +160,8 @@ def main(argv=None) -> int:
         check_resumable(ckpt, flags["resume"])
         saved = checkpoint_flags(ckpt, NETWORK_FLAGS, flags, explicit)
         flags.update(cli.checked_values(parser, saved, f"--resume {flags['resume']}: saved flag"))
+        if "crop_pct" not in saved:  # a checkpoint from before --crop_pct: its recorded resize is the geometry
+            flags["crop_pct"] = legacy_crop_pct(ckpt)
         flags.update(fixed_by_resume(ckpt, flags, explicit))
     init = load_checkpoint(flags["init_from"]) if flags["init_from"] else None
     if init is not None:
@@ -154,6 +169,8 @@ def main(argv=None) -> int:
         flags.update(cli.checked_values(parser, {key: saved[key] for key in INIT_FLAGS if key in saved and key not in explicit},
                                         f"--init_from {flags['init_from']}: saved flag"))
     cfg = TrainConfig(**flags)
+    if cfg.whiten_stem and cfg.model != "speednet":
+        raise InputError(f"--whiten_stem initialises speednet's 2x2 stem; --model {cfg.model} has none: drop the flag")
     progress.set_quiet(cfg.quiet)  # every bar of the run, the data checks' and the cache's too
     small = resolve_small_input(cfg.small_input, cfg.img_size)
     if cfg.img_size < min_img_size(cfg.model, small):
@@ -170,9 +187,10 @@ def main(argv=None) -> int:
     run = choose_run_dir(cfg.path_to_save, spec.name, cfg.name or cfg.model, exist_ok=cfg.exist_ok, resume=cfg.resume)
     if is_main_process():
         run.announce()
+    replay = recorded_precision(args.config)
     try:
         with explain_out_of_memory(training_flags(cfg.batch_size, cfg.img_size), "lower --batch_size or --img_size"):
-            return train(cfg, ckpt, init, spec, run, device, rank, world)
+            return train(cfg, ckpt, init, spec, run, device, rank, world, replay)
     finally:
         if is_main_process():
             run.release()
@@ -180,10 +198,12 @@ def main(argv=None) -> int:
 
 
 def train(cfg: TrainConfig, ckpt: dict | None, init: dict | None, spec: DataSpec, run: RunDir, device: torch.device, rank: int,
-          world: int) -> int:
+          world: int, replay: dict | None = None) -> int:
     main_proc = is_main_process()
     seed_everything(cfg.seed + rank)
-    pre = Preprocess.for_size(cfg.img_size)
+    if cfg.crop_pct is None:  # auto: from the images' own size (a folder's file headers are read)
+        cfg = replace(cfg, crop_pct=resolve_crop_pct(None, cfg.img_size, native_image_size(spec)))
+    pre = Preprocess.for_size(cfg.img_size, channels=cfg.in_channels, crop_pct=cfg.crop_pct)
     augment = resolve_augment(cfg.augment, cfg.img_size, cfg.random_erasing, cfg.random_crop_padding, cfg.auto_augment)
     train_set, val_set, classes = build_datasets(spec, pre, augment=augment)
     if ckpt is not None:
@@ -204,7 +224,16 @@ def train(cfg: TrainConfig, ckpt: dict | None, init: dict | None, spec: DataSpec
     if init is not None:
         initialise_from(model, init, cfg, classes, kwargs, main_proc)
         del init
-    precision = resolve_precision(device, cfg.fp16, cfg.amp_dtype, cfg.channels_last)
+    elif cfg.whiten_stem and ckpt is None:
+        count = whiten_from_dataset(model, train_set, device)
+        if main_proc:
+            print(f"stem whitened from the 2x2 patches of {count} training images")
+    cands, note = candidates(device, cfg.precision, cfg.memory_format, cfg.fp16, cfg.amp_dtype, cfg.channels_last)
+    precision, used = choose_precision(model, cands, note, batch_shape=(cfg.batch_size, pre.channels, cfg.img_size, cfg.img_size),
+                                       num_classes=len(classes), device=device, planned_steps=len(loaders.train) * cfg.max_epoch,
+                                       recorded=(ckpt.get("args") or {}).get("precision_used") if ckpt is not None else replay,
+                                       recorded_by="resume" if ckpt is not None else "replay")
+    cfg = replace(cfg, precision_used=used)  # in args.json, the checkpoints and TensorBoard's run/args
     if precision.channels_last:
         model = model.to(memory_format=torch.channels_last)
     state = build_train_state(cfg, model, device, precision, len(classes), steps_per_epoch=-(-len(loaders.train) // cfg.accumulation))
@@ -314,6 +343,24 @@ def initialise_from(model: nn.Module, init: dict, cfg: TrainConfig, classes: lis
               + (f" ({', '.join(skipped[:6])}{', ...' if len(skipped) > 6 else ''})" if skipped else "") + head)
 
 
+def recorded_precision(config: str | None) -> dict | None:
+    """--config with a run's args.json: the precision that run chose (its `precision_used`), so a replay repeats it."""
+    if not config or not config.endswith(".json"):
+        return None
+    import json
+
+    with open(config, encoding="utf-8") as f:  # config_values has read and checked it already
+        used = json.load(f).get("precision_used")
+    return used if isinstance(used, dict) else None
+
+
+def legacy_crop_pct(ckpt: dict) -> float:
+    """The crop_pct of a checkpoint saved before the flag existed: its preprocessing's img_size / resize (28 / 32)."""
+    pre = ckpt["preprocess"]
+    check_preprocess_values(pre, "--resume: the checkpoint's ")
+    return pre.get("img_size", 224) / pre.get("resize", 256)
+
+
 def check_finite(row: dict, cfg: TrainConfig) -> None:
     """A NaN/inf training or validation loss means the weights diverged: stop with one line (exit 2)."""
     bad = [f"{key} {row[key]}" for key in ("train_loss", "val_loss") if key in row and not math.isfinite(row[key])]
@@ -374,11 +421,14 @@ def describe_run(cfg: TrainConfig, model, num_train: int, num_val: int, classes:
           f"{len(classes)} classes, device {device}" + (f", {world} processes" if world > 1 else "")
           + f"\ndata pipeline: {loaders.pipeline} ({loaders.reason})"
           + "".join(f"\n{cache.describe()}" for cache in loaders.caches)
+          + f"\ninput: {cfg.img_size} px, {'grayscale (1 channel)' if cfg.in_channels == 1 else 'RGB'}; "
+            f"eval resize {round(cfg.img_size / cfg.crop_pct)} -> centre crop {cfg.img_size} (crop_pct {cfg.crop_pct})"
           + f"\naugmentation: {augment.describe()}"
           + (f", then {'Mixup' if cfg.mixup_alpha else ''}{'/' if cfg.mixup_alpha and cfg.cutmix_alpha else ''}"
              f"{'CutMix' if cfg.cutmix_alpha else ''} on batches (train acc@1 = predictions of the dominant label)"
              if cfg.mixup_alpha or cfg.cutmix_alpha else "")
-          + f"\nprecision: {precision.describe()}; LR schedule: {cfg.sched}, {cfg.optimizer}")
+          + f"\nprecision: {precision.describe()}, chosen: {describe_choice(cfg.precision_used)}"
+          + f"\nLR schedule: {cfg.sched}, {cfg.optimizer}")
     if resume.start_epoch >= cfg.max_epoch:
         print(f"nothing to train: the run already finished epoch {resume.start_epoch} of --max_epoch {cfg.max_epoch}; "
               "raise --max_epoch to train longer")

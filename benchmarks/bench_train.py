@@ -6,6 +6,10 @@ the seed's setup measured in the same run: per-image PIL transforms in DataLoade
 fp32, NCHW ("seed baseline" row, one per model). Each row: warm-up steps (untimed; they include
 torch.compile's compilation), then the median of --repeats timings of --steps steps.
 
+How close to the machine: each row's achieved GFLOP/s = images/s x 3 x the forward FLOPs of one image (the toolkit's
+own count: FlopCounterMode's conv + matmul FLOPs, 2 x MACs; backward ~ 2 x forward), and its share of the peak of
+the same precision, measured in the same run by a large fp32 and bf16 matrix product on the same threads.
+
 Examples:
   python benchmarks/bench_train.py --data_root /tmp/fm
   python benchmarks/bench_train.py --models custom --img_sizes 28 --precisions bf16 --memory_formats channels_last
@@ -26,9 +30,10 @@ from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from benchmarks.common import OtherLoad, Take, command_line, contention_note, machine_info, table, write_json  # noqa: E402
+from benchmarks.common import OtherLoad, Take, command_line, contention_note, machine_info, matmul_peaks, table, write_json  # noqa: E402
 from models import MODEL_NAMES, build_model, model_kwargs  # noqa: E402
 from utils import cli  # noqa: E402
+from utils.analysis.complexity_tools import registry_macs  # noqa: E402
 from utils.data.datasets import build_transform  # noqa: E402
 from utils.data.fashion_mnist import fashion_mnist  # noqa: E402
 from utils.data.preprocess import Preprocess  # noqa: E402
@@ -42,7 +47,8 @@ from utils.training.schedule import WarmupSchedule  # noqa: E402
 SEED = {"img_size": 224, "precision": "fp32", "memory_format": "nchw", "pipeline": "pil", "compile": "off"}
 COLUMNS = [("model", "model"), ("img_size", "img px"), ("precision", "precision"), ("memory_format", "memory"),
            ("pipeline", "pipeline"), ("compile", "compile"), ("batch_size", "batch"), ("images_per_s", "train img/s"),
-           ("vs_seed", "x seed"), ("warmup_s", "warm-up s"), ("note", "note")]
+           ("vs_seed", "x seed"), ("gflops", "GFLOP/s"), ("percent_of_peak", "% peak"), ("warmup_s", "warm-up s"),
+           ("note", "note")]
 
 
 def parse_args(argv=None):
@@ -66,6 +72,8 @@ def parse_args(argv=None):
     p.add_argument("--num_workers", type=cli.non_negative(), default=2,
                    help="DataLoader workers of the PIL pipeline (the seed used workers)")
     p.add_argument("--threads", type=cli.non_negative(), default=0, help="torch intra-op threads in the main process (0 = torch's default)")
+    p.add_argument("--peak_size", type=cli.non_negative(), default=2048,
+                   help="n of the n x n x n fp32/bf16 matmuls measuring the machine's peak (0 = no peak column)")
     p.add_argument("--data_root", default="data", help="Fashion-MNIST location (<data_root>/FashionMNIST/raw/)")
     cli.add_device_arg(p)
     p.add_argument("--no_baseline", action="store_true", help="skip the seed-baseline rows (no 'x seed' column)")
@@ -135,6 +143,19 @@ def measure(config: dict, args, device: torch.device, cache: dict) -> dict:
                 warmup_s=round(warmup_s, 2), note=note)
 
 
+def add_gflops(rows: list[dict], peaks: dict[str, float | None]) -> None:
+    """Each row's forward MACs per image, achieved GFLOP/s of its training steps and % of its precision's peak."""
+    macs: dict[tuple[str, int], float | None] = {}
+    for r in rows:
+        key = (r["model"], r["img_size"])
+        if key not in macs:
+            macs[key] = registry_macs(r["model"], 10, model_kwargs(r["img_size"]), r["img_size"])
+        r["macs_per_image"] = macs[key]
+        r["gflops"] = r["images_per_s"] * 3 * 2 * macs[key] / 1e9 if macs[key] else None
+        peak = peaks.get(r["precision"])
+        r["percent_of_peak"] = 100 * r["gflops"] / peak if r["gflops"] and peak else None
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = cli.resolve_device(args.device)
@@ -154,6 +175,8 @@ def main(argv=None) -> int:
         if not sys.stderr.isatty():  # a log file still shows progress
             print(f"[{k + 1}/{len(configs)}] {' '.join(str(config[key]) for key, _ in COLUMNS[:7])}: "
                   f"{rows[-1]['images_per_s']:.1f} img/s", file=sys.stderr, flush=True)
+    peaks = matmul_peaks(args.peak_size, device) if args.peak_size else {}
+    add_gflops(rows, peaks)
     baselines = {r["model"]: r["images_per_s"] for r in rows if r["baseline"]}
     for r in rows:
         r["vs_seed"] = r["images_per_s"] / baselines[r["model"]] if r["model"] in baselines else None
@@ -165,12 +188,15 @@ def main(argv=None) -> int:
           f"torch {machine['torch']}, device {device})\n")
     print(table(rows, COLUMNS))
     print(f"\nimages/s = median of {args.repeats} x {args.steps} steps of the batch shown (data loading + forward + "
-          f"backward + AdamW step); x seed = ratio to the seed baseline row of the same model.")
+          f"backward + AdamW step); x seed = ratio to the seed baseline row of the same model.\n"
+          f"GFLOP/s = train img/s x 3 x forward FLOPs per image (conv + matmul, 2 x MACs); % peak = of the "
+          f"{args.peak_size} x {args.peak_size} matmul of the same precision in this run: "
+          + ", ".join(f"{k} {v:.1f} GFLOP/s" if v else f"{k} not native" for k, v in peaks.items()))
     if note:
         print(note)
     print(f"command: {command}")
     out = write_json(args.out, {"benchmark": "train", "command": command, "machine": machine, "other_processes_cores": meter.cores(),
-                                "contention": note, "settings": vars(args), "rows": rows})
+                                "contention": note, "settings": vars(args), "peaks_gflops": peaks, "rows": rows})
     print(f"JSON: {out}")
     return 0
 

@@ -19,6 +19,7 @@ if str(ROOT) not in sys.path:
 from utils import io  # noqa: E402
 from utils.io import markdown_table  # noqa: E402
 from utils.precision import bf16_native, cpu_capability, cpu_model  # noqa: E402
+from utils.timing import median_seconds  # noqa: E402
 
 
 def machine_info(device: torch.device) -> dict:
@@ -111,3 +112,18 @@ class Take:
 
     def __iter__(self):
         return itertools.islice(self.batches, self.n)
+
+
+def matmul_peaks(n: int, device: torch.device, warmup: int = 2, repeats: int = 5) -> dict[str, float | None]:
+    """GFLOP/s of an n x n x n fp32 and bf16 matrix product on `device`, on the threads the benchmark runs with: the
+    machine's practical peak, to set a training step's achieved GFLOP/s against (bf16 None where it is not native,
+    as a peak of emulated bf16 means nothing)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
+    peaks: dict[str, float | None] = {}
+    for kind, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        if kind == "bf16" and not bf16_native(device):
+            peaks[kind] = None
+            continue
+        a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+        peaks[kind] = 2 * n ** 3 / median_seconds(lambda a=a, b=b: torch.mm(a, b), warmup, repeats, sync) / 1e9
+    return peaks

@@ -1,7 +1,8 @@
 """Model registry: one entry point, `build_model(name, num_classes, ...)`.
 
 Training models: the ResNet, MobileNet and EfficientNet-B0 builders of torchvision, the DAWNBench-style
-ResNet-9 (`resnet9`, models/resnet9.py) and the project's FashionCNN (`custom`). Analysis scripts may also name any other torchvision
+ResNet-9 (`resnet9`, models/resnet9.py), the airbench-style SpeedNet for small images on CPUs (`speednet`,
+models/speednet.py) and the project's FashionCNN (`custom`). Analysis scripts may also name any other torchvision
 classification model (vgg16, alexnet, ...).
 """
 
@@ -18,13 +19,15 @@ from models.fashion_cnn import FashionCNN
 from models.fcn import fcn_from_resnet
 from models.norm import NORM_TYPES, norm_layer_class
 from models.resnet9 import ResNet9
+from models.speednet import MIN_IMG_SIZE as SPEEDNET_MIN_IMG_SIZE
+from models.speednet import SpeedNet
 from utils.errors import InputError
 
 TORCHVISION_NAMES = (
     "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
     "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0",
 )
-MODEL_NAMES = ("custom", "resnet9") + TORCHVISION_NAMES
+MODEL_NAMES = ("custom", "resnet9", "speednet") + TORCHVISION_NAMES
 ANALYSIS_NAMES = ("fcn_resnet18",)  # analysis-only: ResNet18 made fully convolutional (models/fcn.py)
 SMALL_INPUT_MAX = 64  # at or below this --img_size, "auto" uses the stride-1 stem
 
@@ -43,11 +46,14 @@ def min_img_size(name: str, small_input: bool) -> int:
     """The smallest --img_size the network runs at. FashionCNN's three 2x2 poolings need 8 px; ResNet9's three
     unpadded 2x2 poolings need 8 px after its stem, so 8 with the stride-1 stem and 31 with the large-input one
     (stride-2 padded conv, then a 2x2 pool); torchvision's networks pad every stage and pool adaptively, so any
-    size runs. tests/test_bad_flags.py proves each bound by forward passes at the bound and one pixel below."""
+    size runs; SpeedNet's unpadded 2x2 stem and three 2x2 poolings need 9 px. tests/test_bad_flags.py proves each
+    bound by forward passes at the bound and one pixel below."""
     if name == "custom":
         return 8
     if name == "resnet9":
         return 8 if small_input else 31
+    if name == "speednet":
+        return SPEEDNET_MIN_IMG_SIZE
     return 1
 
 
@@ -65,6 +71,9 @@ def replace_head(model: nn.Module, num_classes: int) -> None:
 
 
 def _adapt_first_conv(model: nn.Module, in_channels: int, small_input: bool, family: str) -> None:
+    """The stem for small images and/or another channel count. A grayscale stem is made from the RGB one: pretrained
+    ("pretrained"), the sum of its three input filters (timm's choice: grey x summed filter = the RGB response to a
+    grey image); randomly initialised, that sum / sqrt(3), which keeps the network's own init distribution."""
     name, conv = next((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d))
     if small_input and family == "resnet":
         # CIFAR-style stem: 3x3 stride-1 conv and no max-pool keep 28-32 px inputs from collapsing.
@@ -75,8 +84,14 @@ def _adapt_first_conv(model: nn.Module, in_channels: int, small_input: bool, fam
     if small_input:
         conv.stride = (1, 1)
     if in_channels != conv.in_channels:
-        _replace_module(model, name, nn.Conv2d(in_channels, conv.out_channels, conv.kernel_size, conv.stride,
-                                               conv.padding, conv.dilation, conv.groups, conv.bias is not None))
+        new = nn.Conv2d(in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                        conv.groups, conv.bias is not None)
+        if in_channels == 1 and not conv.weight.is_meta:
+            with torch.no_grad():
+                new.weight.copy_(conv.weight.sum(1, keepdim=True) / (1.0 if family == "pretrained" else 3 ** 0.5))
+                if conv.bias is not None:
+                    new.bias.copy_(conv.bias)
+        _replace_module(model, name, new)
 
 
 def pretrained_state_dict(name: str) -> dict:
@@ -101,10 +116,11 @@ def build_model(name: str, num_classes: int, pretrained: bool = False, norm_type
         if pretrained:
             raise InputError("--pretrained: there are no ImageNet weights for the custom FashionCNN; drop the flag")
         return FashionCNN(num_classes, img_size, in_channels, norm_type)
-    if name == "resnet9":
+    if name in ("resnet9", "speednet"):
         if pretrained:
-            raise InputError("--pretrained: there are no ImageNet weights for resnet9; drop the flag")
-        model = ResNet9(num_classes, in_channels, norm_type, small_input=small)
+            raise InputError(f"--pretrained: there are no ImageNet weights for {name}; drop the flag")
+        model = (ResNet9(num_classes, in_channels, norm_type, small_input=small) if name == "resnet9"
+                 else SpeedNet(num_classes, in_channels, norm_type))
         if freeze_backbone:
             for pname, p in model.named_parameters():
                 p.requires_grad = pname.startswith("fc.")
@@ -123,9 +139,10 @@ def build_model(name: str, num_classes: int, pretrained: bool = False, norm_type
     if pretrained:
         model.load_state_dict(pretrained_state_dict(name))
         replace_head(model, num_classes)
-    family = "resnet" if name.startswith("resnet") else "other"
-    if small or in_channels != 3:
-        _adapt_first_conv(model, in_channels, small, family)
+    if small and name.startswith("resnet"):
+        _adapt_first_conv(model, in_channels, small, "resnet")
+    elif small or in_channels != 3:
+        _adapt_first_conv(model, in_channels, small, "pretrained" if pretrained else "other")
     if freeze_backbone:
         head = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
         for pname, p in model.named_parameters():

@@ -141,7 +141,7 @@ def test_img_size_below_the_models_minimum_is_one_line(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize(("name", "small_input"), [("custom", True), ("resnet9", True), ("resnet9", False),
+@pytest.mark.parametrize(("name", "small_input"), [("custom", True), ("resnet9", True), ("resnet9", False), ("speednet", True),
                                                    ("resnet18", False), ("mobilenet_v3_small", True)])
 def test_min_img_size_is_the_smallest_size_the_network_runs_at(name, small_input):
     import torch

@@ -86,4 +86,7 @@ def test_replaying_a_runs_args_json_repeats_the_run(tmp_path, fashion_root):
     args_a, args_b = (json.loads((d / "args.json").read_text()) for d in (run_a, run_b))
     assert args_b["config"] == str(run_a / "args.json") and args_b["path_to_save"] == str(tmp_path / "b")
     differ = {k for k in args_a if args_a[k] != args_b.get(k)}
-    assert differ == {"config", "path_to_save"}, differ
+    assert differ == {"config", "path_to_save", "precision_used"}, differ
+    # the replay trains with the precision the run chose (its record says how it was chosen this time)
+    assert args_b["precision_used"] == {"precision": args_a["precision_used"]["precision"],
+                                        "memory_format": args_a["precision_used"]["memory_format"], "chosen_by": "replay"}

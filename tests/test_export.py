@@ -180,7 +180,7 @@ def test_export_cli_defaults_metadata_and_both_engines(trained_ckpt, fashion_roo
         classes = meta["classes"] if isinstance(meta["classes"], list) else json.loads(meta["classes"])
         assert classes == saved["classes"]
     assert Preprocess.from_json(props["preprocess"]) == Preprocess.from_dict(saved["preprocess"])
-    assert "center-crop 28x28" in props["preprocessing"] and "resize shorter side to 32" in props["preprocessing"]
+    assert "center-crop 28x28" in props["preprocessing"] and "resize shorter side to 28" in props["preprocessing"]
     assert props["opset"] == "18" and props["exporter"] == "dynamo"
     assert not list(ckpt.parent.joinpath("converted_models").glob(".*tmp*"))
 

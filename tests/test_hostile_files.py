@@ -41,7 +41,7 @@ META_FIX = "; fix: re-export the model with export.py (its metadata was edited o
 
 @pytest.fixture(scope="session")
 def onnx_model(tmp_path_factory, trained_ckpt) -> Path:
-    """The 28 px FashionCNN exported by export.py (preprocessing: RGB, resize 32, crop 28)."""
+    """The 28 px FashionCNN exported by export.py (preprocessing: RGB, crop_pct 1.0: resize 28, crop 28)."""
     out = tmp_path_factory.mktemp("onnx") / "custom.onnx"
     proc = run_main("export.py", "--weights", str(trained_ckpt), "--output", str(out))
     assert proc.returncode == 0, proc.stderr
@@ -94,12 +94,12 @@ def test_predict_skips_an_extreme_shape_with_one_line_and_exit_2(onnx_model, tmp
     assert proc.returncode == 2
     fix = "; fix: crop or shrink the file, or leave it out"
     assert proc.stderr.splitlines() == [
-        f"error: cannot use image {cut}: {oversize_reason(1, 50_000_000, 32)}{fix}",
-        f"error: cannot use image {thin}: {oversize_reason(1, 1_000_000, 32)}{fix}",
+        f"error: cannot use image {cut}: {oversize_reason(1, 50_000_000, 28)}{fix}",
+        f"error: cannot use image {thin}: {oversize_reason(1, 1_000_000, 28)}{fix}",
         "2 of 3 image(s) could not be predicted (see the error lines above)"]
     rows = list(csv.DictReader(out.open()))
     assert [r["path"] for r in rows] == [str(folder / "a_good.png"), str(cut), str(thin)]
-    assert rows[0]["error"] == "" and float(rows[0]["top1_prob"]) > 0 and "32x32000000" in rows[2]["error"]
+    assert rows[0]["error"] == "" and float(rows[0]["top1_prob"]) > 0 and "28x28000000" in rows[2]["error"]
 
 
 def test_training_reports_an_extreme_shape_with_the_unreadable_files(tmp_path):
@@ -120,17 +120,17 @@ def test_training_reports_an_extreme_shape_with_the_unreadable_files(tmp_path):
 
 def test_training_and_predict_apply_the_same_limit(onnx_model, tmp_path, monkeypatch):
     """With a (real) pixel limit of 1,100: a 40x40 image is over it but under Pillow's own 2x refusal (Pillow only
-    warns), and a 33x30 image decodes within it but not once resized to 32 px (35 x 32 = 1,120). Before, predict read
+    warns), and a 40x26 image decodes within it but not once resized to 28 px (43 x 28 = 1,204). Before, predict read
     both while training refused the first."""
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1100)
-    big, wide = gray_png(tmp_path / "big.png", 40, 40), gray_png(tmp_path / "wide.png", 33, 30)
+    big, wide = gray_png(tmp_path / "big.png", 40, 40), gray_png(tmp_path / "wide.png", 40, 26)
     small = gray_png(tmp_path / "small.png", 28, 28)
     with warnings.catch_warnings():  # Pillow's own warning on opening big.png (check_images filters it the same way)
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        reasons = {p.name: check_image(p, resize=32) for p in (big, wide, small)}
+        reasons = {p.name: check_image(p, resize=28) for p in (big, wide, small)}
     assert reasons == {"big.png": "40x40 = 1600 pixels, over Pillow's decompression-bomb limit of 1100 "
                                   "(PIL.Image.MAX_IMAGE_PIXELS)",
-                       "wide.png": "33x30 pixels: resized to 32 px on the shorter side it would be 35x32 = 1120 pixels, "
+                       "wide.png": "40x26 pixels: resized to 28 px on the shorter side it would be 43x28 = 1204 pixels, "
                                    "over the limit of 1100 (PIL.Image.MAX_IMAGE_PIXELS; its sides are too unequal)",
                        "small.png": None}
     proc = run_main("predict.py", "--model", str(onnx_model), "--image", str(big), str(wide), str(small), "--quiet")

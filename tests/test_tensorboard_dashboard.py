@@ -14,6 +14,7 @@ import csv
 import io
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -269,11 +270,15 @@ def test_eval_logs_metrics_per_class_pictures_and_pr_curves_of_the_report(server
 def test_text_and_graph(server, logged):
     run = logged["run"]
     text = get_json(server, "/data/plugin/text/tags")
-    assert {f"run/{t}/text_summary" for t in ("command_line", "args", "environment")} | {"val/per_class/text_summary"} <= set(text[run])
+    assert {f"run/{t}/text_summary" for t in ("command_line", "args", "environment", "precision")} | \
+        {"val/per_class/text_summary"} <= set(text[run])
     assert {"eval/report/text_summary", "eval/per_class/text_summary"} <= set(text["eval/custom"])
     entries = get_json(server, "/data/plugin/text/text", run=run, tag="run/args/text_summary")
     assert [e["step"] for e in entries] == [0, 10]  # the first start and the last resume (after epoch 2)
     assert "tensorboard_dir" in entries[-1]["text"] and "label_smoothing" in entries[-1]["text"]
+    assert "precision_used" in entries[-1]["text"]
+    chosen = get_json(server, "/data/plugin/text/text", run=run, tag="run/precision/text_summary")[-1]["text"]
+    assert re.search(r"(fp32|bf16) (nchw|channels_last) \(resume\)", chosen), chosen  # the resumed run kept its choice
     env = get_json(server, "/data/plugin/text/text", run=run, tag="run/environment/text_summary")[0]["text"]
     assert str(torch.__version__) in env and "CPU capability" in env
     info = get_json(server, "/data/plugin/graphs/info")

@@ -55,7 +55,8 @@ def test_checkpoints_load_with_weights_only_and_hold_every_key(trained_run):
     for ckpt in (last, best):
         assert ckpt["model_name"] == "custom" and ckpt["num_classes"] == 10
         assert ckpt["classes"] == FASHION_MNIST_CLASSES
-        assert ckpt["preprocess"]["img_size"] == 28 and ckpt["preprocess"]["resize"] == 32
+        # Fashion-MNIST's images are 28 px: --crop_pct defaults to 1.0 (no resize to 32 and crop back)
+        assert ckpt["preprocess"]["img_size"] == ckpt["preprocess"]["resize"] == 28 and ckpt["preprocess"]["crop_pct"] == 1.0
         assert ckpt["model_kwargs"] == {"img_size": 28, "norm_type": "BN", "in_channels": 3, "small_input": True}
         assert ckpt["ema"] is None
         # --augment auto at 28 px resolves to flips only, recorded with the resolved parameters

@@ -135,7 +135,10 @@ def test_patience_stops_at_the_right_evaluation(tmp_path, small_fashion_root, ca
     assert "early stop after epoch 3" in capsys.readouterr().out
 
 
-def test_time_budget_fixes_the_epochs_after_the_first_and_ends_inside_the_budget(tmp_path, fashion_root, capsys):
+def test_time_budget_plans_the_epochs_after_the_first_and_second_and_ends_inside_the_budget(tmp_path, fashion_root,
+                                                                                             capsys):
+    """The first plan divides the budget by epoch 1's time (which carries one-time costs); the second, final one divides
+    what is left after epoch 2 by epoch 2's time."""
     budget_min = 0.05  # 3 s; an epoch of 320 images takes well under a second
     started = time.perf_counter()
     code = train.main(["--model", "custom", "--img_size", "28", "--max_epoch", "1000", "--time_budget", str(budget_min),
@@ -144,12 +147,21 @@ def test_time_budget_fixes_the_epochs_after_the_first_and_ends_inside_the_budget
     wall = time.perf_counter() - started
     assert code == 0
     out = capsys.readouterr().out
-    match = re.search(r"epoch 1 took ([\d.]+) s, so the run trains (\d+) of the 1000 epochs of --max_epoch", out)
+    match = re.search(r"epoch 1 took ([\d.]+) s \(with one-time costs; planned again after the next epoch\), so the run "
+                      r"trains (\d+) of the 1000 epochs of --max_epoch", out)
     assert match, out
     first, chosen = float(match[1]), int(match[2])
-    # the printed duration is rounded to 1 ms: the chosen count is the budget divided by a duration within 0.5 ms of it
-    fits = {max(1, int(budget_min * 60 // (first + d))) for d in (-0.0005, 0.0, 0.0005)}
-    assert chosen in fits and chosen < 1000  # the budget shortened the run
+    # the printed durations are rounded to 1 ms: the chosen count is the budget divided by a duration within 0.5 ms of it
+    near = (-0.0005, 0.0, 0.0005)
+    assert chosen in {max(1, int(budget_min * 60 // (first + d))) for d in near} and chosen < 1000
+    if chosen > 1:  # planned again, for good, after epoch 2
+        match = re.search(r"epoch 2 took ([\d.]+) s \(([\d.]+) s of the budget spent\), so the run trains (\d+) of the "
+                          r"1000 epochs", out)
+        assert match, out
+        second, spent, chosen = float(match[1]), float(match[2]), int(match[3])
+        assert spent == pytest.approx(first + second, abs=0.002)
+        assert chosen in {max(2, 2 + int(max(budget_min * 60 - spent - d1, 0) // (second + d2))) for d1 in near for d2 in near}
+        assert out.count("time budget") == 2  # no third plan
     run = tmp_path / "FashionMNIST" / "custom"
     rows = _rows(run)
     assert len(rows) == chosen

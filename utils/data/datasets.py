@@ -13,9 +13,10 @@ from torch.utils.data import Dataset
 from torchvision import transforms
 
 from utils.data.augment import Augment, auto_augment_policy, resolve_augment
-from utils.data.fashion_mnist import FASHION_MNIST_CLASSES, fashion_mnist
+from utils.data.fashion_mnist import FASHION_MNIST_CLASSES, FASHION_MNIST_SIZE, fashion_mnist
 from utils.data.folders import FolderScan, check_disjoint, check_listed, check_same_classes, report_bad_images, scan_folder
-from utils.data.preprocess import Preprocess, eval_transform, load_image
+from utils.data.formats import has_image_extension, is_ignored_name
+from utils.data.preprocess import SEED_CROP_PCT, Preprocess, eval_transform, load_image
 from utils.data.splits import from_record, split_source, stratified_split
 from utils.errors import InputError
 
@@ -141,6 +142,42 @@ class DataSpec:
     @property
     def name(self) -> str:
         return "FashionMNIST" if not self.dataset else Path(self.dataset).resolve().name
+
+
+def native_image_size(spec: DataSpec, sample: int = 32) -> int | None:
+    """The side of the dataset's images when they are all square and of one size (Fashion-MNIST: 28), else None.
+
+    For a folder, the headers of up to `sample` files (a few per class folder, nothing decoded) stand for the rest:
+    a folder of 28 px crops says so within its first files, and a mix of photo sizes shows at once."""
+    if not spec.dataset:
+        return FASHION_MNIST_SIZE
+    root = Path(spec.dataset)
+    source = split_source(root) or root / "train"
+    if not source.is_dir():
+        return None
+    sizes: set[tuple[int, int]] = set()
+    classes = sorted(d for d in source.iterdir() if d.is_dir() and not is_ignored_name(d.name))
+    per_class = max(1, sample // max(1, len(classes)))
+    for class_dir in classes[:sample]:
+        files = sorted(f for f in class_dir.iterdir() if has_image_extension(f.name) and not is_ignored_name(f.name))
+        for path in files[:per_class]:
+            try:
+                with Image.open(path) as img:
+                    sizes.add(img.size)
+            except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+                continue  # the folder check reports it later
+            if len(sizes) > 1:
+                return None
+    (w, h), = sizes if len(sizes) == 1 else ((0, 1),)
+    return w if w == h else None
+
+
+def resolve_crop_pct(crop_pct: float | None, img_size: int, native: int | None) -> float:
+    """--crop_pct, or its default: 1.0 when the images already are img_size px (resizing 28 px images to 32 and cropping
+    28 back would only blur them and cut their border), the seed's 0.875 (resize 256, crop 224) otherwise."""
+    if crop_pct is not None:
+        return crop_pct
+    return 1.0 if native == img_size else SEED_CROP_PCT
 
 
 def build_datasets(spec: DataSpec, pre: Preprocess, verify: bool = True, augment: Augment | None = None):

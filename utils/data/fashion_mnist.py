@@ -22,6 +22,7 @@ FASHION_MNIST_FILES = (
     "t10k-labels-idx1-ubyte",
 )
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_SIZE = 28  # every image is 28 x 28 px, grayscale
 FASHION_MNIST_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 ]

@@ -23,6 +23,7 @@ from utils.errors import InputError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+SEED_CROP_PCT = 224 / 256  # the seed's (and timm's default) eval geometry: resize 256, centre-crop 224
 
 
 @dataclass
@@ -39,13 +40,20 @@ class Preprocess:
     channels: int = 3
     interpolation: str = "bilinear"
     extra: dict = field(default_factory=dict)
+    # img_size / resize, timm's name for the eval geometry: recorded since --crop_pct; None in older checkpoints and
+    # artifacts, whose `resize` is the whole story (the transform reads `resize` only, so they behave as before)
+    crop_pct: float | None = None
 
     @classmethod
-    def for_size(cls, img_size: int, channels: int = 3) -> Preprocess:
-        """The seed's recipe (resize 256, crop 224) scaled to any crop size."""
+    def for_size(cls, img_size: int, channels: int = 3, crop_pct: float = SEED_CROP_PCT) -> Preprocess:
+        """The eval geometry for a crop of img_size px: resize the shorter side to round(img_size / crop_pct), then
+        centre-crop (crop_pct 0.875 is the seed's 256 -> 224 scaled to any size; 1.0 keeps the whole image)."""
+        if not 0 < crop_pct <= 1:
+            raise InputError(f"--crop_pct must be in (0, 1], got {crop_pct}")
         mean = IMAGENET_MEAN if channels == 3 else (float(np.mean(IMAGENET_MEAN)),)
         std = IMAGENET_STD if channels == 3 else (float(np.mean(IMAGENET_STD)),)
-        return cls(img_size=img_size, resize=round(img_size * 256 / 224), mean=mean, std=std, channels=channels)
+        return cls(img_size=img_size, resize=round(img_size / crop_pct), mean=mean, std=std, channels=channels,
+                   crop_pct=crop_pct)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -109,6 +117,12 @@ def check_preprocess_values(d: dict, where: str = "") -> None:
         raise bad("interpolation", f"one of {', '.join(_PIL_INTERPOLATION)}")
     if "extra" in d and not isinstance(d["extra"], dict):
         raise bad("extra", "a mapping")
+    if d.get("crop_pct") is not None:
+        pct = d["crop_pct"]
+        if not (isinstance(pct, (int, float)) and not isinstance(pct, bool) and 0 < pct <= 1):
+            raise bad("crop_pct", "a number in (0, 1] (img_size / resize)")
+        if _is_int(d.get("img_size")) and _is_int(d.get("resize")) and round(d["img_size"] / pct) != d["resize"]:
+            raise bad("crop_pct", f"img_size / resize ({d['img_size']} / {d['resize']})")
 
 
 _PIL_INTERPOLATION = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 # what the run decides itself (not flags): left out of args.json while unset
-RUN_FIELDS = ("data_used", "tensorboard_dir")
+RUN_FIELDS = ("data_used", "tensorboard_dir", "precision_used")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -26,7 +26,10 @@ class TrainConfig:
     freeze_backbone: bool
     norm_type: str
     img_size: int
+    crop_pct: float | None  # None (auto) until the run resolves it (utils.data.datasets.resolve_crop_pct)
+    in_channels: int
     small_input: str
+    whiten_stem: bool
     # augmentation and regularisation
     augment: str
     random_erasing: float
@@ -64,6 +67,8 @@ class TrainConfig:
     eval_epoch: int
     tta: str
     # precision and speed
+    precision: str
+    memory_format: str
     fp16: bool
     amp_dtype: str
     channels_last: bool
@@ -87,6 +92,7 @@ class TrainConfig:
     # decided by the run
     data_used: dict | None = None  # utils.data.loaders.TrainLoaders.record(): the pipeline and cache files read
     tensorboard_dir: str | None = None  # the run's TensorBoard directory, continued by --resume
+    precision_used: dict | None = None  # utils.training.precision_choice.choose_precision's record: what trains, and why
 
     @classmethod
     def flag_names(cls) -> tuple[str, ...]:

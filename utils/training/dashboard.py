@@ -53,6 +53,7 @@ from utils.tensorboard import (
 )
 from utils.training.config import TrainConfig
 from utils.training.ema import unwrap
+from utils.training.precision_choice import describe_choice
 
 # name -> type of every hparam a training run logs (types fixed, so runs of one --log_dir line up)
 HPARAMS = {"model": str, "dataset": str, "img_size": int, "pretrained": bool, "batch_size": int, "accumulation": int,
@@ -145,6 +146,8 @@ class TrainingDashboard:
         add_markdown(self.writer, "run/command_line", f"```\n{command_line()}\n```", step)
         add_markdown(self.writer, "run/args", f"```json\n{json.dumps(cfg.to_dict(), indent=2, default=str)}\n```", step)
         add_markdown(self.writer, "run/environment", environment_markdown(self.device, processes), step)
+        if cfg.precision_used:  # what --precision/--memory_format auto chose, and the step times behind it
+            add_markdown(self.writer, "run/precision", describe_choice(cfg.precision_used), step)
         if self.continued:
             return
         values = {**{key: getattr(cfg, key) for key in HPARAMS if hasattr(cfg, key)}, "dataset": dataset, "augment": augment,

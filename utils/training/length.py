@@ -1,6 +1,10 @@
-"""How long a run trains (Ultralytics' `time=` and `patience=`): --max_epoch, shortened by a --time_budget once the
-first epoch has been timed (a budget never lengthens a run), and --patience, which stops when validation acc@1 stops
-improving."""
+"""How long a run trains (Ultralytics' `time=` and `patience=`): --max_epoch, shortened by a --time_budget (a budget
+never lengthens a run beyond --max_epoch), and --patience, which stops when validation acc@1 stops improving.
+
+The budget is planned after the first timed epoch and planned again, for good, after the second: the first epoch
+of a process carries one-time costs (the precision probe, kernel selection, loading and decoding the data, building
+a cache, torch.compile) that the later ones do not, so an estimate from it alone buys fewer epochs than the budget
+holds. The second plan counts the time already spent and divides what is left by the second epoch's time."""
 
 from __future__ import annotations
 
@@ -21,7 +25,9 @@ class TrainingLength:
         self.max_epoch, self.start_epoch, self.patience, self.log = max_epoch, start_epoch, patience, log
         self.device = device or torch.device("cpu")
         self.budget_s = time_budget_min * 60.0
+        self.planned = max_epoch  # --max_epoch: the most a budget may give
         self.fixed = self.budget_s <= 0  # epochs decided by --max_epoch, or already by the budget
+        self.spent_s, self.timed = 0.0, 0  # this process's epochs so far: their seconds and count
         self.stop_reason: str | None = None
         # evaluations since the best one, from the history, so a resumed run keeps counting
         evaluated = [r["val_acc1"] for r in history or [] if r.get("val_acc1") not in (None, "")]
@@ -31,21 +37,10 @@ class TrainingLength:
 
     def after_epoch(self, epoch: int, epoch_seconds: float, val_acc1: float | None, scheduler: WarmupSchedule,
                     step: int) -> bool:
-        """Called after 1-based `epoch`. Fixes the epoch count on the first call under a time budget (stretching or
-        shrinking the LR schedule to it); returns True when training should stop early (patience)."""
+        """Called after 1-based `epoch`. Under a time budget, plans the epoch count after the first and (for good) the
+        second timed epoch, fitting the LR schedule to it; returns True when training should stop early (patience)."""
         if not self.fixed:
-            seconds = all_reduce_sum([epoch_seconds], self.device)[0] / world_size()  # the same on every rank
-            fits = int(self.budget_s // max(seconds, 1e-9))
-            planned, self.max_epoch = self.max_epoch, min(self.max_epoch, max(epoch, self.start_epoch + fits))
-            self.fixed = True
-            if self.max_epoch == planned:
-                self.log(f"time budget {self.budget_s / 60:g} min: epoch {epoch} took {seconds:.3f} s, so all "
-                         f"{planned} epochs of --max_epoch fit (the budget only shortens a run)")
-            else:
-                scheduler.set_length(self.max_epoch)
-                scheduler.seek(step)
-                self.log(f"time budget {self.budget_s / 60:g} min: epoch {epoch} took {seconds:.3f} s, so the run trains "
-                         f"{self.max_epoch} of the {planned} epochs of --max_epoch (LR schedule fitted to them)")
+            self.plan(epoch, all_reduce_sum([epoch_seconds], self.device)[0] / world_size(), scheduler, step)
         if val_acc1 is not None and self.patience > 0:
             if val_acc1 > self.best:
                 self.best, self.stale = val_acc1, 0
@@ -57,4 +52,25 @@ class TrainingLength:
                 self.log(self.stop_reason)
                 return True
         return False
+
+    def plan(self, epoch: int, seconds: float, scheduler: WarmupSchedule, step: int) -> None:
+        """The epochs the rest of the budget holds at `seconds` per epoch (the same on every rank)."""
+        self.spent_s += seconds
+        self.timed += 1
+        self.fixed = self.timed >= 2
+        fits = int(max(self.budget_s - self.spent_s, 0.0) // max(seconds, 1e-9))
+        before, self.max_epoch = self.max_epoch, min(self.planned, epoch + fits)
+        if self.max_epoch != before:
+            scheduler.set_length(self.max_epoch)
+            scheduler.seek(step)
+        budget = f"time budget {self.budget_s / 60:g} min: epoch {epoch} took {seconds:.3f} s"
+        if self.timed == 1:
+            budget += " (with one-time costs; planned again after the next epoch)"
+        else:
+            budget += f" ({self.spent_s:.3f} s of the budget spent)"
+        if self.max_epoch == self.planned:
+            self.log(f"{budget}, so all {self.planned} epochs of --max_epoch fit (the budget only shortens a run)")
+        else:
+            self.log(f"{budget}, so the run trains {self.max_epoch} of the {self.planned} epochs of --max_epoch "
+                     "(LR schedule fitted to them)")
 
