@@ -284,7 +284,7 @@ def test_eval_reports_in_one_folder_keep_their_own_figures(tmp_path, trained_run
                         "--num_workers", "0")
         assert proc.returncode == 0, proc.stderr
         assert f"confusion matrix: {results / f'{name}_confusion_matrix.png'}" in proc.stdout
-    assert sorted(p.name for p in results.iterdir()) == ["best.json", "best_confusion_matrix.png", "last.json",
-                                                         "last_confusion_matrix.png"]
+    assert sorted(p.name for p in results.iterdir()) == ["best.json", "best_confusion_matrix.png", "best_reliability.png",
+                                                         "last.json", "last_confusion_matrix.png", "last_reliability.png"]
     for name in ("best", "last"):
         assert_valid_png(results / f"{name}_confusion_matrix.png")

@@ -46,15 +46,14 @@ def test_quantization_report_keeps_one_row_set_per_checkpoint(two_checkpoints, t
         return json.loads(results.read_text())["rows"]
 
     rows_a = run(a)
-    assert [(r["format"], r["checkpoint"]) for r in rows_a] == [("pytorch", str(a)), ("torchscript-int8-dynamic", str(a))]
+    formats = ["pytorch", "onnx", "onnx-int8-dynamic"]  # --mode dynamic: ONNX Runtime's dynamic INT8 of the FP32 ONNX
+    assert [(r["format"], r["checkpoint"]) for r in rows_a] == [(f, str(a)) for f in formats]
     assert rows_a[0]["sha256"] == rows_a[0]["checkpoint_sha256"] == file_sha256(a)
     rows = run(b)  # same model name, same formats, another checkpoint: its rows are added
-    assert [(r["format"], r["checkpoint"]) for r in rows] == [
-        ("pytorch", str(a)), ("torchscript-int8-dynamic", str(a)), ("pytorch", str(b)), ("torchscript-int8-dynamic", str(b))]
-    assert rows[0] == rows_a[0] and rows[2]["sha256"] == file_sha256(b) != rows[0]["sha256"]
+    assert [(r["format"], r["checkpoint"]) for r in rows] == [(f, str(a)) for f in formats] + [(f, str(b)) for f in formats]
+    assert rows[0] == rows_a[0] and rows[3]["sha256"] == file_sha256(b) != rows[0]["sha256"]
     rows = run(a)  # the same checkpoint again: its own rows are replaced, b's stay
-    assert [(r["format"], r["checkpoint"]) for r in rows] == [
-        ("pytorch", str(b)), ("torchscript-int8-dynamic", str(b)), ("pytorch", str(a)), ("torchscript-int8-dynamic", str(a))]
+    assert [(r["format"], r["checkpoint"]) for r in rows] == [(f, str(b)) for f in formats] + [(f, str(a)) for f in formats]
 
 
 def test_eval_reports_of_two_checkpoints_of_one_model_do_not_replace_each_other(two_checkpoints, fashion_root, tmp_path,

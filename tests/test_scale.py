@@ -290,7 +290,8 @@ def test_an_allocation_that_fails_all_the_same_is_one_line(big_input):
                           "--output", str(tmp / "failed.json"), "--batch_size", "6", "--num_workers", "0", "--quiet",
                           "--device", "cpu")
     assert result.returncode == 2
-    (line,) = result.stderr.splitlines()
+    *notes, line = result.stderr.splitlines()  # a .pt is TorchScript: one note says it is legacy, then the error line
+    assert [n[:22] for n in notes] == ["note: TorchScript (.pt"], notes
     assert re.fullmatch(r"error: out of memory at --batch_size 6 \(of 2048 px images, the model's input size\) \(RuntimeError: "
                         r"DefaultCPUAllocator: can't allocate memory: you tried to allocate \d+ bytes\. Error code 12 "
                         r"\(Cannot allocate memory\)\): lower --batch_size", line), line
