@@ -215,6 +215,8 @@ def base_tree(tmp_path_factory) -> Path:
         return [n for n in names if (top and n in LOCAL_STATE) or n in CACHES or n.endswith(".pyc")]
 
     shutil.copytree(ROOT, work, ignore=local_state)
+    # the one tracked part of weights/: the ready-made models of docs/models.md
+    shutil.copytree(ROOT / "weights" / "fashion_mnist", work / "weights" / "fashion_mnist")
     os.symlink(Path(sys.executable).parent.parent, work / ".venv")
     make_fashion_root(work / "data", n_train=FMNIST_TRAIN, n_test=FMNIST_TEST)
     shutil.copy(ROOT / "data" / "FashionMNIST" / "classes.txt", work / "data" / "FashionMNIST" / "classes.txt")

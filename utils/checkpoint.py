@@ -193,6 +193,17 @@ def inference_state(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
     return ckpt["ema"]["module"] if ckpt.get("ema") else ckpt["model"]
 
 
+# what a shipped, weights-only checkpoint keeps (weights/: predict and evaluate, never resume)
+RELEASE_KEYS = ("model_name", "num_classes", "classes", "preprocess", "model_kwargs", "augment", "args", "epoch",
+                "best_acc1", "history", "torch_version", "temperature", "calibration")
+
+
+def release_checkpoint(ckpt: Checkpoint) -> Checkpoint:
+    """The served weights (the EMA's when there are some) as `model`, without the EMA copy or any resume state: half
+    the size of best.pth for an EMA run, and what eval.py, export.py and predict.py read."""
+    return {**{k: ckpt[k] for k in RELEASE_KEYS if k in ckpt}, "model": inference_state(ckpt), "ema": None}
+
+
 def model_info(ckpt: Checkpoint, model_name: str | None = None, source: str = "") -> ModelInfo:
     return ModelInfo(model_name or ckpt["model_name"], list(ckpt["classes"]), Preprocess.from_dict(ckpt["preprocess"]),
                      dict(ckpt.get("model_kwargs", {})), ckpt["num_classes"], source, float(ckpt.get("temperature", 1.0)))
