@@ -37,24 +37,13 @@ FMNIST_TRAIN, FMNIST_TEST = 320, 160
 CUDA_TESTS_DEVICE = os.environ.get("CUDA_TESTS_DEVICE", "cuda")  # "cpu": dry run of the cuda-marked tests
 
 
-# the files whose tests take minutes in all: scheduled first, so no worker is left with one of them at the end
+# the files whose tests take minutes in all: scheduled first, so no pytest-xdist worker is left with one of them at the end
 HEAVY_FIRST = ("tests/test_docs.py", "tests/test_gpu_check.py", "tests/test_resume.py", "tests/test_distributed.py")
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config, items):
-    """Skip the tests marked `cuda`, with the reason, where torch sees no GPU (and no dry run was asked for).
-
-    For pytest-xdist's --dist loadgroup (scripts/test.sh): a test file is one group (its module and session fixtures
-    are built once per worker, its tests run in file order), except that each docs page's blocks are a group of
-    their own (a page runs in its own directory, in page order); the heaviest files start first."""
-    for item in items:
-        if item.get_closest_marker("xdist_group") is None:
-            group = item.nodeid.split("::")[0]
-            block = getattr(item, "callspec", None) and item.callspec.params.get("block")
-            if block is not None:
-                group += ":" + str(block.page.name)
-            item.add_marker(pytest.mark.xdist_group(group))
+    """The heaviest files first (scripts/test.sh hands whole files to its workers: --dist loadfile); then skip the
+    tests marked `cuda`, with the reason, where torch sees no GPU (and no dry run was asked for)."""
     items.sort(key=lambda item: next((i for i, f in enumerate(HEAVY_FIRST) if item.nodeid.startswith(f)), len(HEAVY_FIRST)))
     marked = [item for item in items if item.get_closest_marker("cuda")]
     if not marked or CUDA_TESTS_DEVICE == "cpu":
