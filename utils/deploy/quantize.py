@@ -58,7 +58,6 @@ def quantize_onnx_int8(fp32_path: Path, output: Path, batches: list[torch.Tensor
     metadata kept and marked int8."""
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class BatchReader(CalibrationDataReader):
         """Feeds the calibration batches to onnxruntime's calibrator one at a time."""
@@ -75,41 +74,40 @@ def quantize_onnx_int8(fp32_path: Path, output: Path, batches: list[torch.Tensor
         def rewind(self):
             self.i = 0
 
-    src = onnx.load(str(fp32_path))
-    meta = {p.key: p.value for p in src.metadata_props}
-    input_name = src.graph.input[0].name
-    pre_path = temp_sibling(output.with_name(output.stem + "_prep.onnx"))  # an intermediate, never published
-    try:
-        with atomic_path(output) as tmp:
-            quant_pre_process(str(fp32_path), str(pre_path))
-            quantize_static(str(pre_path), str(tmp), BatchReader(input_name, [b.numpy() for b in batches]),
-                            quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QUInt8 if activations == "uint8" else QuantType.QInt8,
-                            weight_type=QuantType.QInt8)
-            proto = onnx.load(str(tmp))
-            write_onnx_metadata(proto, {**meta, **metadata_update})
-            onnx.save(proto, str(tmp))
-            onnx.checker.check_model(str(tmp), full_check=True)
-    finally:
-        pre_path.unlink(missing_ok=True)
-    return output
+    input_name = onnx.load(str(fp32_path)).graph.input[0].name
+
+    def quantize(prepared: str, tmp: str) -> None:
+        quantize_static(prepared, tmp, BatchReader(input_name, [b.numpy() for b in batches]),
+                        quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8 if activations == "uint8" else QuantType.QInt8,
+                        weight_type=QuantType.QInt8)
+
+    return _quantized_onnx(fp32_path, output, metadata_update, quantize)
 
 
 def quantize_onnx_dynamic(fp32_path: Path, output: Path, metadata_update: dict[str, str]) -> Path:
     """Dynamic INT8 of an exported FP32 ONNX file's MatMul/Gemm weights (nn.Linear); metadata kept and marked."""
-    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    def quantize(prepared: str, tmp: str) -> None:
+        quantize_dynamic(prepared, tmp, op_types_to_quantize=["MatMul", "Gemm"], weight_type=QuantType.QInt8)
+
+    return _quantized_onnx(fp32_path, output, metadata_update, quantize)
+
+
+def _quantized_onnx(fp32_path: Path, output: Path, metadata_update: dict[str, str], quantize) -> Path:
+    """quantize(prepared, tmp) on onnxruntime's pre-processed copy of the FP32 file (symbolic shape inference +
+    optimisation: without it ONNX Runtime's quantizers fail on the dynamo exporter's graphs, e.g. FashionCNN's flatten
+    -> Gemm), then the FP32 file's metadata with `metadata_update`, checked, published in one rename."""
+    import onnx
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    src = onnx.load(str(fp32_path))
-    meta = {p.key: p.value for p in src.metadata_props}
+    meta = {p.key: p.value for p in onnx.load(str(fp32_path)).metadata_props}
     pre_path = temp_sibling(output.with_name(output.stem + "_prep.onnx"))  # an intermediate, never published
     try:
         with atomic_path(output) as tmp:
-            # as for static INT8: quantize_dynamic's own shape inference fails on the dynamo exporter's graph of
-            # FashionCNN (flatten -> Gemm) without onnxruntime's pre-processing (symbolic shape inference + optimisation)
             quant_pre_process(str(fp32_path), str(pre_path))
-            quantize_dynamic(str(pre_path), str(tmp), op_types_to_quantize=["MatMul", "Gemm"], weight_type=QuantType.QInt8)
+            quantize(str(pre_path), str(tmp))
             proto = onnx.load(str(tmp))
             write_onnx_metadata(proto, {**meta, **metadata_update})
             onnx.save(proto, str(tmp))
