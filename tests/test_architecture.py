@@ -21,12 +21,12 @@ LEGACY_205200D_CKPT = ROOT / "tests" / "fixtures" / "legacy_205200d_custom8_ema.
 LEGACY_CKPTS = pytest.mark.parametrize("legacy", [LEGACY_CKPT, LEGACY_205200D_CKPT], ids=["c29c9b5", "205200d"])
 # layer of each package or module (lower = more basic); an import may only point to the same or a lower layer
 LAYERS = {"utils.errors": 0, "utils.io": 0, "utils.cli": 0, "utils.timing": 0, "utils.plots": 0, "utils.distributed": 0,
-          "utils.precision": 0, "utils.tensorboard": 0, "utils.progress": 0, "utils.data": 1, "utils.model_info": 1,
+          "utils.precision": 0, "utils.tensorboard": 0, "utils.progress": 0, "utils.regions": 0, "utils.data": 1, "utils.model_info": 1,
           "models": 1, "utils.checkpoint": 2, "utils.evaluation": 2, "utils.training": 3, "utils.deploy": 3, "utils.analysis": 3,
           "utils.explain": 3}
 TORCH_FREE = ("utils.errors", "utils.io", "utils.cli", "utils.progress", "utils.data.preprocess", "utils.model_info",
               "utils.deploy.metadata", "utils.deploy.runtime", "utils.deploy.predict", "utils.deploy.open_model",
-              "utils.explain.geometry")
+              "utils.explain.geometry", "utils.regions")
 
 
 def package_modules() -> dict[str, Path]:

@@ -19,6 +19,7 @@ from utils.checkpoint import build_from_checkpoint, load_checkpoint
 from utils.data.preprocess import Preprocess, normalize, to_model_mode
 from utils.errors import InputError
 from utils.model_info import ModelInfo
+from utils.regions import largest_component
 
 
 def load_fcn(weights: str | None = None, device: torch.device | str = "cpu") -> tuple[FCNResNet18, nn.Module, ModelInfo]:
@@ -82,31 +83,14 @@ def largest_region_box(score, threshold: float, centers_y, centers_x, stride: in
     if score.size == 1 or hi - lo <= 1e-12 * max(1.0, abs(hi)):
         return None, "the score map is flat (one unit or constant values): no region to localise"
     mask = (score - lo) / (hi - lo) >= threshold
-    seen = np.zeros_like(mask)
-    best: list[tuple[int, int]] = []
-    for y0, x0 in zip(*np.nonzero(mask)):
-        if seen[y0, x0]:
-            continue
-        stack, comp = [(y0, x0)], []
-        seen[y0, x0] = True
-        while stack:
-            y, x = stack.pop()
-            comp.append((y, x))
-            for dy, dx in ((1, 0), (-1, 0), (0, 1), (0, -1)):
-                ny, nx = y + dy, x + dx
-                if 0 <= ny < mask.shape[0] and 0 <= nx < mask.shape[1] and mask[ny, nx] and not seen[ny, nx]:
-                    seen[ny, nx] = True
-                    stack.append((ny, nx))
-        if len(comp) > len(best):
-            best = comp
-    ys, xs = [p[0] for p in best], [p[1] for p in best]
+    ys, xs = largest_component(mask)
     h_img, w_img = image_hw
     half = stride / 2
     top = int(max(0, np.floor(centers_y[min(ys)] - half)))
     left = int(max(0, np.floor(centers_x[min(xs)] - half)))
     bottom = int(min(h_img - 1, np.ceil(centers_y[max(ys)] + half)))
     right = int(min(w_img - 1, np.ceil(centers_x[max(xs)] + half)))
-    return (top, left, bottom, right), f"largest region: {len(best)} of {score.size} map units >= {threshold:g} (normalised)"
+    return (top, left, bottom, right), f"largest region: {len(ys)} of {score.size} map units >= {threshold:g} (normalised)"
 
 
 def score_geometry(fcn: nn.Module, input_size: tuple[int, int, int]):

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from utils.data.preprocess import Preprocess, resized_size
+from utils.regions import component
 
 
 @dataclass(frozen=True)
@@ -101,21 +102,8 @@ def hottest_region(heat: np.ndarray, quantile: float) -> tuple[int, int, int, in
     if not np.isfinite(hi) or hi - lo <= 1e-12 * max(1.0, abs(hi)):
         return None
     threshold = min(float(np.quantile(heat, 1.0 - quantile)), hi)
-    mask = heat >= threshold
     y0, x0 = np.unravel_index(int(np.argmax(heat)), heat.shape)
-    seen = np.zeros_like(mask)
-    seen[y0, x0] = True
-    stack, ys, xs = [(y0, x0)], [y0], [x0]
-    while stack:
-        y, x = stack.pop()
-        for dy in (-1, 0, 1):
-            for dx in (-1, 0, 1):
-                ny, nx = y + dy, x + dx
-                if 0 <= ny < mask.shape[0] and 0 <= nx < mask.shape[1] and mask[ny, nx] and not seen[ny, nx]:
-                    seen[ny, nx] = True
-                    stack.append((ny, nx))
-                    ys.append(ny)
-                    xs.append(nx)
+    ys, xs = component(heat >= threshold, (int(y0), int(x0)), diagonal=True)
     return int(min(xs)), int(min(ys)), int(max(xs)), int(max(ys))
 
 
