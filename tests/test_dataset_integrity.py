@@ -30,13 +30,13 @@ from PIL import Image
 from test_fcn import save_random_resnet18_checkpoint
 from test_hostile_files import onnx_model  # noqa: F401  (the session's exported ONNX file)
 
-from utils.analysis.many_images import output_names, path_tag
+from utils.analysis.many_images import output_names
 from utils.data.cache import CacheLayout, decode, open_cache
 from utils.data.folders import scan_folder
 from utils.data.formats import CACHE_FILE
 from utils.data.preprocess import Preprocess
 from utils.errors import InputError
-from utils.io import file_sha256
+from utils.io import file_sha256, path_tag
 
 TRAIN = ("--img_size", "28", "--max_epoch", "1", "--wp_epoch", "0", "--batch_size", "8", "--num_workers", "0",
          "--device", "cpu", "--quiet")

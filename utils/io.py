@@ -256,6 +256,11 @@ def publish_report(out_dir: str | Path, stem: str, text: str, payload: dict, *, 
     return text_path, json_path
 
 
+def path_tag(path: str | Path) -> str:
+    """8 hex digits naming one resolved file path: what tells apart outputs of inputs that share a stem."""
+    return hashlib.sha256(str(Path(path).resolve()).encode("utf-8", "surrogateescape")).hexdigest()[:8]
+
+
 def file_sha256(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

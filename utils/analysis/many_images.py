@@ -9,7 +9,6 @@ another image, so `a/x.png` and `b/x.png` never overwrite each other's results."
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 from collections import defaultdict
@@ -18,17 +17,12 @@ from pathlib import Path
 from typing import TypeVar
 
 from utils.errors import InputError
-from utils.io import atomic_write_text, display_line
+from utils.io import atomic_write_text, display_line, path_tag
 from utils.tensorboard import add_markdown, open_writer
 
 OUTPUT_RULE = ("each image's results go to <out_dir>/<image stem>/, or <out_dir>/<image stem>-<8 hex digits of the "
                "sha256 of its resolved path>/ when another input of the run has the same stem or <image stem>/ already "
                "holds the results of another file (its result.json's \"source\")")
-
-
-def path_tag(path: Path) -> str:
-    """8 hex digits naming one resolved file path."""
-    return hashlib.sha256(str(path.resolve()).encode("utf-8", "surrogateescape")).hexdigest()[:8]
 
 
 def _owner(folder: Path) -> str | None:

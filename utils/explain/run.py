@@ -11,7 +11,6 @@ heat map is flat (nothing stands out).
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import sys
 from collections import Counter
@@ -28,7 +27,7 @@ from utils.errors import InputError
 from utils.explain.attribution import Logits, heat_maps, probabilities
 from utils.explain.geometry import CropMap, hotspot
 from utils.explain.overlay import draw_overlay
-from utils.io import atomic_path, display_line, display_path
+from utils.io import atomic_path, display_line, display_path, path_tag
 from utils.progress import bar
 
 ROW_FIELDS = ("path", "top1_class", "top1_prob", "target_class", "method", "peak_x", "peak_y",
@@ -55,7 +54,7 @@ def overlay_names(paths: Sequence[Path], method: str) -> dict[Path, str]:
     stems = Counter(p.stem for p in paths)
     out = {}
     for p in paths:
-        tag = "" if stems[p.stem] == 1 else "-" + hashlib.sha256(str(p.resolve()).encode("utf-8", "surrogateescape")).hexdigest()[:8]
+        tag = "" if stems[p.stem] == 1 else "-" + path_tag(p)
         out[p] = f"{p.stem}{tag}_{method}.png"
     return out
 
