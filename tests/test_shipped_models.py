@@ -13,6 +13,7 @@ import pytest
 from conftest import ROOT, run_main
 from PIL import Image
 
+from utils.errors import InputError
 from utils.io import file_sha256
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: in-process torch work on 1 intra-op thread
@@ -71,3 +72,24 @@ def test_predict_runs_on_them_out_of_the_box(tmp_path):
         assert proc.returncode == 0, proc.stderr
         top[name] = [r["top"][0]["class"] for r in json.loads(proc.stdout)["predictions"]]
     assert top["speednet.onnx"] == top["speednet.pth"] and len(top["speednet.onnx"]) == 16
+
+
+def test_release_weights_keeps_the_served_weights_and_drops_the_training_state(trained_ckpt, tmp_path):
+    """scripts/release_weights.py (how the shipped files were made): the served (EMA) weights become `model`, bit for
+    bit, nothing a resume needs stays, and an existing --out is refused without --exist_ok."""
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("release_weights", ROOT / "scripts" / "release_weights.py")
+    release = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(release)
+    out = tmp_path / "released.pth"
+    assert release.main(["--weights", str(trained_ckpt), "--out", str(out)]) == 0
+    with pytest.raises(InputError, match="exists: pass --exist_ok"):
+        release.main(["--weights", str(trained_ckpt), "--out", str(out)])
+    src = torch.load(trained_ckpt, map_location="cpu", weights_only=True)
+    got = torch.load(out, map_location="cpu", weights_only=True)
+    served = src["ema"]["module"] if src.get("ema") else src["model"]
+    assert got["ema"] is None and not {"optimizer", "scheduler", "scaler", "partial"} & set(got)
+    assert set(got["model"]) == set(served) and all(torch.equal(got["model"][k], served[k]) for k in served)
