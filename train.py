@@ -112,7 +112,7 @@ def get_args_parser():
     g.add_argument("--start_epoch", type=cli.non_negative(), default=None,
                    help="epoch to start at (default: 0, or the checkpoint's next with --resume)")
     g.add_argument("--time_budget", type=cli.non_negative(float), default=0.0, metavar="MINUTES",
-                   help="train fewer epochs than --max_epoch if needed to end inside this wall-clock budget (0 = off)")
+                   help="train fewer epochs than --max_epoch so the whole run (start-up, validation, TTA) ends inside it (0 = off)")
     g.add_argument("--patience", type=cli.non_negative(), default=0, metavar="N",
                    help="stop when val acc@1 has not improved for N evaluations (0 = off)")
     g.add_argument("--eval_epoch", type=cli.positive(), default=1, help="validate every N epochs (and after the last)")
@@ -146,6 +146,7 @@ def get_args_parser():
 
 
 def main(argv=None) -> int:
+    started = time.perf_counter()  # the --time_budget clock: the whole run, start-up included
     parser = get_args_parser()
     args = parser.parse_args(argv)
     explicit = cli.explicit_dests(parser, argv)
@@ -190,7 +191,7 @@ def main(argv=None) -> int:
     replay = recorded_precision(args.config)
     try:
         with explain_out_of_memory(training_flags(cfg.batch_size, cfg.img_size), "lower --batch_size or --img_size"):
-            return train(cfg, ckpt, init, spec, run, device, rank, world, replay)
+            return train(cfg, ckpt, init, spec, run, device, rank, world, replay, started)
     finally:
         if is_main_process():
             run.release()
@@ -198,7 +199,7 @@ def main(argv=None) -> int:
 
 
 def train(cfg: TrainConfig, ckpt: dict | None, init: dict | None, spec: DataSpec, run: RunDir, device: torch.device, rank: int,
-          world: int, replay: dict | None = None) -> int:
+          world: int, replay: dict | None = None, started: float | None = None) -> int:
     main_proc = is_main_process()
     seed_everything(cfg.seed + rank)
     if cfg.crop_pct is None:  # auto: from the images' own size (a folder's file headers are read)
@@ -254,13 +255,15 @@ def train(cfg: TrainConfig, ckpt: dict | None, init: dict | None, spec: DataSpec
                 "split": getattr(train_set, "split", None),
                 "class_weights": class_weights.tolist() if class_weights is not None else None}
     data_files = describe_folders(train_set, val_set, run_dir) if main_proc else {}
-    cfg, recorder, saver, length = open_run(cfg, run_dir, identity, model, state, resume, device, main_proc, data_files)
+    cfg, recorder, saver, length = open_run(cfg, run_dir, identity, model, state, resume, device, main_proc, data_files,
+                                            started)
     if main_proc:
         describe_run(cfg, model, len(train_set), len(val_set), classes, device, world, loaders, augment, precision, resume,
                      recorder.log_dir)
         describe_balance(cfg, train_set, classes, class_weights)
     stop = GracefulStop(announce=main_proc).install()  # Ctrl-C / SIGTERM: stop after the current optimizer step
     epoch, partial, done = resume.start_epoch, resume.partial, None
+    val_s = 0.0  # the last validation's seconds: the final TTA evaluation (two views) is kept twice that
     try:
         while epoch < length.max_epoch:
             start = time.perf_counter()
@@ -279,11 +282,13 @@ def train(cfg: TrainConfig, ckpt: dict | None, init: dict | None, spec: DataSpec
             row = {"epoch": epoch + 1, "lr": stats["lr"], "train_loss": stats["train_loss"], "train_acc1": stats["train_acc1"],
                    "seconds": round(stats["seconds"], 2)}
             if (epoch + 1) % cfg.eval_epoch == 0 or epoch + 1 == length.max_epoch:
+                val_start = time.perf_counter()
                 row.update(validate(model, state, loaders.val, device, len(classes), val_criterion, cfg, recorder, epoch + 1))
+                val_s = time.perf_counter() - val_start
             recorder.add(row)
             end_early = length.after_epoch(epoch + 1, time.perf_counter() - start, row.get("val_acc1"), state.scheduler,
-                                           state.step)
-            if length.max_epoch != cfg.max_epoch:  # a time budget fixes it after the first epoch
+                                           state.step, tail_s=2 * val_s if cfg.tta != "none" else 0.0)
+            if length.max_epoch != cfg.max_epoch:  # a time budget planned (or shortened) it
                 cfg = replace(cfg, max_epoch=length.max_epoch)
                 identity["args"] = cfg.to_dict()  # the checkpoints' copy (saver.identity is this dict)
                 recorder.set_args(identity["args"])
@@ -379,7 +384,7 @@ def wrap_model(model: nn.Module, compile_model: bool, device: torch.device) -> n
 
 def open_run(cfg: TrainConfig, run_dir: Path, identity: dict, model: nn.Module, state: TrainState, resume: ResumePoint,
              device: torch.device, main_proc: bool,
-             data_files: dict[str, str]) -> tuple[TrainConfig, RunRecorder, CheckpointSaver, TrainingLength]:
+             data_files: dict[str, str], started: float) -> tuple[TrainConfig, RunRecorder, CheckpointSaver, TrainingLength]:
     """The run's records (results.csv, TensorBoard), checkpoint policy and length policy, started. The config comes
     back with the TensorBoard directory the dashboard chose (identity["args"] follows it)."""
     dashboard = None
@@ -393,7 +398,8 @@ def open_run(cfg: TrainConfig, run_dir: Path, identity: dict, model: nn.Module, 
     saver = CheckpointSaver(run_dir, identity=identity, model=model, state=state, history=recorder.history,
                             best_acc1=resume.best_acc1, finished=resume.start_epoch - 1, enabled=main_proc)
     length = TrainingLength(cfg.max_epoch, start_epoch=resume.start_epoch, time_budget_min=cfg.time_budget, patience=cfg.patience,
-                            history=recorder.history, device=device, log=print if main_proc else lambda _: None)
+                            history=recorder.history, device=device, log=print if main_proc else lambda _: None,
+                            started=started)
     return cfg, recorder, saver, length
 
 
