@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import math
-import statistics
 import time
 from dataclasses import dataclass
 
@@ -32,9 +31,10 @@ from utils.precision import Precision, autocast, cpu_bf16_native, resolve_precis
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 MEMORY_FORMATS = ("auto", "nchw", "channels_last")
 AMP_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-PROBE_WARMUP, PROBE_STEPS = 1, 3  # per candidate: one untimed step (kernel selection), then the median of three
+PROBE_WARMUP, PROBE_STEPS = 1, 2  # per candidate and round: one untimed step (kernel selection, layout), two timed
+PROBE_ROUNDS = 2  # the candidates take turns, twice: a slow phase of a shared machine hits different ones each round
 PROBE_PAYBACK = 25  # probe only runs at least this many times longer than the probe itself (in training steps)
-PROBE_SECONDS = 2.0  # per candidate: fewer timed steps when one step is slow
+PROBE_SECONDS = 1.0  # per candidate and round: fewer timed steps when one step is slow
 
 
 @dataclass(frozen=True)
@@ -82,42 +82,47 @@ def candidates(device: torch.device, precision: str = "auto", memory_format: str
 
 def step_seconds(model: nn.Module, cands: list[Candidate], batch_shape: tuple[int, ...], num_classes: int,
                  device: torch.device) -> dict[str, float]:
-    """Median seconds of one training step (forward, backward, SGD step) of each candidate, on a copy of `model` with
-    a random batch of `batch_shape`; the caller's model, its BatchNorm statistics and the random state are untouched.
-    A candidate whose step fails (an operation without a kernel for that dtype or layout) gets math.inf."""
+    """Seconds of one training step (forward, backward, SGD step) of each candidate, on a copy of `model` with a random
+    batch of `batch_shape`; the caller's model, its BatchNorm statistics and the random state are untouched. The
+    candidates take turns for PROBE_ROUNDS rounds and each gets its fastest timed step: on a shared VM the same step
+    measured 131 ms and 258 ms minutes apart (the second vCPU comes and goes), and a median of back-to-back steps of
+    one candidate picked bf16/NCHW over a channels_last that trains 1.4x faster. A candidate whose step fails (an
+    operation without a kernel for that dtype or layout) gets math.inf."""
     probe = copy.deepcopy(model).train()
     optimizer = torch.optim.SGD([p for p in probe.parameters() if p.requires_grad], lr=0.0)
     loss_fn = nn.CrossEntropyLoss()
     devices = [device.index or 0] if device.type == "cuda" else []
-    out = {}
+    times: dict[str, list[float]] = {cand.name: [] for cand in cands}
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(0)
         x = torch.randn(batch_shape, device=device)
         y = torch.randint(0, num_classes, (batch_shape[0],), device=device)
-        for cand in cands:
-            fmt = torch.channels_last if cand.channels_last else torch.contiguous_format
-            probe = probe.to(memory_format=fmt)
-            xc = x.contiguous(memory_format=fmt)
-            times: list[float] = []
-            spent, n = 0.0, 0
-            try:
-                while n < PROBE_WARMUP + PROBE_STEPS and (n <= PROBE_WARMUP or spent < PROBE_SECONDS):
-                    start = time.perf_counter()
-                    with autocast(device, cand.precision != "fp32", AMP_NAMES[cand.precision]):
-                        loss = loss_fn(probe(xc).float(), y)
-                    loss.backward()
-                    optimizer.step()
-                    if device.type == "cuda":
-                        torch.cuda.synchronize(device)
-                    seconds = time.perf_counter() - start
-                    spent += seconds
-                    if n >= PROBE_WARMUP:
-                        times.append(seconds)
-                    n += 1
-            except (RuntimeError, NotImplementedError):  # not a candidate on this machine; the others still are
-                times = [math.inf]
-            optimizer.zero_grad(set_to_none=True)
-            out[cand.name] = statistics.median(times)
+        for _ in range(PROBE_ROUNDS):
+            for cand in cands:
+                if times[cand.name] == [math.inf]:
+                    continue
+                fmt = torch.channels_last if cand.channels_last else torch.contiguous_format
+                probe = probe.to(memory_format=fmt)
+                xc = x.contiguous(memory_format=fmt)
+                spent, n = 0.0, 0
+                try:
+                    while n < PROBE_WARMUP + PROBE_STEPS and (n <= PROBE_WARMUP or spent < PROBE_SECONDS):
+                        start = time.perf_counter()
+                        with autocast(device, cand.precision != "fp32", AMP_NAMES[cand.precision]):
+                            loss = loss_fn(probe(xc).float(), y)
+                        loss.backward()
+                        optimizer.step()
+                        if device.type == "cuda":
+                            torch.cuda.synchronize(device)
+                        seconds = time.perf_counter() - start
+                        spent += seconds
+                        if n >= PROBE_WARMUP:
+                            times[cand.name].append(seconds)
+                        n += 1
+                except (RuntimeError, NotImplementedError):  # not a candidate on this machine; the others still are
+                    times[cand.name] = [math.inf]
+                optimizer.zero_grad(set_to_none=True)
+    out = {name: min(seconds) for name, seconds in times.items()}
     del probe, optimizer
     return out
 
@@ -136,7 +141,7 @@ def choose_precision(model: nn.Module, cands: list[Candidate], note: str | None,
         chosen, record["chosen_by"] = cands[0], "flags"
     elif recorded_name in names:  # --resume or a replayed args.json: the run's own choice, so it repeats exactly
         chosen, record["chosen_by"] = cands[names.index(recorded_name)], recorded_by
-    elif planned_steps < PROBE_PAYBACK * len(cands) * (PROBE_WARMUP + PROBE_STEPS):
+    elif planned_steps < PROBE_PAYBACK * len(cands) * PROBE_ROUNDS * (PROBE_WARMUP + PROBE_STEPS):
         chosen, record["chosen_by"] = cands[0], f"short run ({planned_steps} steps): the reference, no probe"
     else:
         times = step_seconds(model, cands, batch_shape, num_classes, device)
