@@ -85,7 +85,7 @@ def test_bench_verify_tiny(tmp_path, capsys):
 
 def test_bench_photos_tiny(tmp_path, capsys):
     """The photo benchmark end to end on 20 JPEGs: the folder it makes, the rows, the reuse of the folder."""
-    from benchmarks import bench_photos
+    from benchmarks import bench_photos, photo_folder
 
     out, workdir = tmp_path / "photos.json", tmp_path / "work"
     argv = ["--images", "20", "--epochs", "2", "--models", "custom", "resnet18", "--img_sizes", "32", "--batch_size", "4",
@@ -95,7 +95,7 @@ def test_bench_photos_tiny(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "| model | px | pipeline | train img/s | x PIL |" in text and "python benchmarks/bench_photos.py --images 20" in text
     photos = sorted((workdir / "folder").rglob("*.jpg"))
-    assert len(photos) == 20 and {p.parent.name for p in photos} == set(bench_photos.CLASSES)
+    assert len(photos) == 20 and {p.parent.name for p in photos} == set(photo_folder.CLASSES)
     assert len(list((workdir / "folder" / "val").rglob("*.jpg"))) == 10  # one per class held out
     with Image.open(photos[0]) as img:
         assert img.format == "JPEG" and img.size == (500, 375)
@@ -125,7 +125,7 @@ def test_bench_photos_tiny(tmp_path, capsys):
     assert payload["machine"]["cpu"] and "bf16_native" in payload["machine"]
     # a second call with the same parameters reuses the folder
     before = {p: p.stat().st_mtime_ns for p in photos}
-    bench_photos.make_photo_folder(workdir / "folder", 20, 0.15, 0, show_progress=False)
+    photo_folder.make_photo_folder(workdir / "folder", 20, 0.15, 0, show_progress=False)
     assert {p: p.stat().st_mtime_ns for p in photos} == before
 
 
@@ -138,3 +138,33 @@ def test_bench_photos_bad_flags_are_input_errors(tmp_path, capsys):
     with pytest.raises(InputError, match="--images must be at least 20"):
         bench_photos.main(["--images", "12", "--workdir", str(tmp_path)])
     assert not any(tmp_path.iterdir())
+
+
+def test_bench_techniques_tiny(small_fashion_root, tmp_path, capsys):
+    """Each row is a real train.py process of the recipe with one change; the table's figures are its results.csv's."""
+    import csv
+
+    from benchmarks import bench_techniques
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("model: custom\nimg_size: 28\nin_channels: 1\nbatch_size: 16\nema: true\ntta: flip\n"
+                      "precision: fp32\nmemory_format: nchw\n", encoding="utf-8")
+    out = tmp_path / "techniques.json"
+    argv = ["--recipe", str(recipe), "--only", "recipe", "no_ema", "--epochs", "2", "--target", "0.0",
+            "--data_root", str(small_fashion_root), "--workdir", str(tmp_path / "runs"), "--out", str(out)]
+    assert bench_techniques.main(argv) == 0
+    text = capsys.readouterr().out
+    assert "| technique | epochs to 0.0% |" in text and "python benchmarks/bench_techniques.py --recipe" in text
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["id"] for r in rows] == ["recipe", "no_ema"]
+    for row in rows:
+        run = bench_techniques.ROOT / row["run_dir"]
+        with open(run / "results.csv", newline="") as f:
+            csv_rows = list(csv.DictReader(f))
+        args = json.loads((run / "args.json").read_text())
+        assert args["ema"] is (row["id"] == "recipe") and args["max_epoch"] == 2 and args["time_budget"] == 0
+        assert row["epochs"] == 2 and row["epochs_to_target"] == 1  # any accuracy reaches 0 % after epoch 1
+        assert row["minutes_to_target"] == round(float(csv_rows[0]["seconds"]) / 60, 2)
+        assert row["val_acc1"] == float(csv_rows[-1]["val_acc1"]) and 0 <= row["val_acc1"] <= 1
+        assert row["val_acc1_tta"] == float(csv_rows[-1]["val_acc1_tta"])
+        assert row["images_per_s"] == round(64 * 2 / sum(float(r["seconds"]) for r in csv_rows))

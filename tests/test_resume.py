@@ -37,7 +37,9 @@ def resume_root(tmp_path_factory) -> Path:
 def train_cmd(data_root: Path, out: Path, *extra: str, max_epoch: int = 3) -> list[str]:
     return [sys.executable, "train.py", "--model", "custom", "--img_size", "28", "--max_epoch", str(max_epoch),
             "--batch_size", str(BATCH), "--num_workers", "0", "--seed", "7", "--data_root", str(data_root),
-            "--path_to_save", str(out), "--device", "cpu", *extra]
+            "--path_to_save", str(out), "--device", "cpu", "--precision", "fp32", "--memory_format", "nchw", *extra]
+    # fixed precision: an uninterrupted run and a resumed one are compared bit for bit, and each fresh run of 180 steps
+    # would otherwise probe for its own (timing-dependent) choice
 
 
 ENV = dict(os.environ, PYTHONPATH=str(ROOT), MPLBACKEND="Agg", OMP_NUM_THREADS="1")  # one thread: runs overlap

@@ -164,7 +164,7 @@ def test_precision_candidates_follow_the_cpu_and_the_flags():
 
 def test_the_probe_times_each_candidate_on_a_copy_and_leaves_the_run_untouched():
     from models import build_model
-    from utils.training.precision_choice import PROBE_PAYBACK, candidates, choose_precision
+    from utils.training.precision_choice import PROBE_PAYBACK, PROBE_ROUNDS, PROBE_STEPS, PROBE_WARMUP, candidates, choose_precision
 
     cpu = torch.device("cpu")
     model = build_model("speednet", 10, img_size=16, in_channels=1)
@@ -180,7 +180,7 @@ def test_the_probe_times_each_candidate_on_a_copy_and_leaves_the_run_untouched()
     fastest = min(record["step_ms"], key=record["step_ms"].get)
     assert f"{record['precision']}/{record['memory_format']}" == fastest
     assert (chosen.amp, chosen.channels_last) == (record["precision"] != "fp32", record["memory_format"] == "channels_last")
-    short = PROBE_PAYBACK * len(cands) * 4 - 1
+    short = PROBE_PAYBACK * len(cands) * PROBE_ROUNDS * (PROBE_WARMUP + PROBE_STEPS) - 1
     _, record = choose_precision(model, cands, note, batch_shape=shape, num_classes=10, device=cpu, planned_steps=short)
     assert record == {"precision": "fp32", "memory_format": "nchw",
                       "chosen_by": f"short run ({short} steps): the reference, no probe"}
