@@ -97,6 +97,19 @@ def run_row(key: str, recipe: dict, args: argparse.Namespace) -> dict:
             "precision_chosen": chose, "run_dir": run_dir}
 
 
+def technique_table(rows: list[dict], target: float) -> str:
+    """The markdown table; accuracies as percentages with two decimals (the rows differ by tenths of a point)."""
+    def pct(value: float | None) -> str | None:
+        return None if value is None else f"{100 * value:.2f}"
+
+    shown = [{**r, **{k: pct(r[k]) for k in ("val_acc1", "val_acc1_tta", "best_val_acc1", "train_acc1")}} for r in rows]
+    return table(shown, [("technique", "technique"), ("epochs_to_target", f"epochs to {100 * target:g} %"),
+                         ("minutes_to_target", "train min to target"), ("val_acc1", "final acc@1 %"),
+                         ("val_acc1_tta", "with flip-TTA %"), ("best_val_acc1", "best epoch %"),
+                         ("train_acc1", "train acc@1 %"), ("images_per_s", "train img/s"),
+                         ("train_minutes", "train min"), ("wall_minutes", "wall min")])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     try:
@@ -111,11 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(run_row(key, recipe, args))
     command = command_line("bench_techniques.py", argv)
     print(f"\n{args.recipe}, {args.epochs} epochs per row, target val acc@1 {args.target}\n")
-    print(table(rows, [("technique", "technique"), ("epochs_to_target", f"epochs to {args.target:.1%}"),
-                       ("minutes_to_target", "train min to target"), ("val_acc1", "final acc@1"),
-                       ("val_acc1_tta", "final acc@1 flip-TTA"), ("best_val_acc1", "best acc@1"),
-                       ("train_acc1", "train acc@1"), ("images_per_s", "train img/s"), ("train_minutes", "train min"),
-                       ("wall_minutes", "wall min")]))
+    print(technique_table(rows, args.target))
     print(f"\n{command}")
     out = write_json(args.out, {"command": command, "recipe": recipe, "epochs": args.epochs, "target": args.target,
                                 "machine": machine_info(torch.device("cpu")), "rows": rows})

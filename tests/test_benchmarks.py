@@ -154,7 +154,7 @@ def test_bench_techniques_tiny(small_fashion_root, tmp_path, capsys):
             "--data_root", str(small_fashion_root), "--workdir", str(tmp_path / "runs"), "--out", str(out)]
     assert bench_techniques.main(argv) == 0
     text = capsys.readouterr().out
-    assert "| technique | epochs to 0.0% |" in text and "python benchmarks/bench_techniques.py --recipe" in text
+    assert "| technique | epochs to 0 % |" in text and "python benchmarks/bench_techniques.py --recipe" in text
     rows = json.loads(out.read_text())["rows"]
     assert [r["id"] for r in rows] == ["recipe", "no_ema"]
     for row in rows:
@@ -168,3 +168,25 @@ def test_bench_techniques_tiny(small_fashion_root, tmp_path, capsys):
         assert row["val_acc1"] == float(csv_rows[-1]["val_acc1"]) and 0 <= row["val_acc1"] <= 1
         assert row["val_acc1_tta"] == float(csv_rows[-1]["val_acc1_tta"])
         assert row["images_per_s"] == round(64 * 2 / sum(float(r["seconds"]) for r in csv_rows))
+
+
+def test_bench_vs_ultralytics_runs_our_rows_as_a_user_starts_them(tmp_path, capsys):
+    """Without --yolo_python the Ultralytics row is left out; the two train.py rows are real processes on the generated
+    folder, stopped after --epochs epochs, and the table's epoch seconds are their results.csv's (epoch 1 untimed)."""
+    import csv
+
+    from benchmarks import bench_vs_ultralytics
+
+    out = tmp_path / "vs.json"
+    argv = ["--images", "20", "--epochs", "2", "--img_size", "32", "--batch_size", "4", "--workdir", str(tmp_path / "w"),
+            "--out", str(out)]
+    assert bench_vs_ultralytics.main(argv) == 0
+    assert "python benchmarks/bench_vs_ultralytics.py --images 20" in capsys.readouterr().out
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["flags"] for r in rows] == ["--precision fp32 --memory_format nchw", "(none)"]
+    for row in rows:
+        with open(tmp_path / "w" / "runs" / "folder" / row["run_dir"].rsplit("/", 1)[1] / "results.csv", newline="") as f:
+            seconds = [float(r["seconds"]) for r in csv.DictReader(f)]
+        assert row["epoch_s"] == seconds[:2] and row["epoch_s_mean"] == pytest.approx(seconds[1])
+    assert rows[0]["setup"].startswith("fp32 nchw (flags)")
+    assert max(r["x_slowest"] for r in rows) == pytest.approx(max(r["epoch_s_mean"] for r in rows) / min(r["epoch_s_mean"] for r in rows))

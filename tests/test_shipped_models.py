@@ -19,6 +19,7 @@ from utils.io import file_sha256
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: in-process torch work on 1 intra-op thread
 
 MODELS = ROOT / "weights" / "fashion_mnist"
+SHIPPED = ("speednet", "fashion_cnn")
 PAGE = ROOT / "docs" / "models.md"
 # the real data: the repository's data/ (scripts/demo.sh copies it there) or the shared copy beside the checkout
 REAL_RAW = [ROOT / "data" / "FashionMNIST" / "raw", ROOT.parent / "shared" / "data" / "FashionMNIST" / "raw"]
@@ -35,7 +36,7 @@ def listed() -> dict[str, dict]:
 
 def test_the_shipped_files_are_the_listed_ones():
     rows = listed()
-    assert set(rows) == {p.name for p in MODELS.iterdir()} == {"speednet.pth", "speednet.onnx"}
+    assert set(rows) == {p.name for p in MODELS.iterdir()} == {f"{m}.{ext}" for m in SHIPPED for ext in ("pth", "onnx")}
     for name, row in rows.items():
         assert file_sha256(MODELS / name) == row["sha256"], name
         assert abs((MODELS / name).stat().st_size / 1e6 - row["mb"]) < 0.01, name
@@ -48,10 +49,10 @@ def test_eval_reproduces_the_listed_accuracy_on_the_real_test_set(tmp_path):
     (tmp_path / "FashionMNIST").mkdir()
     shutil.copytree(raw, tmp_path / "FashionMNIST" / "raw")
     rows = listed()
-    # the ONNX file (the faster of the two on 10,000 images); the checkpoint gives the same classes (test below) and
-    # the page lists the same accuracy for it
-    assert rows["speednet.pth"]["acc1"] == rows["speednet.onnx"]["acc1"]
-    for name in ("speednet.onnx",):
+    # the ONNX files (the faster engine on 10,000 images); each checkpoint gives the same classes (test below) and the
+    # page lists the same accuracy for it
+    assert all(rows[f"{m}.pth"]["acc1"] == rows[f"{m}.onnx"]["acc1"] for m in SHIPPED)
+    for name in (f"{m}.onnx" for m in SHIPPED):
         out = tmp_path / f"{name}.json"
         proc = run_main("eval.py", "--weights", str(MODELS / name), "--data_root", str(tmp_path), "--speed_repeats", "0",
                         "--quiet", "--num_workers", "0", "--output", str(out), "--device", "cpu")
@@ -65,13 +66,14 @@ def test_predict_runs_on_them_out_of_the_box(tmp_path):
     rng = np.random.default_rng(0)
     for i in range(16):  # any image: colour, another size; the preprocessing comes from the files
         Image.fromarray(rng.integers(0, 255, (40 + i, 33, 3), dtype=np.uint8)).save(tmp_path / f"img{i}.png")
-    top = {}
-    for name in ("speednet.onnx", "speednet.pth"):
-        proc = run_main("predict.py", "--model", str(MODELS / name), "--image", str(tmp_path), "--json", "--topk", "1",
-                        "--device", "cpu")
-        assert proc.returncode == 0, proc.stderr
-        top[name] = [r["top"][0]["class"] for r in json.loads(proc.stdout)["predictions"]]
-    assert top["speednet.onnx"] == top["speednet.pth"] and len(top["speednet.onnx"]) == 16
+    for model in SHIPPED:
+        top = {}
+        for name in (f"{model}.onnx", f"{model}.pth"):
+            proc = run_main("predict.py", "--model", str(MODELS / name), "--image", str(tmp_path), "--json", "--topk", "1",
+                            "--device", "cpu")
+            assert proc.returncode == 0, proc.stderr
+            top[name] = [r["top"][0]["class"] for r in json.loads(proc.stdout)["predictions"]]
+        assert top[f"{model}.onnx"] == top[f"{model}.pth"] and len(top[f"{model}.onnx"]) == 16
 
 
 def test_release_weights_keeps_the_served_weights_and_drops_the_training_state(trained_ckpt, tmp_path):
