@@ -51,7 +51,7 @@ TECHNIQUES: dict[str, tuple[str, dict]] = {
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = cli.parser(__doc__)
     p.add_argument("--recipe", default="recipes/speednet_10min.yaml", help="the recipe every row starts from")
     p.add_argument("--only", nargs="+", choices=list(TECHNIQUES), default=list(TECHNIQUES), metavar="ID",
                    help=f"the rows to run: {', '.join(TECHNIQUES)}")

@@ -63,7 +63,7 @@ YOLO_DRIVER = textwrap.dedent("""
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = cli.parser(__doc__)
     p.add_argument("--yolo_python", default=None, help="a Python interpreter with ultralytics installed (no row without)")
     p.add_argument("--images", type=cli.positive(), default=1000, help="JPEGs of 500x375 px in the folder (10 classes)")
     p.add_argument("--val_fraction", type=cli.in_range(0.0, 1.0, low_open=True, high_open=True), default=0.15,

@@ -50,7 +50,7 @@ def test_a_time_budget_never_lengthens_a_run(tmp_path, fashion_root):
     result = run_main("train.py", "--data_root", str(fashion_root), "--path_to_save", str(tmp_path), *FAST,
                       "--max_epoch", "2", "--time_budget", "100000")
     assert result.returncode == 0, result.stderr
-    assert "so all 2 epochs of --max_epoch fit (the budget only shortens a run)" in result.stdout
+    assert ": all 2 epochs of --max_epoch fit (the budget only shortens a run)" in result.stdout
     run = tmp_path / "FashionMNIST" / "custom"
     assert len((run / "results.csv").read_text().splitlines()) == 1 + 2
     assert json.loads((run / "args.json").read_text())["max_epoch"] == 2
