@@ -397,7 +397,7 @@ def open_run(cfg: TrainConfig, run_dir: Path, identity: dict, model: nn.Module, 
     state.on_log = recorder.log_step
     saver = CheckpointSaver(run_dir, identity=identity, model=model, state=state, history=recorder.history,
                             best_acc1=resume.best_acc1, finished=resume.start_epoch - 1, enabled=main_proc)
-    length = TrainingLength(cfg.max_epoch, start_epoch=resume.start_epoch, time_budget_min=cfg.time_budget, patience=cfg.patience,
+    length = TrainingLength(cfg.max_epoch, time_budget_min=cfg.time_budget, patience=cfg.patience,
                             history=recorder.history, device=device, log=print if main_proc else lambda _: None,
                             started=started)
     return cfg, recorder, saver, length

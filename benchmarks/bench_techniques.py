@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import re
 import subprocess
 import sys
@@ -85,8 +86,7 @@ def run_row(key: str, recipe: dict, args: argparse.Namespace) -> dict:
     reached = next((i for i, r in enumerate(rows) if r.get("val_acc1") and float(r["val_acc1"]) >= args.target), None)
     seconds = [float(r["seconds"]) for r in rows]
     counted = re.search(r"(\d+) train / \d+ val images", done.stdout)
-    chose = next((line.split("chosen:", 1)[1].split("(")[0].strip() for line in done.stdout.splitlines()
-                  if "chosen:" in line), None)
+    used = json.loads((ROOT / run_dir / "args.json").read_text()).get("precision_used") or {}
     return {"id": key, "technique": label, "change": change, "epochs": len(rows),
             "epochs_to_target": reached + 1 if reached is not None else None,
             "minutes_to_target": round(sum(seconds[:reached + 1]) / 60, 2) if reached is not None else None,
@@ -94,7 +94,7 @@ def run_row(key: str, recipe: dict, args: argparse.Namespace) -> dict:
             "val_acc1": float(last["val_acc1"]), "val_acc1_tta": float(last["val_acc1_tta"]) if last.get("val_acc1_tta") else None,
             "best_val_acc1": max(float(r["val_acc1"]) for r in rows if r.get("val_acc1")),
             "train_acc1": float(last["train_acc1"]), "images_per_s": round(int(counted[1]) * len(rows) / sum(seconds)) if counted else None,
-            "precision_chosen": chose, "run_dir": run_dir}
+            "precision_chosen": f"{used.get('precision')} {used.get('memory_format')}", "run_dir": run_dir}
 
 
 def technique_table(rows: list[dict], target: float) -> str:

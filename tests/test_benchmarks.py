@@ -168,6 +168,7 @@ def test_bench_techniques_tiny(small_fashion_root, tmp_path, capsys):
         assert row["val_acc1"] == float(csv_rows[-1]["val_acc1"]) and 0 <= row["val_acc1"] <= 1
         assert row["val_acc1_tta"] == float(csv_rows[-1]["val_acc1_tta"])
         assert row["images_per_s"] == round(64 * 2 / sum(float(r["seconds"]) for r in csv_rows))
+        assert row["precision_chosen"] == "fp32 nchw"  # the recipe's flags, as the run recorded them
 
 
 def test_bench_vs_ultralytics_runs_our_rows_as_a_user_starts_them(tmp_path, capsys):

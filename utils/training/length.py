@@ -26,10 +26,10 @@ PACE_EPOCHS = 2  # the pace of a run is the mean of its last two timed epochs (t
 class TrainingLength:
     """The run's epoch count and its early-stopping rule; `after_epoch` is called once per finished epoch."""
 
-    def __init__(self, max_epoch: int, *, start_epoch: int = 0, time_budget_min: float = 0.0, patience: int = 0,
+    def __init__(self, max_epoch: int, *, time_budget_min: float = 0.0, patience: int = 0,
                  history: list[dict] | None = None, device: torch.device | None = None, log: Callable[[str], None] = print,
                  started: float | None = None, clock: Callable[[], float] = time.perf_counter):
-        self.max_epoch, self.start_epoch, self.patience, self.log = max_epoch, start_epoch, patience, log
+        self.max_epoch, self.patience, self.log = max_epoch, patience, log
         self.device = device or torch.device("cpu")
         self.budget_s = time_budget_min * 60.0
         self.clock = clock  # the budget's clock; `started` is its reading at the start of the run
